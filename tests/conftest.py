@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny real tokenizer and tiny random models, so unit tests run in seconds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(os.environ.get("ERNIEGEN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+WORDS = ("the a an of to in is was what who when where which how why did does do and or for on at by with "
+         "from as it he she they his her their this that city river king war year born first new old name "
+         "called built made water steam engine power heat oxygen black death harvard university student "
+         "question answer one two three four five ? . , ' s").split()
+VOCAB = ["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["##s", "##ed", "##ing"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from transformers import BertTokenizerFast
+    d = tmp_path_factory.mktemp("tok")
+    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+
+
+def tiny_config(**kw):
+    from erniegen.model import ModelConfig
+    base = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0)
+    return ModelConfig(**(base | kw))
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    from erniegen.model import Transformer
+    torch.manual_seed(0)
+    m = Transformer(tiny_config())
+    m.tokenizer = tiny_tokenizer
+    return m.eval()
+
+
+def needs_shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (shared benchmark data)")
+    return path

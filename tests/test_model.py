@@ -1,0 +1,118 @@
+"""The shared Transformer: Hugging Face parity, checkpoint round trips, the K/V primitive, masks."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from erniegen.masks import CONTEXT, attention_mask, source_roles, target_roles
+from erniegen.model import Transformer
+
+from conftest import VOCAB
+
+
+def _hf_tiny(kind: str):
+    common = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(1)
+    if kind == "bert":
+        return transformers.BertForMaskedLM(transformers.BertConfig(**common))
+    if kind == "roberta":
+        return transformers.RobertaForMaskedLM(transformers.RobertaConfig(**common, pad_token_id=0, type_vocab_size=1))
+    return transformers.ErnieForMaskedLM(transformers.ErnieConfig(**common))
+
+
+def _full(model, ids):
+    t = ids.shape[1]
+    pos = torch.arange(t)[None]
+    h, _ = model(ids, pos, torch.zeros_like(ids), torch.ones(1, t, t, dtype=torch.bool))
+    return model.logits(h)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "ernie"])
+def test_loads_hf_checkpoints_with_identical_outputs(kind, tmp_path, tiny_tokenizer):
+    hf = _hf_tiny(kind).eval()
+    hf.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    ours = Transformer.from_pretrained(str(tmp_path)).eval()
+    ids = torch.tensor([[4, 10, 11, 12, 13, 5]])
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        if kind == "roberta":  # RoBERTa numbers positions from pad+1; ours adds that offset itself
+            assert ours.config.position_offset == 1
+        got = _full(ours, ids)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_saved_checkpoint_loads_in_transformers_and_back(tmp_path, tiny_model):
+    tiny_model.settings.task = "squad_qg"
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    files = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert {"config.json", "model.safetensors", "erniegen_config.json", "tokenizer_config.json"} <= set(files)
+    assert not list(tmp_path.glob("*.tmp-*"))
+    ids = torch.tensor([[4, 10, 11, 12, 13, 5]])
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "ckpt").eval()
+    again = Transformer.from_pretrained(str(tmp_path / "ckpt")).eval()
+    with torch.no_grad():
+        ours = _full(tiny_model, ids)
+        assert torch.allclose(hf(input_ids=ids).logits, ours, atol=1e-5)
+        assert torch.equal(_full(again, ids), ours)
+    assert again.settings.task == "squad_qg"
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+
+
+def test_sentence_encoder_gets_a_tied_lm_head(tmp_path, tiny_tokenizer):
+    torch.manual_seed(2)
+    enc = transformers.BertModel(transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=4, intermediate_size=64))
+    enc.save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        m = Transformer.from_pretrained(str(tmp_path))
+    assert m.head.word.weight.data_ptr() == m.embeddings.word.weight.data_ptr()
+    assert torch.equal(m.embeddings.word.weight, enc.embeddings.word_embeddings.weight)
+
+
+def test_wrong_shape_is_reported(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="has shape"):
+        Transformer.from_pretrained(str(tmp_path))
+
+
+def test_missing_folder_and_unknown_name_are_clear():
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        Transformer.from_pretrained("./does-not-exist")
+
+
+def test_past_keys_values_equal_one_full_pass(tiny_model):
+    """Source then target against the source's K/V == source and target in one call."""
+    src = torch.tensor([[4, 10, 11, 5]])
+    tgt = torch.tensor([[12, 13, 5]])
+    sr = source_roles(torch.tensor([4]), 4)
+    tr = target_roles(CONTEXT, torch.tensor([3]), 3)
+    allr = sr.cat(tr)
+    ids = torch.cat([src, tgt], 1)
+    pos = torch.arange(7)[None]
+    types = torch.tensor([[0, 0, 0, 0, 1, 1, 1]])
+    full, full_kv = tiny_model(ids, pos, types, attention_mask(allr, allr))
+    h_src, kv = tiny_model(src, pos[:, :4], types[:, :4], attention_mask(sr, sr))
+    h_tgt, kv_t = tiny_model(tgt, pos[:, 4:], types[:, 4:], attention_mask(tr, allr), past=kv)
+    assert torch.allclose(torch.cat([h_src, h_tgt], 1), full, atol=1e-6)
+    assert torch.allclose(kv_t[1][0], full_kv[1][0][:, :, 4:], atol=1e-6)  # only the new tokens' keys
+
+
+def test_mask_really_blocks_attention(tiny_model):
+    """Changing a later target token leaves the source and earlier target states unchanged."""
+    r = source_roles(torch.tensor([3]), 3).cat(target_roles(CONTEXT, torch.tensor([3]), 3))
+    pos = torch.arange(6)[None]
+    types = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    a, _ = tiny_model(torch.tensor([[4, 10, 5, 12, 13, 14]]), pos, types, attention_mask(r, r))
+    b, _ = tiny_model(torch.tensor([[4, 10, 5, 12, 13, 30]]), pos, types, attention_mask(r, r))
+    assert torch.allclose(a[:, :5], b[:, :5], atol=1e-6)
+    assert not torch.allclose(a[:, 5], b[:, 5])
+    c, _ = tiny_model(torch.tensor([[4, 10, 5, 12, 20, 14]]), pos, types, attention_mask(r, r))
+    assert torch.allclose(a[:, :4], c[:, :4], atol=1e-6) and not torch.allclose(a[:, 4:], c[:, 4:])

@@ -24,7 +24,7 @@ def tiny_tokenizer(tmp_path_factory):
     from transformers import BertTokenizerFast
     d = tmp_path_factory.mktemp("tok")
     (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    return BertTokenizerFast(vocab_file=str(d / "vocab.txt"), do_lower_case=True)
+    return BertTokenizerFast.from_pretrained(str(d))
 
 
 def tiny_config(**kw):

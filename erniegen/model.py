@@ -180,8 +180,28 @@ class Transformer(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
         self.head = LMHead(cfg, self.embeddings.word)
+        self.extras = nn.ModuleDict()  # method-specific heads (e.g. MIST's length classifier)
         self.tokenizer = None  # set by from_pretrained; kept off the state dict
+        self._pending_extras: dict[str, torch.Tensor] = {}
         self.apply(self._init_weights)
+
+    def add_extra(self, name: str, module: nn.Module) -> nn.Module:
+        """Attach a method's own head; weights saved with the checkpoint are restored into it.
+
+        Extras are stored as ``erniegen.<name>.*`` tensors in model.safetensors, which Hugging Face
+        loaders skip, so the checkpoint stays a valid BERT checkpoint.
+        """
+        if name not in self.extras:
+            module.apply(self._init_weights)
+            self.extras[name] = module.to(self.device)
+        prefix = f"extras.{name}."
+        saved = {k[len(prefix):]: v for k, v in self._pending_extras.items() if k.startswith(prefix)}
+        if saved:
+            self.extras[name].load_state_dict(saved)
+            for k in list(self._pending_extras):
+                if k.startswith(prefix):
+                    del self._pending_extras[k]
+        return self.extras[name]
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -303,7 +323,7 @@ class Transformer(nn.Module):
 
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load Hugging Face names, checking every key and shape; create a missing LM head."""
-        own = {k: v for k, v in self.state_dict().items() if k != "head.word.weight"}
+        own = {k: v for k, v in self.state_dict().items() if k != "head.word.weight" and not k.startswith("extras.")}
         ours_by_hf = {_to_hf(k, "", "bert").lstrip("."): k for k in own if not k.startswith("head.")}
         ours: dict[str, torch.Tensor] = {}
         unexpected = []
@@ -311,6 +331,8 @@ class Transformer(nn.Module):
             mapped = _from_hf(name, ours_by_hf)
             if mapped is None:
                 unexpected.append(name)
+            elif mapped.startswith("extras."):
+                self._pending_extras[mapped] = tensor
             else:
                 ours[mapped] = tensor
         for k, v in ours.items():
@@ -358,6 +380,8 @@ _HEADS["ernie"] = _HEADS["bert"]
 
 
 def _to_hf(name: str, prefix: str, model_type: str) -> str:
+    if name.startswith("extras."):
+        return "erniegen." + name[len("extras."):]
     for ours, theirs in _HEADS[model_type]:
         if name.startswith(ours):
             return theirs + name[len(ours):]
@@ -370,6 +394,8 @@ def _to_hf(name: str, prefix: str, model_type: str) -> str:
 
 def _from_hf(name: str, ours_by_hf: dict[str, str]) -> str | None:
     """Our name for a Hugging Face weight name, or None when we have no such weight."""
+    if name.startswith("erniegen."):
+        return "extras." + name[len("erniegen."):]
     name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
     for heads in _HEADS.values():
         for ours, theirs in heads:

@@ -116,3 +116,12 @@ def test_mask_really_blocks_attention(tiny_model):
     assert not torch.allclose(a[:, 5], b[:, 5])
     c, _ = tiny_model(torch.tensor([[4, 10, 5, 12, 20, 14]]), pos, types, attention_mask(r, r))
     assert torch.allclose(a[:, :4], c[:, :4], atol=1e-6) and not torch.allclose(a[:, 4:], c[:, 4:])
+
+
+def test_method_heads_survive_a_round_trip(tmp_path, tiny_model):
+    head = tiny_model.add_extra("length", torch.nn.Linear(32, 8))
+    tiny_model.save_pretrained(tmp_path)
+    again = Transformer.from_pretrained(str(tmp_path))
+    restored = again.add_extra("length", torch.nn.Linear(32, 8))
+    assert torch.equal(restored.weight, head.weight) and torch.equal(restored.bias, head.bias)
+    transformers.BertForMaskedLM.from_pretrained(tmp_path)  # extras do not break HF loading

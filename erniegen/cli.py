@@ -1,0 +1,209 @@
+"""``erniegen`` command line: finetune, generate, evaluate, bench, span-vocab, pretrain."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _add_decoding(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding (defaults: the task preset saved with the model)")
+    g.add_argument("--decoder", default=None,
+                   help="infilling | typical | nar | mist-iter | mask-predict | elmer (default: the training method's)")
+    g.add_argument("--num-beams", type=int, default=None)
+    g.add_argument("--max-length", type=int, default=None, help="maximum generated tokens, end token included")
+    g.add_argument("--min-length", type=int, default=None)
+    g.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha: score / ((5+len)/6)^alpha")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    g.add_argument("--iterations", type=int, default=None, help="NAR refinement iterations")
+    g.add_argument("--length-beam", type=int, default=None, help="NAR: candidate lengths decoded in parallel")
+    g.add_argument("--dedup", action="store_true", default=None,
+                   help="NAR post-processing: drop consecutive duplicate tokens (changes scores; reported apart)")
+    g.add_argument("--batch-size", type=int, default=32)
+
+
+def _decode_options(args) -> dict:
+    keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "iterations",
+            "length_beam", "dedup")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def _atomic_write_lines(path: str, lines) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_finetune(args) -> None:
+    from .finetune import FinetuneConfig, finetune
+    from .train import TrainConfig
+    trainer = TrainConfig(output_dir=args.output, epochs=args.epochs, max_steps=args.max_steps,
+                          batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                          warmup_ratio=args.warmup_ratio, seed=args.seed, eval_every=args.eval_every,
+                          save_every=args.save_every, log_every=args.log_every, precision=args.precision,
+                          resume=args.resume)
+    options = {}
+    if args.config:
+        import yaml
+        with open(args.config, encoding="utf-8") as f:
+            options = yaml.safe_load(f) or {}
+    cfg = FinetuneConfig(train=args.train, dev=args.dev, output=args.output, model=args.model, task=args.task,
+                         method=args.method, noise_rate=args.noise_rate, max_source_len=args.max_source_len,
+                         max_target_len=args.max_target_len, source_field=args.source_field,
+                         target_field=args.target_field, eval_samples=args.eval_samples,
+                         max_train_examples=args.max_train_examples, trainer=trainer,
+                         method_options=options.get("method_options", {}))
+    summary = finetune(cfg)
+    from .train import is_main_process
+    if is_main_process():
+        print(json.dumps(summary, default=str))
+
+
+def cmd_generate(args) -> None:
+    from .data import read_examples
+    from . import load
+    model = load(args.model)
+    examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
+    preds = model.generate([e.source for e in examples], decoder=args.decoder, batch_size=args.batch_size,
+                           progress=True, **_decode_options(args))
+    _atomic_write_lines(args.output, (json.dumps(e.row | {"prediction": p}, ensure_ascii=False)
+                                      for e, p in zip(examples, preds)))
+    print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> None:
+    from .data import DataError, get_task, read_examples
+    from .metrics import compute_metrics
+    preset = get_task(args.task)
+    rows = read_examples(args.predictions, args.source_field or preset.source_field, "target")
+    preds = []
+    for e in rows:
+        if "prediction" not in e.row or not isinstance(e.row["prediction"], str):
+            raise DataError(f"{e.where}: field 'prediction' is missing or not a string")
+        preds.append(e.row["prediction"])
+    scores = compute_metrics(preset.metric, preds, [e.target for e in rows], [e.source for e in rows])
+    print(json.dumps({"task": preset.name, "n": len(rows)} | scores))
+
+
+def cmd_bench(args) -> None:
+    from .bench import bench_decoder, bench_hf_baseline, hf_gpt2_like
+    from .data import read_examples
+    from .decoding import METHOD_DECODERS, encode_sources, options_from_settings
+    from . import load
+    import torch
+    torch.manual_seed(0)
+    model = load(args.model).eval()
+    examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
+    need = args.num_samples + 2 * args.batch_size
+    sources = encode_sources(model, [e.source for e in examples][:need])
+    opts = options_from_settings(model, **_decode_options(args))
+    if args.fixed_length:
+        opts.max_length = opts.min_length = args.fixed_length
+    from .decoding import default_banned_ids
+    opts.banned_ids = default_banned_ids(model)
+    decoder = args.decoder or METHOD_DECODERS.get(model.settings.method, "infilling")
+    timed = sources[2 * args.batch_size:][: args.num_samples]
+    warm = sources[: 2 * args.batch_size]
+    result = bench_decoder(model, warm + timed, decoder, opts, args.batch_size,
+                           warmup=len(warm) // args.batch_size)
+    result |= {"threads": torch.get_num_threads()}
+    if args.hf_baseline:
+        base = bench_hf_baseline(hf_gpt2_like(model), warm + timed, opts, args.batch_size,
+                                 warmup=len(warm) // args.batch_size)
+        result = {"erniegen": result, "baseline": base}
+    print(json.dumps(result))
+
+
+def cmd_span_vocab(args) -> None:
+    from .spans import span_vocab_main
+    span_vocab_main(corpus=args.corpus, output=args.output, tokenizer_dir=args.tokenizer,
+                    top_bigrams=args.top_bigrams, top_trigrams=args.top_trigrams, text_field=args.text_field)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="erniegen", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("finetune", help="fine-tune a BERT-family checkpoint as a generator")
+    f.add_argument("--model", default="minilm", help="local folder, alias (minilm) or Hub name")
+    f.add_argument("--train", required=True)
+    f.add_argument("--dev")
+    f.add_argument("--task", default="squad_qg")
+    f.add_argument("--output", required=True)
+    f.add_argument("--method", default="ernie-gen", choices=["ernie-gen", "typical", "nat", "mist"])
+    f.add_argument("--epochs", type=int, default=3)
+    f.add_argument("--max-steps", type=int)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--grad-accum", type=int, default=1)
+    f.add_argument("--lr", type=float, default=5e-5)
+    f.add_argument("--warmup-ratio", type=float, default=0.1)
+    f.add_argument("--noise-rate", type=float, help="ρ_f; default: the task preset's (squad_qg 0.7)")
+    f.add_argument("--max-source-len", type=int)
+    f.add_argument("--max-target-len", type=int)
+    f.add_argument("--source-field")
+    f.add_argument("--target-field")
+    f.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
+    f.add_argument("--eval-samples", type=int, default=300, help="dev examples decoded per evaluation")
+    f.add_argument("--save-every", type=int)
+    f.add_argument("--log-every", type=int, default=10)
+    f.add_argument("--max-train-examples", type=int)
+    f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    f.add_argument("--seed", type=int, default=42)
+    f.add_argument("--config", help="YAML with method_options (e.g. MIST/ELMER switches)")
+    f.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint-last")
+    f.set_defaults(func=cmd_finetune)
+
+    g = sub.add_parser("generate", help="write each input row back with a 'prediction' field")
+    g.add_argument("--model", required=True)
+    g.add_argument("--input", required=True)
+    g.add_argument("--output", required=True)
+    g.add_argument("--source-field", default="source")
+    g.add_argument("--target-field", default="target")
+    _add_decoding(g)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("evaluate", help="score a predictions file against its 'target' field")
+    e.add_argument("--task", default="squad_qg")
+    e.add_argument("--predictions", required=True)
+    e.add_argument("--source-field")
+    e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("bench", help="decoding latency and throughput as one JSON object")
+    b.add_argument("--model", required=True)
+    b.add_argument("--input", required=True)
+    b.add_argument("--num-samples", type=int, default=64)
+    b.add_argument("--fixed-length", type=int, help="force exactly this many generated tokens")
+    b.add_argument("--hf-baseline", action="store_true", help="also time a same-size HF GPT-2 generate()")
+    b.add_argument("--source-field", default="source")
+    b.add_argument("--target-field", default="target")
+    _add_decoding(b)
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("span-vocab", help="T-test span vocabulary of bigrams/trigrams for the span flow")
+    s.add_argument("--corpus", required=True)
+    s.add_argument("--output", required=True)
+    s.add_argument("--tokenizer", default="minilm")
+    s.add_argument("--text-field", default="text")
+    s.add_argument("--top-bigrams", type=int, default=200_000)
+    s.add_argument("--top-trigrams", type=int, default=50_000)
+    s.set_defaults(func=cmd_span_vocab)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .data import DataError
+    try:
+        args.func(args)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"erniegen {args.command}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Fine-tuning recipe: model + task data + a method's objective, handed to the shared training loop.
+
+Read top to bottom: settings are checked, the model and data are built, the objective for the
+chosen method is built, dev evaluation is wired for best-checkpoint selection, then ``train`` runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .batch import collate_pairs
+from .data import TaskPreset, encode_examples, get_task, read_examples
+from .decoding import DecodeOptions, default_banned_ids, generate_ids, METHOD_DECODERS
+from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
+from .metrics import compute_metrics
+from .model import DEFAULT_MODEL, Transformer
+from .train import TrainConfig, is_main_process, last_checkpoint, train
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything ``erniegen finetune`` takes; task presets fill what is left as None."""
+
+    train: str
+    output: str
+    model: str = DEFAULT_MODEL
+    dev: str | None = None
+    task: str = "squad_qg"
+    method: str = "ernie-gen"  # ernie-gen | typical | nat | mist
+    noise_rate: float | None = None
+    max_source_len: int | None = None
+    max_target_len: int | None = None
+    source_field: str | None = None
+    target_field: str | None = None
+    eval_samples: int | None = 300  # dev examples decoded at each evaluation (None = all)
+    eval_beams: int = 1  # greedy during training keeps evaluation cheap; final scoring uses the preset
+    max_train_examples: int | None = None
+    trainer: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir=""))
+    method_options: dict = field(default_factory=dict)
+
+
+def build_objective(method: str, model: Transformer, preset: TaskPreset, noise_rate: float,
+                    options: dict) -> torch.nn.Module:
+    """The training objective of one method (a module whose forward returns named losses)."""
+    if method in ("ernie-gen", "typical"):
+        cfg = ErnieGenConfig(method=method, noise_rate=noise_rate, label_smoothing=preset.label_smoothing,
+                             **options)
+        repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
+        return ErnieGenObjective(model, cfg, model.attn_id, repl)
+    if method in ("nat", "mist"):
+        from .mist import build_mist_objective
+        return build_mist_objective(method, model, preset, options)
+    raise ValueError(f"unknown method {method!r}; choose ernie-gen, typical, nat or mist")
+
+
+def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
+    """The task preset with the user's overrides, fitted to the model's position table."""
+    preset = get_task(cfg.task)
+    over = {k: getattr(cfg, k) for k in ("max_source_len", "max_target_len", "source_field", "target_field")
+            if getattr(cfg, k) is not None}
+    preset = dataclasses.replace(preset, **over)
+    if preset.max_source_len + preset.max_target_len > max_positions:
+        fitted = max_positions - preset.max_target_len
+        print(f"note: source {preset.max_source_len} + target {preset.max_target_len} tokens exceed the model's "
+              f"{max_positions} positions; sources are cut to {fitted}", file=sys.stderr)
+        preset = dataclasses.replace(preset, max_source_len=fitted)
+    return preset
+
+
+def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None):
+    examples = read_examples(path, preset.source_field, preset.target_field)
+    if limit is not None:
+        examples = examples[:limit]
+    feats, stats = encode_examples(examples, tokenizer, preset.max_source_len, preset.max_target_len)
+    if is_main_process():
+        print(f"{path}: {len(examples)} examples; {stats.summary()}", file=sys.stderr)
+    return examples, feats
+
+
+def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decoder: str,
+                  opts: DecodeOptions) -> Callable[[], dict[str, float]]:
+    """Decode the dev set and score it with the task's metric (used to pick the best checkpoint)."""
+
+    def evaluate() -> dict[str, float]:
+        was_training = model.training
+        ids = generate_ids(model, [f.source_ids for f in feats], decoder, batch_size=32, opts=opts)
+        model.train(was_training)
+        preds = [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+        return compute_metrics(preset.metric, preds, [e.target for e in examples], [e.source for e in examples])
+
+    return evaluate
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output)
+    resume_from = last_checkpoint(cfg.output) if tcfg.resume else None
+    if tcfg.resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output}")
+    model = Transformer.from_pretrained(resume_from or cfg.model)
+    preset = resolve_preset(cfg, model.config.max_position_embeddings)
+    noise = preset.noise_rate if cfg.noise_rate is None else cfg.noise_rate
+    if cfg.method in ("nat", "mist"):
+        noise = 0.0
+    model.settings = dataclasses.replace(
+        model.settings, method=cfg.method, task=preset.name, max_source_len=preset.max_source_len,
+        max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),
+        num_beams=preset.num_beams, length_penalty=preset.length_penalty,
+        no_repeat_ngram_size=preset.no_repeat_ngram_size,
+        extra=model.settings.extra | {"max_target_len": preset.max_target_len})
+
+    _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
+    objective = build_objective(cfg.method, model, preset, noise, cfg.method_options)
+    evaluate = None
+    if cfg.dev:
+        dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples)
+        decoder = METHOD_DECODERS[cfg.method]
+        opts = DecodeOptions(num_beams=cfg.eval_beams, max_length=preset.max_decode_len,
+                             min_length=max(preset.min_decode_len, 1), length_penalty=preset.length_penalty,
+                             no_repeat_ngram_size=preset.no_repeat_ngram_size,
+                             banned_ids=default_banned_ids(model))
+        evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, decoder, opts)
+        tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4" if preset.metric == "qg" else "rougeL",
+                                   greater_is_better=True)
+    pad_id = model.config.pad_token_id
+    return train(objective, train_feats, lambda items: collate_pairs(items, pad_id), tcfg,
+                 evaluate=evaluate, save_model=model.save_pretrained)

@@ -83,7 +83,8 @@ def cmd_evaluate(args) -> None:
     preds = []
     for e in rows:
         if "prediction" not in e.row or not isinstance(e.row["prediction"], str):
-            raise DataError(f"{e.where}: field 'prediction' is missing or not a string")
+            file, _, line = e.where.rpartition(":")
+            raise DataError(file, "is missing or not a string", int(line) if line.isdigit() else None, "prediction")
         preds.append(e.row["prediction"])
     scores = compute_metrics(preset.metric, preds, [e.target for e in rows], [e.source for e in rows])
     print(json.dumps({"task": preset.name, "n": len(rows)} | scores))

@@ -1,0 +1,84 @@
+"""``make demo``: fine-tune the default model on question generation for a few minutes, then show it.
+
+``DATA`` may be a folder with ``train.jsonl`` (and ``dev.jsonl``), one JSONL file (its last 100 rows
+become the dev set), or a ``datasets`` name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HOW_TO = """erniegen demo: no data at {data!r}.
+Point DATA at any of:
+  - a folder holding train.jsonl (and dev.jsonl) with "source"/"target" fields, e.g.
+      make demo DATA=../shared/data/squad_qg
+  - one JSONL file of {{"source": ..., "target": ...}} rows (the last 100 become the dev set):
+      make demo DATA=my_pairs.jsonl
+  - a Hugging Face `datasets` name with source/target fields (needs the Hub or a local cache):
+      make demo DATA=some_org/some_dataset"""
+
+
+def _split(data: str, workdir: Path) -> tuple[str, str]:
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "train.jsonl").exists():
+            raise SystemExit(HOW_TO.format(data=data))
+        dev = path / "dev.jsonl"
+        return str(path / "train.jsonl"), str(dev if dev.exists() else path / "train.jsonl")
+    if path.is_file():
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        (workdir / "train.jsonl").write_text("\n".join(lines[:-100]) + "\n")
+        (workdir / "dev.jsonl").write_text("\n".join(lines[-100:]) + "\n")
+        return str(workdir / "train.jsonl"), str(workdir / "dev.jsonl")
+    if "/" in data and not data.startswith((".", "/")):
+        return data, data  # a datasets name: read_examples takes its train split for both
+    raise SystemExit(HOW_TO.format(data=data))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data", default=os.environ.get("DATA", "../shared/data/squad_qg"))
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--eval-samples", type=int, default=100)
+    args = p.parse_args(argv)
+    if not Path(args.data).exists() and "/" not in args.data.strip("./"):
+        raise SystemExit(HOW_TO.format(data=args.data))
+    workdir = Path(tempfile.mkdtemp(prefix="erniegen-demo-"))
+    train, dev = _split(args.data, workdir)
+
+    import shutil
+    from . import load
+    from .data import read_examples
+    from .finetune import FinetuneConfig, finetune
+    from .metrics import compute_metrics
+    from .train import TrainConfig
+
+    shutil.rmtree(args.output, ignore_errors=True)
+    print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {args.steps} steps", flush=True)
+    trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, batch_size=16, lr=1e-4, log_every=10,
+                          eval_every=args.steps)
+    finetune(FinetuneConfig(train=train, dev=dev, output=args.output, task="squad_qg", max_source_len=256,
+                            eval_samples=50, trainer=trainer))
+
+    model = load(os.path.join(args.output, "best"))
+    examples = read_examples(dev, "source", "target")[: args.eval_samples]
+    preds = model.generate([e.source for e in examples], num_beams=5, progress=True)
+    print("\n== samples (beam 5)")
+    for e, pred in list(zip(examples, preds))[: args.samples]:
+        answer = e.source.rsplit("[SEP]", 1)[-1].strip()
+        print(f"answer     : {answer}\nreference  : {e.target}\nprediction : {pred}\n")
+    scores = compute_metrics("qg", preds, [e.target for e in examples], [e.source for e in examples])
+    print(f"== metrics on {len(examples)} dev examples (nqg convention):")
+    print(json.dumps({k: round(v, 2) for k, v in scores.items()}))
+    print(f"\nmodel saved in {args.output}/best — try: erniegen generate --model {args.output}/best "
+          f"--input {dev} --output predictions.jsonl", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

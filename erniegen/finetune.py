@@ -16,7 +16,7 @@ from .batch import collate_pairs
 from .data import TaskPreset, encode_examples, get_task, read_examples
 from .decoding import DecodeOptions, default_banned_ids, generate_ids, METHOD_DECODERS
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
-from .metrics import compute_metrics
+from .metrics import compute_metrics, qg_scores
 from .model import DEFAULT_MODEL, Transformer
 from .train import TrainConfig, is_main_process, last_checkpoint, train
 
@@ -90,7 +90,10 @@ def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decod
         ids = generate_ids(model, [f.source_ids for f in feats], decoder, batch_size=32, opts=opts)
         model.train(was_training)
         preds = [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-        return compute_metrics(preset.metric, preds, [e.target for e in examples], [e.source for e in examples])
+        refs, srcs = [e.target for e in examples], [e.source for e in examples]
+        if preset.metric == "qg":  # METEOR's Java start-up is not worth paying at every evaluation
+            return qg_scores(preds, refs, srcs, meteor=False)
+        return compute_metrics(preset.metric, preds, refs, srcs)
 
     return evaluate
 

@@ -121,8 +121,7 @@ def cmd_bench(args) -> None:
 
 def cmd_span_vocab(args) -> None:
     from .spans import span_vocab_main
-    span_vocab_main(corpus=args.corpus, output=args.output, tokenizer_dir=args.tokenizer,
-                    top_bigrams=args.top_bigrams, top_trigrams=args.top_trigrams, text_field=args.text_field)
+    span_vocab_main(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,12 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("span-vocab", help="T-test span vocabulary of bigrams/trigrams for the span flow")
-    s.add_argument("--corpus", required=True)
-    s.add_argument("--output", required=True)
-    s.add_argument("--tokenizer", default="minilm")
-    s.add_argument("--text-field", default="text")
-    s.add_argument("--top-bigrams", type=int, default=200_000)
-    s.add_argument("--top-trigrams", type=int, default=50_000)
+    from .spans import add_span_vocab_arguments
+    add_span_vocab_arguments(s)
     s.set_defaults(func=cmd_span_vocab)
     return p
 

@@ -293,6 +293,8 @@ def generate_ids(model: Transformer, sources: Sequence[Sequence[int]], decoder: 
     from .batch import pad
     if isinstance(decoder, str):
         if decoder not in DECODERS:
+            from . import mist  # noqa: F401  (registers nar, mist-iter, mask-predict on import)
+        if decoder not in DECODERS:
             raise ValueError(f"unknown decoder {decoder!r}; choose from {sorted(DECODERS)}")
         decoder = DECODERS[decoder]()
     opts = opts or DecodeOptions()
@@ -330,7 +332,7 @@ def encode_sources(model: Transformer, sources: Sequence[str]) -> list[list[int]
     """Tokenize raw sources as training did ([CLS] source [SEP], longest segment truncated)."""
     from .data import Example, encode_examples
     examples = [Example(source=s, target=None, row={}, where=f"input:{i + 1}") for i, s in enumerate(sources)]
-    feats, stats = encode_examples(examples, model.tokenizer, model.settings.max_source_len, 1)
+    feats, stats = encode_examples(examples, model.tokenizer, model.settings.max_source_len, 2)
     if stats.source_truncated:
         import sys
         print(stats.summary(), file=sys.stderr)

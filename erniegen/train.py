@@ -1,0 +1,611 @@
+"""The training loop shared by every erniegen method (ERNIE-GEN, MIST, ELMER).
+
+A method supplies an ``objective`` module whose ``forward(**batch)`` returns ``{"loss": ...}``
+(plus optional ``num_tokens`` and extra scalar losses to log), a list of tokenized examples and a
+``collate`` function; :func:`train` does the rest: AdamW with linear warm-up/decay, gradient
+accumulation, mixed precision, DDP under ``torchrun``, periodic evaluation, best/last checkpoints
+and exact resume.
+
+Batch sizes: every micro-batch holds ``batch_size`` examples on every process, and one optimizer
+step sums ``grad_accum`` micro-batches, so an optimizer step sees
+``batch_size * grad_accum * world_size`` examples.
+
+Resume, as a caller wires it::
+
+    ckpt = last_checkpoint(cfg.output_dir) if cfg.resume else None
+    model = Transformer.from_pretrained(ckpt or base_model)   # weights come from the caller
+    train(objective, data, collate, cfg, save_model=model.save_pretrained, ...)
+
+``train`` restores everything else (optimizer, scheduler, grad scaler, step, data position, RNGs,
+``extra_state``) from ``output_dir/checkpoint-last`` and skips the micro-batches already consumed,
+so the continued run is bit-identical to an uninterrupted one on the same hardware.
+
+Output directory layout::
+
+    log.jsonl                  one JSON object per log or eval event (rank 0)
+    best/                      save_model() output of the best evaluation, plus eval_results.json
+    checkpoint-last/           save_model() output + trainer_state.pt + rng_state_{rank}.pt
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from erniegen.config import dataclass_to_dict
+
+CHECKPOINT_LAST = "checkpoint-last"
+BEST = "best"
+TRAINER_STATE = "trainer_state.pt"
+LOG_FILE = "log.jsonl"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings that fix the data order; changing one between a run and its resume breaks exactness.
+_ORDER_KEYS = ("seed", "batch_size", "grad_accum")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, logging and checkpoint settings (the same for every method)."""
+
+    output_dir: str
+    epochs: int = 3
+    max_steps: int | None = None        # optimizer steps; overrides epochs when set
+    batch_size: int = 32                # examples per micro-batch, per process
+    grad_accum: int = 1                 # micro-batches (of batch_size each) summed into one optimizer step
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1           # ERNIE-GEN: 10% linear warm-up, then linear decay
+    warmup_steps: int | None = None     # overrides warmup_ratio
+    clip_norm: float = 1.0              # global gradient-norm clip; 0 disables clipping
+    seed: int = 42
+    log_every: int = 10
+    eval_every: int | None = None       # optimizer steps; None = at the end of every epoch
+    save_every: int | None = None       # optimizer steps between resumable checkpoints; None = at each eval
+    precision: str = "auto"             # "fp32" | "bf16" | "fp16" | "auto" (bf16 on CUDA if supported, else fp32)
+    metric_for_best: str = "loss"       # a key of the evaluate() dict, or "loss" = dev loss
+    greater_is_better: bool = False
+    resume: bool = False                # continue checkpoint-last; the caller loads its weights first
+    num_workers: int = 0                # DataLoader worker processes for collate
+
+
+# ---- distributed helpers ------------------------------------------------------------------------
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if ``WORLD_SIZE`` > 1; return (rank, world_size, device).
+
+    A plain ``python`` run is rank 0 of 1. The device is ``cuda:LOCAL_RANK`` when CUDA exists.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        # Rank 0 evaluates (e.g. decodes a dev set) while the others wait in a barrier: allow an hour.
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=60),
+                                device_id=device if device.type == "cuda" else None)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (or when not distributed): the process that logs and writes files."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+# ---- configuration, optimizer, schedule, data order ------------------------------------------------
+
+
+def _check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
+    """Reject settings that cannot work before any model or data is touched."""
+    positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "log_every": cfg.log_every}
+    if cfg.max_steps is None:
+        positive["epochs"] = cfg.epochs
+    for name in ("max_steps", "eval_every", "save_every"):
+        if getattr(cfg, name) is not None:
+            positive[name] = getattr(cfg, name)
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"{name}={value} must be >= 1")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr={cfg.lr} must be > 0")
+    for name in ("weight_decay", "clip_norm", "num_workers"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be >= 0")
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1]")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision={cfg.precision!r} must be one of {PRECISIONS}")
+    if not has_evaluate and cfg.metric_for_best != "loss":
+        raise ValueError(f"metric_for_best={cfg.metric_for_best!r} needs an evaluate() function, "
+                         "but none was given (no dev set?)")
+    if not cfg.output_dir:
+        raise ValueError("output_dir must be set")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype for ``precision`` on ``device`` (float32 = no autocast)."""
+    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and bf16_ok else torch.float32
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if not bf16_ok:
+            raise ValueError(f"precision='bf16' is not supported on device {device}; use 'fp16' or 'fp32'")
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError(f"precision='fp16' needs CUDA (device is {device}); use 'bf16' or 'fp32'")
+        return torch.float16
+    raise ValueError(f"precision={precision!r} must be one of {PRECISIONS}")
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW that decays matrices only: biases and LayerNorm weights (ndim < 2) are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Multiplier of the base lr for the optimizer step taken after ``step`` earlier steps.
+
+    Optimizer step s = step + 1 (1-based) uses lr * s / warmup while s <= warmup, then
+    lr * (total - s + 1) / (total - warmup): no step runs at lr 0, and the lr reaches 0 after the last.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def epoch_batches(num_examples: int, epoch: int, seed: int, batch_size: int, rank: int = 0,
+                  world: int = 1) -> list[list[int]]:
+    """Example indices of this rank's micro-batches for ``epoch``.
+
+    One permutation per epoch (seeded by ``seed + epoch``, identical on all ranks); its tail is cut
+    so every rank gets the same count, and rank r takes every world-th index from position r.
+    """
+    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    per_rank = num_examples // world
+    mine = perm[: per_rank * world][rank::world]
+    return [mine[i: i + batch_size] for i in range(0, per_rank, batch_size)]
+
+
+# ---- data loading -------------------------------------------------------------------------------
+
+
+@contextmanager
+def _rng_scope(seed: int | None = None, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block on its own RNG stream (optionally seeded) and put the training RNGs back after.
+
+    Evaluation, saving and collation then never shift the dropout/noise stream of training, which
+    keeps resumed runs bit-identical.
+    """
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [device] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """One epoch's micro-batches from ``start`` on; item j is (micro-batch index, examples)."""
+
+    def __init__(self, data: Sequence, batches: list[list[int]], start: int):
+        self.data, self.batches, self.start = data, batches, start
+
+    def __len__(self) -> int:
+        return len(self.batches) - self.start
+
+    def __getitem__(self, j: int) -> tuple[int, list]:
+        b = self.start + j
+        return b, [self.data[i] for i in self.batches[b]]
+
+
+class _SeededCollate:
+    """Call ``collate`` with RNGs seeded by (seed, rank, epoch, micro-batch index).
+
+    Random masking/noise done in ``collate`` then depends only on the batch's position, not on
+    ``num_workers`` or on where a resumed run started.
+    """
+
+    def __init__(self, collate: Callable[[list], dict], seed: int, rank: int, epoch: int):
+        self.collate, self.key = collate, (seed, rank, epoch)
+
+    def __call__(self, item: tuple[int, list]) -> dict:
+        b, examples = item
+        seed = int(np.random.SeedSequence([*self.key, b]).generate_state(1)[0])
+        with _rng_scope(seed):
+            return self.collate(examples)
+
+
+def _count_tokens(out: dict, batch: dict) -> torch.Tensor | int:
+    """Tokens processed by one micro-batch, for tokens/s."""
+    if "num_tokens" in out:
+        return out["num_tokens"]
+    if isinstance(batch.get("input_ids"), torch.Tensor):
+        return batch["input_ids"].numel()
+    return sum(v.numel() for v in batch.values()
+               if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype == torch.long)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Path of the resumable checkpoint in ``output_dir`` (load the model from it), or None.
+
+    If a run was killed between the two renames of a checkpoint swap, the previous checkpoint
+    (``checkpoint-last.old-*``) is returned; :func:`train` renames it back on start.
+    """
+    out = Path(output_dir)
+    final = out / CHECKPOINT_LAST
+    if (final / TRAINER_STATE).is_file():
+        return str(final)
+    if out.is_dir() and not final.exists():
+        for old in sorted(out.glob(CHECKPOINT_LAST + ".old-*")):
+            if (old / TRAINER_STATE).is_file():
+                return str(old)
+    return None
+
+
+def _recover_interrupted_saves(output_dir: Path) -> None:
+    """Delete half-written ``*.tmp-*`` folders; put back a checkpoint moved aside by a killed swap."""
+    for name in (CHECKPOINT_LAST, BEST):
+        for tmp in output_dir.glob(name + ".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        final = output_dir / name
+        for old in sorted(output_dir.glob(name + ".old-*")):
+            if final.exists():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, final)
+
+
+def _atomic_write_dir(final: Path, write: Callable[[str], None]) -> None:
+    """Let ``write`` fill a fresh temporary folder, then swap it in for ``final``.
+
+    A kill during ``write`` leaves only a ``.tmp-*`` folder; a kill between the renames leaves the
+    previous version as ``.old-*``. Both are repaired by :func:`_recover_interrupted_saves`.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        write(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(final.name + ".old-" + tmp.name.rsplit("-", 1)[1])
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+
+
+def _get_rng_state(device: torch.device) -> dict[str, Any]:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "python": random.getstate(),
+            # as a tensor so trainer files load with torch.load(weights_only=True)
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss)}
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def _param_checksum(model: torch.nn.Module) -> float:
+    return sum(float(p.detach().double().sum()) for p in model.parameters())
+
+
+def _append_jsonl(path: Path, event: dict) -> None:
+    """One ``write`` of one line in append mode, so a reader never sees a partial object."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop events logged after the checkpoint we resume from; the resumed run logs them again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line + "\n")
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+def train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[list], dict[str, torch.Tensor]],
+          cfg: TrainConfig, *, evaluate: Callable[[], dict[str, float]] | None = None,
+          save_model: Callable[[str], None], extra_state: dict | None = None) -> dict:
+    """Train ``objective`` on ``train_data``; write checkpoints and logs to ``cfg.output_dir``.
+
+    ``objective(**collate(examples))`` must return a dict of scalar tensors with ``"loss"`` and the
+    same keys on every call; ``num_tokens`` (if present) feeds tokens/s, every other key is logged as
+    an average. ``evaluate()`` runs on rank 0 in eval mode without gradients and returns metrics
+    (``metric_for_best`` picks ``best/``). ``save_model(dir)`` writes the model into ``dir``.
+    ``extra_state`` is a dict of plain values/tensors saved with each checkpoint and updated in place
+    from it on resume. With ``cfg.resume`` the caller must already have loaded the weights from
+    :func:`last_checkpoint`. Under torchrun the process group is created (and destroyed) here unless
+    the caller already created it. Returns a summary (rank 0 holds the best metric).
+    """
+    _check_config(cfg, evaluate is not None)
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    rank, world, device = setup_distributed()
+    try:
+        return _train(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[list], dict],
+           cfg: TrainConfig, evaluate: Callable[[], dict[str, float]] | None, save_model: Callable[[str], None],
+           extra_state: dict | None, rank: int, world: int, device: torch.device) -> dict:
+    t_begin = time.time()
+    main = rank == 0
+    out_dir = Path(cfg.output_dir)
+    dtype = resolve_precision(cfg.precision, device)
+    if len(train_data) < world:
+        raise ValueError(f"{len(train_data)} training examples cannot be shared by world_size={world} processes")
+    micro_per_epoch = math.ceil(len(train_data) // world / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    # rounded half up, not ceil: 0.1 * 30 is 3.0000000000000004 in floating point
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps + 0.5)
+    if warmup > total_steps:
+        raise ValueError(f"warmup_steps={warmup} exceeds the {total_steps} optimizer steps of the run")
+
+    # -- output directory: repair interrupted saves, then refuse to mix runs
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _recover_interrupted_saves(out_dir)
+    _barrier(world)
+    ckpt = last_checkpoint(out_dir)
+    if cfg.resume and ckpt is None:
+        raise ValueError(f"resume=True but {out_dir} holds no {CHECKPOINT_LAST}/{TRAINER_STATE} to resume from")
+    if not cfg.resume and (ckpt is not None or (out_dir / BEST).exists()):
+        raise ValueError(f"output_dir {out_dir} already holds a checkpoint; pass --resume (resume=True) to "
+                         "continue that run, or choose another output directory")
+
+    # -- model, optimizer, schedule
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    raw = objective.to(device).train()
+    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # Objectives may leave some parameters unused (heads of other methods), hence find_unused_parameters.
+    model = (DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                     find_unused_parameters=True) if world > 1 else raw)
+
+    step, epoch, micro_start = 0, 0, 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    sums: dict[str, torch.Tensor] = {}   # per-key sums of the current log window (rank-local)
+    counts: dict[str, int] = {}
+    if cfg.resume:
+        state = torch.load(Path(ckpt) / TRAINER_STATE, map_location="cpu", weights_only=True)
+        saved = state["config"] | {"world_size": state["world_size"], "num_examples": state["num_examples"]}
+        now = {k: getattr(cfg, k) for k in _ORDER_KEYS} | {"world_size": world, "num_examples": len(train_data)}
+        changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
+        if changed:
+            raise ValueError(f"cannot resume {ckpt} exactly: settings changed (saved, now): {changed}")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, micro_start = state["global_step"], state["epoch"], state["micro_step"]
+        best_metric, best_step = state["best_metric"], state["best_step"]
+        if micro_start >= micro_per_epoch:
+            epoch, micro_start = epoch + 1, 0
+        if extra_state is not None:
+            extra_state.clear()
+            extra_state.update(state["extra_state"] or {})
+        rank_state = torch.load(Path(ckpt) / f"rng_state_{rank}.pt", map_location="cpu", weights_only=True)
+        _set_rng_state(rank_state["rng"], device)
+        sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in rank_state["log_sums"].items()}
+        counts = dict(rank_state["log_counts"])
+        if not math.isclose(_param_checksum(raw), state["param_checksum"], rel_tol=1e-9, abs_tol=1e-9):
+            warnings.warn(f"the objective's weights differ from those saved in {ckpt}: load the model from "
+                          "last_checkpoint(output_dir) before train(resume=True), or the resume is not exact")
+        if main:
+            _truncate_log(out_dir / LOG_FILE, step)
+            tqdm.write(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {micro_start})")
+
+    pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main)
+    paused = 0.0                       # seconds spent evaluating and saving, excluded from tokens/s
+    run_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    window_start = time.time()
+    last_log: dict[str, Any] = {}
+    t_train = time.time()
+
+    while step < total_steps:
+        batches = epoch_batches(len(train_data), epoch, cfg.seed, cfg.batch_size, rank, world)
+        # our own generator keeps DataLoader from drawing on the global RNG (exact resume)
+        loader = torch.utils.data.DataLoader(
+            _EpochBatches(train_data, batches, micro_start), batch_size=None,
+            collate_fn=_SeededCollate(collate, cfg.seed, rank, epoch), num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch), pin_memory=device.type == "cuda")
+        for micro, batch in enumerate(loader, start=micro_start):
+            # -- one micro-batch: forward/backward; DDP syncs gradients on the group's last one only
+            group_start = micro - micro % cfg.grad_accum
+            group_size = min(cfg.grad_accum, len(batches) - group_start)
+            sync_now = micro == group_start + group_size - 1
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            with nullcontext() if sync_now or world == 1 else model.no_sync():
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    out = model(**batch)
+                if not isinstance(out, dict) or "loss" not in out:
+                    raise ValueError(f"the objective must return a dict with a 'loss' key, got "
+                                     f"{sorted(out) if isinstance(out, dict) else type(out).__name__}")
+                scaler.scale(out["loss"] / group_size).backward()
+            for k, v in out.items():
+                if k != "num_tokens" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                    sums[k] = sums.get(k, 0.0) + v.detach().double()
+                    counts[k] = counts.get(k, 0) + 1
+            n_tok = _count_tokens(out, batch)
+            window_tokens += n_tok
+            run_tokens += n_tok
+            if not sync_now:
+                continue
+
+            # -- optimizer step
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_norm or math.inf)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            pbar.update(1)
+            done = step >= total_steps
+            epoch_pos = round(epoch + (micro + 1) / len(batches), 4)
+
+            # -- log: average the window over micro-batches and ranks
+            if step % cfg.log_every == 0 or done:
+                keys = sorted(sums)
+                packed = torch.stack([sums[k] for k in keys]
+                                     + [torch.tensor(float(counts[k]), dtype=torch.float64, device=device)
+                                        for k in keys] + [window_tokens])
+                if world > 1:
+                    dist.all_reduce(packed)
+                avg = {k: float(packed[i] / packed[len(keys) + i]) for i, k in enumerate(keys)}
+                tok_s = float(packed[-1]) / max(time.time() - window_start, 1e-9)
+                last_log = {"step": step, "epoch": epoch_pos, **avg, "lr": lr,
+                            "grad_norm": float(grad_norm), "tokens_per_s": round(tok_s, 1)}
+                if main:
+                    _append_jsonl(out_dir / LOG_FILE, last_log)
+                    pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                sums, counts = {}, {}
+                window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+                window_start = time.time()
+
+            # -- evaluate (rank 0) and keep the best model
+            epoch_end = micro + 1 == len(batches)
+            do_eval = done or (epoch_end if cfg.eval_every is None else step % cfg.eval_every == 0)
+            do_save = done or (do_eval if cfg.save_every is None else step % cfg.save_every == 0)
+            t_pause = time.time()
+            if do_eval and main and evaluate is not None:
+                raw.eval()
+                with _rng_scope(device=device), torch.no_grad():
+                    metrics = {k: float(v) for k, v in evaluate().items()}
+                raw.train()
+                if cfg.metric_for_best not in metrics:
+                    raise ValueError(f"metric_for_best={cfg.metric_for_best!r} is not among the evaluate() "
+                                     f"results {sorted(metrics)}")
+                _append_jsonl(out_dir / LOG_FILE, {"step": step, "eval": metrics})
+                tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                value = metrics[cfg.metric_for_best]
+                if best_metric is None or (value > best_metric if cfg.greater_is_better else value < best_metric):
+                    best_metric, best_step = value, step
+
+                    def write_best(d: str) -> None:
+                        save_model(d)
+                        Path(d, "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                    with _rng_scope(device=device):
+                        _atomic_write_dir(out_dir / BEST, write_best)
+                    tqdm.write(f"saved {out_dir / BEST} (step {step}, {cfg.metric_for_best}={value:.4g})")
+            if done and evaluate is None:
+                if main:
+                    with _rng_scope(device=device):
+                        _atomic_write_dir(out_dir / BEST, save_model)
+                    tqdm.write(f"saved {out_dir / BEST} (last model, step {step}; no evaluate())")
+                best_step = step
+            if do_eval:
+                _barrier(world)
+
+            # -- resumable checkpoint: model + trainer state (rank 0) + every rank's RNG and log window
+            if do_save:
+                rank_state = {"rng": _get_rng_state(device), "log_counts": counts,
+                              "log_sums": {k: float(v) for k, v in sums.items()}}
+                rank_states: list[Any] = [rank_state] * world
+                if world > 1:
+                    dist.all_gather_object(rank_states, rank_state)
+                if main:
+                    trainer_state = {
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "global_step": step, "epoch": epoch,
+                        "micro_step": micro + 1, "best_metric": best_metric, "best_step": best_step,
+                        "extra_state": extra_state, "world_size": world, "num_examples": len(train_data),
+                        "param_checksum": _param_checksum(raw), "config": dataclass_to_dict(cfg)}
+
+                    def write_last(d: str) -> None:
+                        save_model(d)
+                        torch.save(trainer_state, Path(d) / TRAINER_STATE)
+                        for r, s in enumerate(rank_states):
+                            torch.save(s, Path(d) / f"rng_state_{r}.pt")
+                    with _rng_scope(device=device):
+                        _atomic_write_dir(out_dir / CHECKPOINT_LAST, write_last)
+                    tqdm.write(f"saved {out_dir / CHECKPOINT_LAST} (step {step})")
+                _barrier(world)
+            paused += time.time() - t_pause
+            if done:
+                break
+        epoch, micro_start = epoch + 1, 0
+    pbar.close()
+
+    train_time = time.time() - t_train - paused
+    if world > 1:
+        dist.all_reduce(run_tokens)
+    return {"global_step": step, "epoch": last_log.get("epoch"), "train_loss": last_log.get("loss"),
+            "best_metric": best_metric, "best_step": best_step, "metric_for_best": cfg.metric_for_best,
+            "train_tokens_per_s": float(run_tokens) / max(train_time, 1e-9),
+            "wall_time_s": time.time() - t_begin}

@@ -1,0 +1,343 @@
+"""The shared training loop: learning, lr schedule, exact resume, atomic saves and two-process DDP."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from erniegen.config import config_from_dict, dataclass_to_dict, load_config_yaml
+from erniegen.train import (TrainConfig, epoch_batches, is_main_process, last_checkpoint, lr_factor,
+                            make_optimizer, setup_distributed, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class TinyObjective(nn.Module):
+    """Bag-of-embeddings regression with dropout, so the RNG stream matters for exact resume."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.drop = nn.Dropout(0.2)
+        self.norm = nn.LayerNorm(dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, 1)
+
+    def forward(self, input_ids: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(self.drop(self.emb(input_ids)).mean(1))
+        pred = self.out(torch.relu(self.hidden(h))).squeeze(-1)
+        return {"loss": F.mse_loss(pred, target), "loss_abs": (pred - target).abs().mean()}
+
+
+def make_data(n: int = 64, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 20, (n, 6), generator=g)
+    return [{"input_ids": row, "target": float(row.float().mean() - 9.5) / 3} for row in ids]
+
+
+def noisy_collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Adds noise from torch, python and numpy RNGs, as masking/noising collates do."""
+    target = torch.tensor([e["target"] for e in examples])
+    noise = 0.01 * (torch.rand(len(examples)) + random.random() + float(np.random.rand()))
+    return {"input_ids": torch.stack([e["input_ids"] for e in examples]), "target": target + noise}
+
+
+def make_model(seed: int = 0) -> TinyObjective:
+    torch.manual_seed(seed)
+    return TinyObjective()
+
+
+def saver(model: nn.Module):
+    def save_model(d: str) -> None:
+        torch.save(model.state_dict(), Path(d) / "model.pt")
+    return save_model
+
+
+def evaluator(model: nn.Module, dev: list[dict]):
+    def evaluate() -> dict[str, float]:
+        torch.rand(3), random.random(), np.random.rand()   # must not shift the training RNG stream
+        out = model(**noisy_collate(dev))
+        return {"loss": float(out["loss"]), "neg_abs": -float(out["loss_abs"])}
+    return evaluate
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def comparable(events: list[dict]) -> list[dict]:
+    """Log events without the timing fields."""
+    return [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]
+
+
+def cfg_for(out: Path, **kw) -> TrainConfig:
+    base = dict(output_dir=str(out), batch_size=6, grad_accum=2, lr=1e-2, warmup_steps=3, log_every=1,
+                precision="fp32", seed=7)
+    return TrainConfig(**(base | kw))
+
+
+# ---- pure pieces --------------------------------------------------------------------------------
+
+
+def test_lr_factor_and_epoch_batches():
+    assert [lr_factor(s, 3, 10) for s in range(11)] == pytest.approx(
+        [1 / 3, 2 / 3, 1, 1, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7, 0])
+    assert [lr_factor(s, 0, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    shards = [epoch_batches(11, epoch=1, seed=3, batch_size=2, rank=r, world=2) for r in range(2)]
+    flat = [sum(b, []) for b in shards]
+    assert [len(f) for f in flat] == [5, 5] and not set(flat[0]) & set(flat[1])
+    assert [len(b) for b in shards[0]] == [2, 2, 1]
+    assert epoch_batches(11, 1, 3, 2, 0, 2) == shards[0]          # deterministic
+    assert epoch_batches(11, 2, 3, 2, 0, 2) != shards[0]          # a new order each epoch
+
+
+def test_single_process_is_rank_zero(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    assert setup_distributed()[:2] == (0, 1) and is_main_process()
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = make_model()
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in decayed}
+    assert names == {"emb.weight", "hidden.weight", "out.weight"}
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_config_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: out\nlr: 5e-5\nmax_steps: 7\n")
+    cfg = load_config_yaml(path, TrainConfig)
+    assert (cfg.lr, cfg.max_steps, cfg.epochs) == (5e-5, 7, 3)
+    assert dataclass_to_dict(cfg)["lr"] == 5e-5
+    assert config_from_dict(dataclass_to_dict(cfg), TrainConfig) == cfg
+    path.write_text("output_dir: out\nlearning_rate: 1e-4\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config_yaml(path, TrainConfig)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(grad_accum=0), "grad_accum=0"),
+    (dict(precision="fp16"), "fp16"),
+    (dict(precision="half"), "precision='half'"),
+    (dict(metric_for_best="rougeL"), "rougeL"),
+    (dict(warmup_steps=50, max_steps=10), "warmup_steps=50"),
+])
+def test_incompatible_options_raise(tmp_path, kw, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        train(model, make_data(), noisy_collate, cfg_for(tmp_path / "o", **kw), save_model=saver(model))
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def full_loss(model: nn.Module, data: list[dict]) -> float:
+    model.eval()
+    with torch.no_grad():
+        loss = float(model(**noisy_collate(data))["loss"])
+    model.train()
+    return loss
+
+
+def test_loss_decreases_and_lr_follows_schedule(tmp_path):
+    model, data = make_model(), make_data()
+    out = tmp_path / "run"
+    before = full_loss(model, data)
+    summary = train(model, data, noisy_collate, cfg_for(out, max_steps=30, warmup_steps=3, lr=3e-2),
+                    save_model=saver(model))
+    assert before > 0.5 and full_loss(model, data) < 0.35 * before
+    log = [e for e in read_log(out) if "loss" in e]
+    assert [e["step"] for e in log] == list(range(1, 31))
+    losses = [e["loss"] for e in log]
+    assert sum(losses[-5:]) < 0.6 * sum(losses[:5])
+    expected = [3e-2 * s / 3 if s <= 3 else 3e-2 * (30 - s + 1) / 27 for s in range(1, 31)]
+    assert [e["lr"] for e in log] == pytest.approx(expected, rel=1e-12)
+    assert all(e["tokens_per_s"] > 0 and "loss_abs" in e for e in log)
+    assert summary["global_step"] == 30 and summary["train_loss"] == losses[-1]
+
+
+def test_warmup_ratio_and_epochs(tmp_path):
+    model = make_model()
+    out = tmp_path / "run"
+    # 64 examples / 6 per micro-batch = 11 micro-batches = 6 optimizer steps per epoch (last one has 1)
+    train(model, make_data(), noisy_collate, cfg_for(out, epochs=5, warmup_steps=None, warmup_ratio=0.1),
+          save_model=saver(model))
+    log = [e for e in read_log(out) if "loss" in e]
+    assert log[-1]["step"] == 30 and log[5]["epoch"] == 1.0
+    assert [e["lr"] for e in log[:4]] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2])
+
+
+class Killed(Exception):
+    pass
+
+
+def run_resume_case(tmp_path: Path, num_workers: int = 0) -> None:
+    data, dev = make_data(), make_data(12, seed=1)
+    kw = dict(max_steps=14, save_every=4, log_every=3, metric_for_best="neg_abs", greater_is_better=True,
+              num_workers=num_workers)
+
+    model_a = make_model()
+    out_a = tmp_path / "a"
+    extra_a = {"note": "hi"}
+    sum_a = train(model_a, data, noisy_collate, cfg_for(out_a, **kw), evaluate=evaluator(model_a, dev),
+                  save_model=saver(model_a), extra_state=extra_a)
+
+    # run B is "killed" while writing its second resumable checkpoint (step 8): step 4 is the last
+    # complete one, i.e. epoch 0 after micro-batch 8 of 11
+    model_b = make_model()
+    out_b = tmp_path / "b"
+    calls = []
+
+    def dying_save(d: str) -> None:
+        if Path(d).name.startswith("checkpoint-last"):
+            calls.append(d)
+            if len(calls) == 2:
+                (Path(d) / "model.pt").write_bytes(b"half")
+                raise Killed
+        saver(model_b)(d)
+    with pytest.raises(Killed):
+        train(model_b, data, noisy_collate, cfg_for(out_b, **kw), evaluate=evaluator(model_b, dev),
+              save_model=dying_save, extra_state={"note": "hi"})
+    assert not list(out_b.glob("*.tmp-*"))
+    (out_b / "checkpoint-last.tmp-zz").mkdir()               # debris of a real kill
+    ckpt = last_checkpoint(out_b)
+    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=True)
+    assert (state["global_step"], state["epoch"], state["micro_step"]) == (4, 0, 8)
+
+    model_c = make_model(seed=123)                           # fresh init: weights must come from ckpt
+    model_c.load_state_dict(torch.load(Path(ckpt) / "model.pt", weights_only=True))
+    extra_c: dict = {}
+    sum_c = train(model_c, data, noisy_collate, cfg_for(out_b, resume=True, **kw),
+                  evaluate=evaluator(model_c, dev), save_model=saver(model_c), extra_state=extra_c)
+
+    for (name, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc), name
+    log_a, log_b = comparable(read_log(out_a)), comparable(read_log(out_b))
+    assert log_a == log_b
+    assert [e["step"] for e in log_b if "loss" in e] == [3, 6, 9, 12, 14]
+    assert [e["step"] for e in log_b if "eval" in e] == [6, 12, 14]
+    assert extra_c == {"note": "hi"}
+    assert (sum_c["global_step"], sum_c["best_metric"], sum_c["best_step"]) == \
+           (sum_a["global_step"], sum_a["best_metric"], sum_a["best_step"])
+    best_a, best_b = (torch.load(o / "best" / "model.pt", weights_only=True) for o in (out_a, out_b))
+    assert torch.equal(best_a["out.weight"], best_b["out.weight"])
+    assert json.loads((out_b / "best" / "eval_results.json").read_text())["step"] == sum_a["best_step"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    run_resume_case(tmp_path)
+
+
+@pytest.mark.slow
+def test_resume_is_bit_identical_with_workers(tmp_path):
+    run_resume_case(tmp_path, num_workers=2)
+
+
+def test_atomic_saves_and_output_dir_guards(tmp_path):
+    out = tmp_path / "run"
+    model = make_model()
+    with pytest.raises(ValueError, match="no checkpoint-last"):
+        train(model, make_data(), noisy_collate, cfg_for(out, max_steps=3, resume=True), save_model=saver(model))
+    train(model, make_data(), noisy_collate, cfg_for(out, max_steps=3), save_model=saver(model))
+    assert sorted(p.name for p in out.iterdir()) == ["best", "checkpoint-last", "log.jsonl"]
+    assert sorted(p.name for p in (out / "checkpoint-last").iterdir()) == \
+           ["model.pt", "rng_state_0.pt", "trainer_state.pt"]
+    assert torch.equal(torch.load(out / "best" / "model.pt", weights_only=True)["out.weight"], model.out.weight)
+    assert last_checkpoint(out) == str(out / "checkpoint-last")
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train(model, make_data(), noisy_collate, cfg_for(out, max_steps=3), save_model=saver(model))
+
+    # a kill between the two renames of a swap leaves only the previous checkpoint, moved aside
+    os.rename(out / "checkpoint-last", out / "checkpoint-last.old-abc")
+    assert last_checkpoint(out) == str(out / "checkpoint-last.old-abc")
+    summary = train(model, make_data(), noisy_collate, cfg_for(out, max_steps=5, resume=True),
+                    save_model=saver(model))
+    assert summary["global_step"] == 5
+    assert sorted(p.name for p in out.iterdir()) == ["best", "checkpoint-last", "log.jsonl"]
+    state = torch.load(out / "checkpoint-last" / "trainer_state.pt", weights_only=True)
+    assert state["global_step"] == 5
+    assert [e["step"] for e in read_log(out)] == [1, 2, 3, 4, 5]
+    with pytest.warns(UserWarning, match="weights differ"):   # caller forgot to load checkpoint-last
+        fresh = make_model(seed=9)
+        train(fresh, make_data(), noisy_collate, cfg_for(out, max_steps=6, resume=True), save_model=saver(fresh))
+
+
+def test_evaluation_does_not_shift_training(tmp_path):
+    """evaluate() draws random numbers on rank 0 only; training must not notice."""
+    data, dev = make_data(), make_data(12, seed=1)
+    plain, evaluated = make_model(), make_model()
+    train(plain, data, noisy_collate, cfg_for(tmp_path / "a", max_steps=8), save_model=saver(plain))
+    train(evaluated, data, noisy_collate, cfg_for(tmp_path / "b", max_steps=8, eval_every=1),
+          evaluate=evaluator(evaluated, dev), save_model=saver(evaluated))
+    for pa, pb in zip(plain.parameters(), evaluated.parameters()):
+        assert torch.equal(pa, pb)
+    assert [e["step"] for e in read_log(tmp_path / "b") if "eval" in e] == list(range(1, 9))
+
+
+# ---- two processes ------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+sys.path.insert(0, {tests!r})
+from test_train import TinyObjective, make_data, noisy_collate, saver, evaluator
+from erniegen.train import TrainConfig, train
+
+out = sys.argv[1]
+torch.manual_seed(int(os.environ["RANK"]))      # different inits: DDP must broadcast rank 0's
+model = TinyObjective()
+init = {{k: v.clone() for k, v in model.state_dict().items()}}
+seen = []
+def collate(examples):
+    seen.extend(e["idx"] for e in examples)
+    return noisy_collate(examples)
+data = [dict(d, idx=i) for i, d in enumerate(make_data(33))]
+cfg = TrainConfig(output_dir=out, max_steps=4, batch_size=4, grad_accum=2, lr=1e-2, warmup_steps=1,
+                  log_every=1, precision="fp32", seed=3)
+summary = train(model, data, collate, cfg, evaluate=evaluator(model, make_data(8, seed=1)),
+                save_model=saver(model))
+rank = os.environ["RANK"]
+torch.save({{"init": init, "final": model.state_dict(), "seen": seen, "summary": summary}},
+           os.path.join(out, f"params_{{rank}}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_torchrun(tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"params_{r}.pt", weights_only=False) for r in range(2))
+    for k in r0["final"]:
+        assert torch.equal(r0["final"][k], r1["final"][k]), k
+    assert not torch.equal(r0["final"]["out.weight"], r0["init"]["out.weight"])
+    assert not torch.equal(r1["final"]["emb.weight"], r1["init"]["emb.weight"])
+    # 33 examples -> 16 per rank, 4 micro-batches of 4 -> 2 steps per epoch: 2 epochs, disjoint shards
+    assert len(r0["seen"]) == len(r1["seen"]) == 32
+    for epoch in range(2):
+        shard0, shard1 = (set(r["seen"][16 * epoch: 16 * (epoch + 1)]) for r in (r0, r1))
+        assert len(shard0) == len(shard1) == 16 and not shard0 & shard1
+    assert r0["summary"]["global_step"] == r1["summary"]["global_step"] == 4
+    assert r0["summary"]["best_metric"] is not None and r1["summary"]["best_metric"] is None
+    assert sorted(p.name for p in (out / "checkpoint-last").iterdir()) == \
+           ["model.pt", "rng_state_0.pt", "rng_state_1.pt", "trainer_state.pt"]
+    log = read_log(out)
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
+    assert [e["step"] for e in log if "eval" in e] == [2, 4]

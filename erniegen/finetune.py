@@ -116,6 +116,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
         extra=model.settings.extra | {"max_target_len": preset.max_target_len})
 
     _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
+    if cfg.method == "mist":
+        from .mist import add_static_pseudo_targets
+        train_feats = add_static_pseudo_targets(train_feats, cfg.method_options)
     objective = build_objective(cfg.method, model, preset, noise, cfg.method_options)
     evaluate = None
     if cfg.dev:
@@ -129,5 +132,6 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4" if preset.metric == "qg" else "rougeL",
                                    greater_is_better=True)
     pad_id = model.config.pad_token_id
+    lengths = [len(f.source_ids) + len(f.target_ids) for f in train_feats]
     return train(objective, train_feats, lambda items: collate_pairs(items, pad_id), tcfg,
-                 evaluate=evaluate, save_model=model.save_pretrained)
+                 evaluate=evaluate, save_model=model.save_pretrained, lengths=lengths)

@@ -190,16 +190,27 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 def epoch_batches(num_examples: int, epoch: int, seed: int, batch_size: int, rank: int = 0,
-                  world: int = 1) -> list[list[int]]:
+                  world: int = 1, lengths: Sequence[int] | None = None) -> list[list[int]]:
     """Example indices of this rank's micro-batches for ``epoch``.
 
     One permutation per epoch (seeded by ``seed + epoch``, identical on all ranks); its tail is cut
     so every rank gets the same count, and rank r takes every world-th index from position r.
+    With ``lengths``, each window of 50 batches is sorted by length before it is cut into batches
+    and the batches are then shuffled: similar lengths share a batch, so little compute goes to padding.
     """
-    perm = torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    gen = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(num_examples, generator=gen).tolist()
     per_rank = num_examples // world
     mine = perm[: per_rank * world][rank::world]
-    return [mine[i: i + batch_size] for i in range(0, per_rank, batch_size)]
+    if lengths is None:
+        return [mine[i: i + batch_size] for i in range(0, per_rank, batch_size)]
+    window = 50 * batch_size
+    batches = []
+    for w in range(0, per_rank, window):
+        chunk = sorted(mine[w: w + window], key=lambda i: -lengths[i])
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [batches[i] for i in order]
 
 
 # ---- data loading -------------------------------------------------------------------------------
@@ -371,8 +382,11 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[list], dict[str, torch.Tensor]],
           cfg: TrainConfig, *, evaluate: Callable[[], dict[str, float]] | None = None,
-          save_model: Callable[[str], None], extra_state: dict | None = None) -> dict:
+          save_model: Callable[[str], None], extra_state: dict | None = None,
+          lengths: Sequence[int] | None = None) -> dict:
     """Train ``objective`` on ``train_data``; write checkpoints and logs to ``cfg.output_dir``.
+
+    ``lengths`` (tokens per example), when given, groups similar lengths into batches.
 
     ``objective(**collate(examples))`` must return a dict of scalar tensors with ``"loss"`` and the
     same keys on every call; ``num_tokens`` (if present) feeds tokens/s, every other key is logged as
@@ -387,7 +401,8 @@ def train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[l
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed()
     try:
-        return _train(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device)
+        return _train(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device,
+                      lengths)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -395,7 +410,8 @@ def train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[l
 
 def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[list], dict],
            cfg: TrainConfig, evaluate: Callable[[], dict[str, float]] | None, save_model: Callable[[str], None],
-           extra_state: dict | None, rank: int, world: int, device: torch.device) -> dict:
+           extra_state: dict | None, rank: int, world: int, device: torch.device,
+           lengths: Sequence[int] | None) -> dict:
     t_begin = time.time()
     main = rank == 0
     out_dir = Path(cfg.output_dir)
@@ -476,7 +492,7 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
     t_train = time.time()
 
     while step < total_steps:
-        batches = epoch_batches(len(train_data), epoch, cfg.seed, cfg.batch_size, rank, world)
+        batches = epoch_batches(len(train_data), epoch, cfg.seed, cfg.batch_size, rank, world, lengths)
         # our own generator keeps DataLoader from drawing on the global RNG (exact resume)
         loader = torch.utils.data.DataLoader(
             _EpochBatches(train_data, batches, micro_start), batch_size=None,

@@ -341,3 +341,15 @@ def test_two_process_torchrun(tmp_path):
     log = read_log(out)
     assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4]
     assert [e["step"] for e in log if "eval" in e] == [2, 4]
+
+
+def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
+    from erniegen.train import epoch_batches
+    lengths = [(i * 37) % 101 for i in range(1000)]
+    batches = epoch_batches(1000, 0, 1, 10, lengths=lengths)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+    assert spread < 10  # random batches of 10 would spread ~80
+    assert batches == epoch_batches(1000, 0, 1, 10, lengths=lengths)  # deterministic for resume
+    assert batches != epoch_batches(1000, 1, 1, 10, lengths=lengths)

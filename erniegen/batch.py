@@ -17,7 +17,7 @@ def pad(seqs: Sequence[Sequence[int]], value: int = 0, width: int | None = None)
 
 
 def collate_pairs(items: Sequence, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Features with ``source_ids``/``target_ids`` (and optional ``span_starts``) to tensors.
+    """Features with ``source_ids``/``target_ids`` (optional ``span_starts``, ``pseudo_ids``) to tensors.
 
     ``span_starts`` per example lists the target offsets where spans begin; it becomes, for every
     target position, the start of the span holding it (what the span-by-span flow attends up to).
@@ -28,6 +28,9 @@ def collate_pairs(items: Sequence, pad_id: int = 0) -> dict[str, torch.Tensor]:
     starts = [_get(x, "span_starts") for x in items]
     if all(s is not None for s in starts):
         batch["span_start"] = span_start_per_token(starts, tgt.shape[1])
+    pseudo = [_get(x, "pseudo_ids") for x in items]
+    if all(p is not None for p in pseudo):  # MIST static mixing
+        batch["pseudo_ids"], batch["pseudo_len"] = pad(pseudo, pad_id)
     return batch
 
 

@@ -16,6 +16,8 @@ from .decoding import DecodeOptions, generate_ids
 
 
 def _summary(batch_ms: list[float], batch_size: int, n_samples: int, n_tokens: int) -> dict:
+    if not batch_ms:
+        raise ValueError(f"nothing was timed: give more than the warm-up's samples (batch size {batch_size})")
     total_s = sum(batch_ms) / 1000
     per_sample = sorted(ms / batch_size for ms in batch_ms)
     p90 = per_sample[min(len(per_sample) - 1, int(round(0.9 * (len(per_sample) - 1))))]

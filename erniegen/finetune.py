@@ -104,7 +104,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if tcfg.resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output}")
     model = Transformer.from_pretrained(resume_from or cfg.model)
-    preset = resolve_preset(cfg, model.config.max_position_embeddings)
+    preset = resolve_preset(cfg, model.config.max_position_embeddings - model.config.position_offset)
     noise = preset.noise_rate if cfg.noise_rate is None else cfg.noise_rate
     if cfg.method in ("nat", "mist"):
         noise = 0.0

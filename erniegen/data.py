@@ -94,17 +94,20 @@ def _read_file_rows(spec: str, path: str) -> Iterator[tuple[Any, str, int]]:
     return _csv_rows(spec, text, "TSV" if suffix == ".tsv" else "CSV")
 
 
+def parse_json_line(file: str, line: str, line_no: int) -> Any:
+    """One JSON Lines record, or a DataError naming the file and line."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            file, f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line", line_no
+        ) from e
+
+
 def _jsonl_rows(spec: str, text: str) -> Iterator[tuple[Any, str, int]]:
     for line_no, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                spec, f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line", line_no
-            ) from e
-        yield row, spec, line_no
+        if line.strip():
+            yield parse_json_line(spec, line, line_no), spec, line_no
 
 
 def _csv_rows(spec: str, text: str, kind: str) -> Iterator[tuple[Any, str, int]]:

@@ -14,7 +14,6 @@ Shape glossary: B batch, T new tokens, P past tokens, K = P + T keys, H hidden, 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings

@@ -10,7 +10,6 @@ source, and T is segmented into spans for the span-by-span flow.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -18,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from erniegen.data import DataError
+from erniegen.data import DataError, parse_json_line
 from erniegen.spans import SpanVocab
 
 _TEXT_SUFFIXES = (".txt", ".text")
@@ -111,15 +110,8 @@ def _decoded_lines(path: str) -> Iterator[tuple[int, str]]:
 
 def _jsonl_texts(path: str, lines: Iterator[tuple[int, str]], text_field: str) -> Iterator[str]:
     for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                path, f"malformed JSON ({e.msg} at column {e.colno}); expected one JSON object per line", n
-            ) from e
-        yield _text_of(row, text_field, path, n)
+        if line.strip():
+            yield _text_of(parse_json_line(path, line, n), text_field, path, n)
 
 
 def _text_of(row: Any, text_field: str, file: str, line: int) -> str:

@@ -57,7 +57,6 @@ def test_span_flow_and_lambda(tiny_model):
     only_word = _objective(tiny_model, noise_rate=0.0).eval()(**batch)
     assert torch.allclose(only_word["loss"], out["loss_word"], atol=1e-6)
     # the span placeholder of t3 (span [t3 t4] starts at 2) sees t1, t2 but not t3
-    valid = torch.arange(4)[None] < batch["tgt_len"][:, None]
     _, kv, roles = encode_context(tiny_model, batch["src_ids"], batch["src_len"], batch["tgt_ids"], batch["tgt_len"])
     span = target_roles(SPAN, batch["tgt_len"], 4, span_start=batch["span_start"])
     word = target_roles(WORD, batch["tgt_len"], 4)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# squad_qg quality benchmark: every method fine-tuned from all-MiniLM-L6-v2 on the same data and budget
+# (1 epoch of the 8,699 shared training pairs, batch 32, lr 1e-4, sources cut to 256 tokens), then the
+# full dev set (682) decoded and scored with nqg BLEU-4 / METEOR / ROUGE-L.
+#   bash benchmarks/qg_quality.sh train        # the four trainings (each process single-threaded)
+#   bash benchmarks/qg_quality.sh static       # MIST with static mixing (needs runs/qg-nat/best)
+#   bash benchmarks/qg_quality.sh evaluate     # decode + score everything into results/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/squad_qg}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+EG=".venv/bin/erniegen"
+COMMON=(--model minilm --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --task squad_qg --epochs 1
+        --batch-size 32 --lr 1e-4 --max-source-len 256 --max-target-len 40 --eval-every 136 --eval-samples 300)
+mkdir -p runs results
+
+score() {  # label model decoder [extra generate flags...]
+  local label=$1 model=$2 decoder=$3; shift 3
+  $EG generate --model "$model" --input "$DATA/dev.jsonl" --output "results/$label.jsonl" --decoder "$decoder" "$@"
+  $EG evaluate --task squad_qg --predictions "results/$label.jsonl" \
+    | python3 -c "import json,sys; r=json.load(sys.stdin); r['label']='$label'; print(json.dumps(r))" \
+    | tee -a results/qg_quality.jsonl
+}
+
+case "${1:-}" in
+  train)
+    for m in ernie-gen typical nat mist; do
+      $EG finetune "${COMMON[@]}" --method "$m" --output "runs/qg-$m" > "runs/qg-$m.out" 2>&1 &
+    done
+    wait ;;
+  static)
+    printf 'method_options:\n  mixing: static\n  pseudo_from: runs/qg-nat/best\n' > runs/static.yaml
+    $EG finetune "${COMMON[@]}" --method mist --config runs/static.yaml --output runs/qg-mist-static \
+      > runs/qg-mist-static.out 2>&1 ;;
+  evaluate)
+    score ernie-gen-beam5 runs/qg-ernie-gen/best infilling --num-beams 5
+    score typical-beam5 runs/qg-typical/best typical --num-beams 5
+    score ernie-gen-greedy runs/qg-ernie-gen/best infilling --num-beams 1
+    score typical-greedy runs/qg-typical/best typical --num-beams 1
+    for run in nat mist mist-static; do
+      [ -d "runs/qg-$run/best" ] || continue
+      score "$run-nar" "runs/qg-$run/best" nar
+      for k in 3 6; do
+        score "$run-mist-iter-$k" "runs/qg-$run/best" mist-iter --iterations $k
+        score "$run-mask-predict-$k" "runs/qg-$run/best" mask-predict --iterations $k
+      done
+      score "$run-nar-dedup" "runs/qg-$run/best" nar --dedup
+    done ;;
+  *) echo "usage: $0 train|static|evaluate" >&2; exit 2 ;;
+esac

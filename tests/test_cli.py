@@ -99,3 +99,22 @@ def test_unreadable_input_and_missing_prediction_field(tmp_path, tiny_minilm_dir
     (tmp_path / "p.jsonl").write_text('{"source": "s", "target": "t"}\n')
     p = run("evaluate", "--predictions", str(tmp_path / "p.jsonl"), check=False)
     assert p.returncode == 2 and "p.jsonl:1: field 'prediction'" in p.stderr
+
+
+@pytest.mark.slow
+def test_finetune_under_torchrun_with_two_processes(tmp_path, tiny_minilm_dir):
+    """The real recipe under torchrun/gloo: two ranks, rank 0 writes, the result reloads."""
+    data = needs_shared("squad_qg")
+    out = tmp_path / "ddp"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "erniegen.cli", "finetune", "--model", str(tiny_minilm_dir), "--train",
+                        str(data / "train.jsonl"), "--task", "squad_qg", "--output", str(out), "--max-steps", "3",
+                        "--batch-size", "2", "--max-train-examples", "16", "--max-source-len", "64"],
+                       capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    state = torch.load(out / "checkpoint-last" / "trainer_state.pt", weights_only=True)
+    assert state["global_step"] == 3
+    assert sorted(x.name for x in (out / "checkpoint-last").glob("rng_state_*.pt")) == ["rng_state_0.pt",
+                                                                                        "rng_state_1.pt"]
+    import erniegen
+    assert isinstance(erniegen.load(str(out / "best")).generate(["a passage [SEP] an answer"], max_length=4)[0], str)

@@ -55,6 +55,7 @@ def cmd_finetune(args) -> None:
                          max_target_len=args.max_target_len, source_field=args.source_field,
                          target_field=args.target_field, eval_samples=args.eval_samples,
                          max_train_examples=args.max_train_examples, trainer=trainer,
+                         attention_dropout=args.attention_dropout,
                          method_options=options.get("method_options", {}))
     summary = finetune(cfg)
     from .train import is_main_process
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--save-every", type=int)
     f.add_argument("--log-every", type=int, default=10)
     f.add_argument("--max-train-examples", type=int)
+    f.add_argument("--attention-dropout", type=float,
+                   help="attention-probability dropout (default: the checkpoint's on GPU, 0 on CPU, where it "
+                        "doubles step time and memory)")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--config", help="YAML with method_options (e.g. MIST/ELMER switches)")

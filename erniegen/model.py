@@ -209,6 +209,12 @@ class Transformer(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def set_attention_dropout(self, p: float) -> None:
+        """Change attention-probability dropout (recorded in the config that is saved)."""
+        self.config.attention_probs_dropout_prob = p
+        for layer in self.layers:
+            layer.attn.dropout = p
+
     @property
     def device(self) -> torch.device:
         return self.embeddings.word.weight.device

@@ -3,8 +3,14 @@
 A method supplies an ``objective`` module whose ``forward(**batch)`` returns ``{"loss": ...}``
 (plus optional ``num_tokens`` and extra scalar losses to log), a list of tokenized examples and a
 ``collate`` function; :func:`train` does the rest: AdamW with linear warm-up/decay, gradient
-accumulation, mixed precision, DDP under ``torchrun``, periodic evaluation, best/last checkpoints
-and exact resume.
+accumulation, mixed precision, DDP (or FSDP) under ``torchrun``, periodic evaluation, best/last
+checkpoints and exact resume.
+
+Training data is either a list (shuffled each epoch, sharded by index) or a
+:class:`ResumableStream` (a corpus too large for memory, e.g. pre-training): every rank reads its
+own shard, each optimizer step takes exactly ``grad_accum`` micro-batches from it, a rank whose
+shard ends starts its next pass on its own, ``max_steps`` bounds the run, and each rank's stream
+position is saved in ``trainer_state.pt`` so a resume continues at the next unseen example.
 
 Batch sizes: every micro-batch holds ``batch_size`` examples on every process, and one optimizer
 step sums ``grad_accum`` micro-batches, so an optimizer step sees
@@ -25,6 +31,7 @@ Output directory layout::
     log.jsonl                  one JSON object per log or eval event (rank 0)
     best/                      save_model() output of the best evaluation, plus eval_results.json
     checkpoint-last/           save_model() output + trainer_state.pt + rng_state_{rank}.pt
+                               (+ optimizer_{rank}.pt: each rank's optimizer shard under FSDP)
 """
 from __future__ import annotations
 
@@ -40,7 +47,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -81,7 +88,8 @@ class TrainConfig:
     metric_for_best: str = "loss"       # a key of the evaluate() dict, or "loss" = dev loss
     greater_is_better: bool = False
     resume: bool = False                # continue checkpoint-last; the caller loads its weights first
-    num_workers: int = 0                # DataLoader worker processes for collate
+    num_workers: int = 0                # DataLoader worker processes for collate (list data only)
+    fsdp: bool = False                  # shard weights, gradients and optimizer state (FSDP) instead of DDP
 
 
 # ---- distributed helpers ------------------------------------------------------------------------
@@ -214,6 +222,25 @@ def epoch_batches(num_examples: int, epoch: int, seed: int, batch_size: int, ran
 
 
 # ---- data loading -------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class ResumableStream(Protocol):
+    """Training data read as a stream, for corpora that do not fit in memory.
+
+    ``batches(epoch, rank, world)`` yields rank ``rank``'s micro-batches (lists of examples for
+    ``collate``) of pass ``epoch`` over its shard, lazily: right after a micro-batch is yielded,
+    ``state_dict()`` must describe the position just past it, so that after
+    ``load_state_dict(that state)`` the same ``batches(epoch, ...)`` call continues with the next
+    micro-batch. A call for another epoch starts that pass from its beginning. States are plain
+    dicts of ints/strings (they are saved with ``torch.save`` and read with ``weights_only=True``).
+    """
+
+    def batches(self, epoch: int, rank: int, world: int) -> Iterator[list]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @contextmanager

@@ -125,3 +125,15 @@ def test_method_heads_survive_a_round_trip(tmp_path, tiny_model):
     restored = again.add_extra("length", torch.nn.Linear(32, 8))
     assert torch.equal(restored.weight, head.weight) and torch.equal(restored.bias, head.bias)
     transformers.BertForMaskedLM.from_pretrained(tmp_path)  # extras do not break HF loading
+
+
+def test_attention_dropout_setting_reaches_every_layer(tiny_model):
+    from erniegen.finetune import resolve_attention_dropout
+    resolve_attention_dropout(tiny_model, 0.25)
+    assert tiny_model.config.attention_probs_dropout_prob == 0.25
+    assert all(layer.attn.dropout == 0.25 for layer in tiny_model.layers)
+    if not torch.cuda.is_available():
+        resolve_attention_dropout(tiny_model, None)
+        assert all(layer.attn.dropout == 0.0 for layer in tiny_model.layers)
+    with pytest.raises(ValueError, match="attention dropout"):
+        resolve_attention_dropout(tiny_model, 1.5)

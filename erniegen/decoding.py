@@ -18,7 +18,7 @@ import torch
 
 from .ernie_gen import encode_context, target_positions
 from .masks import CONTEXT, PAD, WORD, Roles, attention_mask
-from .model import Transformer
+from .model import PastSlot, Transformer
 
 
 @dataclass
@@ -46,7 +46,8 @@ class DecodeOptions:
 class KVCache:
     """Preallocated per-layer keys/values plus the roles of the cached tokens.
 
-    Unused slots carry the PAD role, so masks built over the whole buffer ignore them.
+    A step's tokens are written in place after the committed ones (:class:`PastSlot`); ``commit``
+    keeps the first of them (the real token) and the next step overwrites the rest (placeholders).
     """
 
     def __init__(self, kv: list[tuple[torch.Tensor, torch.Tensor]], roles: Roles, capacity: int):
@@ -61,18 +62,17 @@ class KVCache:
         code[:, :t], index[:, :t] = roles.code, roles.index
         self.roles = Roles(code, index)
 
-    def past(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], Roles]:
+    def past(self, new_tokens: int) -> tuple[list[PastSlot], Roles]:
+        """Slots that will take ``new_tokens`` more keys, and the roles of the committed ones."""
         n = self.length
-        return ([(k[:, :, :n], v[:, :, :n]) for k, v in zip(self.k, self.v)],
+        if n + new_tokens > self.k[0].shape[2]:
+            raise RuntimeError(f"KV cache full: {n} + {new_tokens} > capacity {self.k[0].shape[2]}")
+        return ([PastSlot(k, v, n) for k, v in zip(self.k, self.v)],
                 Roles(self.roles.code[:, :n], self.roles.index[:, :n]))
 
-    def append(self, kv: list[tuple[torch.Tensor, torch.Tensor]], roles: Roles, keep: int) -> None:
-        """Keep the first ``keep`` of the new tokens (the real ones), drop the rest (placeholders)."""
+    def commit(self, roles: Roles, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the last step (already written by the layers)."""
         n = self.length
-        if n + keep > self.k[0].shape[2]:
-            raise RuntimeError(f"KV cache full: {n} + {keep} > capacity {self.k[0].shape[2]}")
-        for buf_k, buf_v, (k, v) in zip(self.k, self.v, kv):
-            buf_k[:, :, n:n + keep], buf_v[:, :, n:n + keep] = k[:, :, :keep], v[:, :, :keep]
         self.roles.code[:, n:n + keep] = roles.code[:, :keep]
         self.roles.index[:, n:n + keep] = roles.index[:, :keep]
         self.length = n + keep
@@ -90,7 +90,7 @@ class InfillingStepper:
         self.model, self.src_len = model, src_len
         self.attn_id = model.attn_id
         _, kv, roles = encode_context(model, src_ids, src_len)
-        self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length)
+        self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
         self.step_no = 0
 
     def expand(self, k: int) -> None:
@@ -112,12 +112,12 @@ class InfillingStepper:
             code.insert(0, torch.full((n, 1), CONTEXT, device=dev))
             index.insert(0, torch.full((n, 1), i - 1, device=dev))
         ids, new = torch.cat(tokens, 1), Roles(torch.cat(code, 1), torch.cat(index, 1))
-        past, past_roles = self.cache.past()
+        past, past_roles = self.cache.past(ids.shape[1])
         pos = self.src_len[:, None] + new.index
         types = torch.full_like(ids, self.model.target_type_id)
-        hidden, kv = self.model(ids, pos, types, attention_mask(new, past_roles.cat(new)), past=past)
+        hidden, _ = self.model(ids, pos, types, attention_mask(new, past_roles.cat(new)), past=past)
         if prev is not None:
-            self.cache.append(kv, new, keep=1)
+            self.cache.commit(new, keep=1)
         self.step_no += 1
         return torch.log_softmax(self.model.logits(hidden[:, -1]).float(), -1)
 
@@ -129,7 +129,7 @@ class TypicalStepper(InfillingStepper):
         self.model, self.src_len = model, src_len
         hidden, kv, roles = encode_context(model, src_ids, src_len)
         self.first = hidden[torch.arange(len(src_len)), src_len - 1]  # the source's [SEP]
-        self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length)
+        self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
         self.step_no = 0
 
     def expand(self, k: int) -> None:
@@ -142,11 +142,11 @@ class TypicalStepper(InfillingStepper):
             h = self.first
         else:
             new = Roles(torch.full((n, 1), CONTEXT, device=dev), torch.full((n, 1), i - 1, device=dev))
-            past, past_roles = self.cache.past()
+            past, past_roles = self.cache.past(1)
             pos = target_positions(self.src_len, 1) + i - 1
             types = torch.full((n, 1), self.model.target_type_id, device=dev)
-            hidden, kv = self.model(prev[:, None], pos, types, attention_mask(new, past_roles.cat(new)), past=past)
-            self.cache.append(kv, new, keep=1)
+            hidden, _ = self.model(prev[:, None], pos, types, attention_mask(new, past_roles.cat(new)), past=past)
+            self.cache.commit(new, keep=1)
             h = hidden[:, -1]
         self.step_no += 1
         return torch.log_softmax(self.model.logits(h).float(), -1)

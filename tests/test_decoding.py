@@ -145,3 +145,23 @@ def test_gnmt_length_penalty_changes_the_winner():
     assert long > short
     out = beam_search(ScriptedStepper(1), 1, 0, DecodeOptions(num_beams=2, max_length=4, length_penalty=5.0))
     assert len(out[0]) == 2
+
+
+def test_kv_cache_writes_in_place_commits_only_kept_tokens_and_refuses_overflow():
+    from erniegen.decoding import KVCache
+    from erniegen.masks import CONTEXT, source_roles
+    k = torch.arange(2 * 1 * 3 * 2, dtype=torch.float).view(2, 1, 3, 2)
+    cache = KVCache([(k, k + 100)], source_roles(torch.tensor([3, 2]), 3), capacity=5)
+    slots, roles = cache.past(2)
+    assert cache.length == 3 and roles.code.shape == (2, 3)
+    new = torch.full((2, 1, 2, 2), -1.0)
+    keys, values = slots[0].extend(new, new)
+    assert keys.shape == (2, 1, 5, 2) and torch.equal(keys[:, :, :3], k) and torch.equal(values[:, :, 3:], new)
+    step = target_roles(CONTEXT, torch.tensor([2, 2]), 2)
+    cache.commit(step, keep=1)  # the second new token (a placeholder) is dropped
+    assert cache.length == 4 and cache.roles.code[:, 3].tolist() == [CONTEXT, CONTEXT]
+    assert cache.roles.code[:, 4].tolist() == [0, 0]
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        cache.past(2)
+    cache.reorder(torch.tensor([1, 1]))
+    assert torch.equal(cache.k[0][0], cache.k[0][1]) and cache.roles.code[0].tolist() == cache.roles.code[1].tolist()

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, batch_size=16, lr=1e-4, log_every=10,
                           eval_every=args.steps)
     finetune(FinetuneConfig(train=train, dev=dev, output=args.output, task="squad_qg", max_source_len=256,
+                            max_target_len=40,
                             eval_samples=50, trainer=trainer))
 
     model = load(os.path.join(args.output, "best"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # squad_qg quality benchmark: every method fine-tuned from all-MiniLM-L6-v2 on the same data and budget
-# (1 epoch of the 8,699 shared training pairs, batch 32, lr 1e-4, sources cut to 256 tokens), then the
-# full dev set (682) decoded and scored with nqg BLEU-4 / METEOR / ROUGE-L.
+# (136 steps of batch 32 = half an epoch of the 8,699 shared training pairs, lr 1e-4, sources cut to
+# 256 tokens; STEPS=272 for a full epoch), then the full dev set (682) decoded and scored with nqg
+# BLEU-4 / METEOR / ROUGE-L.
 #   bash benchmarks/qg_quality.sh train        # the four trainings (each process single-threaded)
 #   bash benchmarks/qg_quality.sh static       # MIST with static mixing (needs runs/qg-nat/best)
 #   bash benchmarks/qg_quality.sh evaluate     # decode + score everything into results/
@@ -10,8 +11,9 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/squad_qg}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EG=".venv/bin/erniegen"
-COMMON=(--model minilm --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --task squad_qg --epochs 1
-        --batch-size 32 --lr 1e-4 --max-source-len 256 --max-target-len 40 --eval-every 136 --eval-samples 300)
+COMMON=(--model minilm --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --task squad_qg --max-steps "${STEPS:-136}"
+        --batch-size 32 --lr 1e-4 --max-source-len 256 --max-target-len 40 --eval-every "${EVAL_EVERY:-68}"
+        --eval-samples 300)
 mkdir -p runs results
 
 score() {  # label model decoder [extra generate flags...]

@@ -124,6 +124,24 @@ def cmd_span_vocab(args) -> None:
     span_vocab_main(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
 
 
+def cmd_pretrain(args) -> None:
+    import dataclasses
+
+    from .pretrain import PretrainConfig, default_trainer, pretrain
+    from .train import is_main_process
+    trainer = dataclasses.replace(
+        default_trainer(), max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        lr=args.lr, warmup_steps=args.warmup_steps, save_every=args.save_every, log_every=args.log_every,
+        precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed)
+    cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
+                         method=args.method, word_weight=args.word_weight, noise_rate=args.noise_rate,
+                         max_len=args.max_len, text_field=args.text_field, paragraphs=args.paragraphs,
+                         trainer=trainer)
+    summary = pretrain(cfg)
+    if is_main_process():
+        print(json.dumps(summary, default=str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="erniegen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -190,6 +208,44 @@ def build_parser() -> argparse.ArgumentParser:
     from .spans import add_span_vocab_arguments
     add_span_vocab_arguments(s)
     s.set_defaults(func=cmd_span_vocab)
+
+    pt = sub.add_parser(
+        "pretrain", help="ERNIE-GEN pre-training on a streamed corpus (word + span flows, noise)",
+        description="ERNIE-GEN pre-training (Xiao et al., 2020, §3). The pre-trained model is written to "
+                    "OUTPUT/best at the end (OUTPUT/checkpoint-last holds the latest resumable checkpoint); "
+                    "both are Hugging Face model folders: `erniegen finetune --model OUTPUT/best`. "
+                    "Tokens per optimizer step <= batch-size x grad-accum x processes x max-len; the paper's "
+                    "24,576 = 8 x 6 x 1 x 512 (the defaults) = 8 x 3 x 2 x 512 under two processes. "
+                    "Several processes: torchrun --standalone --nproc_per_node=N -m erniegen.cli pretrain ... "
+                    "(each rank reads its own shard of the corpus).")
+    pt.add_argument("--model", default="minilm", help="BERT-family folder, alias (minilm) or Hub name to start from")
+    pt.add_argument("--corpus", required=True, help="text/JSONL file(s), comma-separated, or datasets name[:config]")
+    pt.add_argument("--span-vocab", help="TSV from `erniegen span-vocab`; default: build one from the corpus "
+                                         "first and save it as OUTPUT/span_vocab.tsv")
+    pt.add_argument("--output", required=True, help="run folder: best/, checkpoint-last/, log.jsonl")
+    pt.add_argument("--max-steps", type=int, help="optimizer steps (required: a stream has no epochs)")
+    pt.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, per process")
+    pt.add_argument("--grad-accum", type=int, default=6, help="micro-batches per optimizer step")
+    pt.add_argument("--lr", type=float, default=1e-4, help="peak lr (default: BERT's pre-training 1e-4)")
+    pt.add_argument("--warmup-steps", type=int, default=4000,
+                    help="linear warm-up steps, then linear decay to 0 (paper: 4,000); clamped to --max-steps")
+    pt.add_argument("--max-len", type=int, default=512, help="tokens of [CLS] S' [SEP] T [SEP]")
+    pt.add_argument("--noise-rate", type=float, default=0.05, help="ρ_p, target noise (paper: 0.05; 0 = ablation)")
+    pt.add_argument("--word-weight", type=float, default=None,
+                    help="λ in λ·L_word + (1-λ)·L_span (paper: 0.5; 1 = no span flow; typical: 1)")
+    pt.add_argument("--method", default="ernie-gen", choices=["ernie-gen", "typical"],
+                    help="ernie-gen = infilling flows; typical = teacher-forcing ablation")
+    pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    pt.add_argument("--fsdp", action="store_true",
+                    help="shard weights, gradients and optimizer state with FSDP instead of DDP "
+                         "(torchrun with >= 2 processes; CPU/gloo or GPU/NCCL)")
+    pt.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint-last")
+    pt.add_argument("--save-every", type=int, default=1000, help="optimizer steps between resumable checkpoints")
+    pt.add_argument("--log-every", type=int, default=10)
+    pt.add_argument("--text-field", default="text", help="JSONL field holding a document")
+    pt.add_argument("--paragraphs", action="store_true", help="text files: blank-line separated documents")
+    pt.add_argument("--seed", type=int, default=42)
+    pt.set_defaults(func=cmd_pretrain)
     return p
 
 

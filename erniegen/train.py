@@ -295,6 +295,47 @@ class _SeededCollate:
             return self.collate(examples)
 
 
+def _list_micro_batches(data: Sequence, collate: Callable[[list], dict], cfg: TrainConfig, rank: int, world: int,
+                        device: torch.device, lengths: Sequence[int] | None, epoch: int,
+                        micro_start: int) -> Iterator[tuple[int, int, int, dict]]:
+    """(epoch, micro-batch index, micro-batches in the epoch, batch), epoch after epoch, from a list."""
+    while True:
+        batches = epoch_batches(len(data), epoch, cfg.seed, cfg.batch_size, rank, world, lengths)
+        # our own generator keeps DataLoader from drawing on the global RNG (exact resume)
+        loader = torch.utils.data.DataLoader(
+            _EpochBatches(data, batches, micro_start), batch_size=None,
+            collate_fn=_SeededCollate(collate, cfg.seed, rank, epoch), num_workers=cfg.num_workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch), pin_memory=device.type == "cuda")
+        for micro, batch in enumerate(loader, start=micro_start):
+            yield epoch, micro, len(batches), batch
+        epoch, micro_start = epoch + 1, 0
+
+
+def _stream_micro_batches(data: ResumableStream, collate: Callable[[list], dict], seed: int, rank: int,
+                          world: int, epoch: int, micro: int) -> Iterator[tuple[int, int, None, dict]]:
+    """(pass, micro-batch index, None, batch) from this rank's stream, forever: a pass that ends starts the next.
+
+    ``micro`` counts this rank's micro-batches over the whole run (it seeds collate), so resuming at
+    step s continues at micro-batch s * grad_accum. Ranks may start new passes at different times.
+    """
+    seeded = _SeededCollate(collate, seed, rank, 0)
+    empty_passes = 0
+    while True:
+        n = 0
+        for examples in data.batches(epoch, rank, world):
+            if not examples:
+                raise ValueError(f"rank {rank}: the stream yielded an empty micro-batch in pass {epoch}")
+            n += 1
+            yield epoch, micro, None, seeded((micro, examples))
+            micro += 1
+        # a resumed pass may already be at its end; two empty passes in a row mean an empty shard
+        empty_passes = empty_passes + 1 if n == 0 else 0
+        if empty_passes == 2:
+            raise ValueError(f"rank {rank} of {world}: the stream's shard yields no examples (pass {epoch} is "
+                             "empty); the corpus needs at least one usable document per process")
+        epoch += 1
+
+
 def _count_tokens(out: dict, batch: dict) -> torch.Tensor | int:
     """Tokens processed by one micro-batch, for tokens/s."""
     if "num_tokens" in out:
@@ -303,6 +344,38 @@ def _count_tokens(out: dict, batch: dict) -> torch.Tensor | int:
         return batch["input_ids"].numel()
     return sum(v.numel() for v in batch.values()
                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype == torch.long)
+
+
+# ---- FSDP ---------------------------------------------------------------------------------------
+
+
+def _wrap_fsdp(raw: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+               units: tuple[type[torch.nn.Module], ...]) -> torch.nn.Module:
+    """Shard ``raw`` with FullyShardedDataParallel, each module of a class in ``units`` its own unit.
+
+    Rank 0's weights are broadcast first (DDP does the same; FSDP's own ``sync_module_states``
+    needs CUDA). ``use_orig_params`` keeps the Parameter objects, so the optimizer already built
+    on them (with its decay groups by original shape) drives the shards.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    for t in [*raw.parameters(), *raw.buffers()]:
+        dist.broadcast(t.data, src=0)
+    model = FullyShardedDataParallel(raw, device_id=device, use_orig_params=True,
+                                     auto_wrap_policy=ModuleWrapPolicy(set(units)) if units else None)
+    wrapped = {id(p) for p in model.parameters()}
+    if not {id(p) for g in optimizer.param_groups for p in g["params"]} <= wrapped:
+        raise RuntimeError("FSDP replaced parameters the optimizer holds; this torch version is not supported")
+    return model
+
+
+@contextmanager
+def _full_weights_on_rank0(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Gather the full weights on rank 0 (read-only) for saving; a collective, so every rank enters."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False, rank0_only=True,
+                                                     offload_to_cpu=device.type == "cuda"):
+        yield
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
@@ -407,13 +480,17 @@ def _truncate_log(path: Path, step: int) -> None:
 # ---- the loop -----------------------------------------------------------------------------------
 
 
-def train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[list], dict[str, torch.Tensor]],
-          cfg: TrainConfig, *, evaluate: Callable[[], dict[str, float]] | None = None,
-          save_model: Callable[[str], None], extra_state: dict | None = None,
-          lengths: Sequence[int] | None = None) -> dict:
+def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
+          collate: Callable[[list], dict[str, torch.Tensor]], cfg: TrainConfig, *,
+          evaluate: Callable[[], dict[str, float]] | None = None, save_model: Callable[[str], None],
+          extra_state: dict | None = None, lengths: Sequence[int] | None = None,
+          fsdp_units: tuple[type[torch.nn.Module], ...] = ()) -> dict:
     """Train ``objective`` on ``train_data``; write checkpoints and logs to ``cfg.output_dir``.
 
-    ``lengths`` (tokens per example), when given, groups similar lengths into batches.
+    ``train_data`` is a list of examples or a :class:`ResumableStream` (then ``cfg.max_steps`` is
+    required). ``lengths`` (tokens per example of a list), when given, groups similar lengths into
+    batches. With ``cfg.fsdp`` every module of a class in ``fsdp_units`` (e.g. a Transformer
+    layer) becomes its own FSDP unit, so only one unit's full weights exist at a time.
 
     ``objective(**collate(examples))`` must return a dict of scalar tensors with ``"loss"`` and the
     same keys on every call; ``num_tokens`` (if present) feeds tokens/s, every other key is logged as
@@ -425,28 +502,51 @@ def train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[l
     the caller already created it. Returns a summary (rank 0 holds the best metric).
     """
     _check_config(cfg, evaluate is not None)
+    _check_data_and_sharding(cfg, train_data, lengths, evaluate is not None)
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed()
     try:
         return _train(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device,
-                      lengths)
+                      lengths, fsdp_units)
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[list], dict],
+def _check_data_and_sharding(cfg: TrainConfig, train_data: Any, lengths: Sequence[int] | None,
+                             has_evaluate: bool) -> None:
+    """Settings that a stream or FSDP cannot honour."""
+    if isinstance(train_data, ResumableStream):
+        if cfg.max_steps is None:
+            raise ValueError(f"a streamed train_data ({type(train_data).__name__}) has no length to count epochs "
+                             "in: set max_steps")
+        if lengths is not None:
+            raise ValueError("lengths (length-grouped batches) needs list data; a stream forms its own batches")
+        if cfg.num_workers:
+            raise ValueError(f"num_workers={cfg.num_workers}: a stream is read in the training process; use 0")
+    if cfg.fsdp and has_evaluate:
+        raise ValueError("fsdp=True cannot run evaluate(): it runs on rank 0 alone, and an FSDP forward needs "
+                         "every rank; train without a dev set or without fsdp")
+
+
+def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, collate: Callable[[list], dict],
            cfg: TrainConfig, evaluate: Callable[[], dict[str, float]] | None, save_model: Callable[[str], None],
            extra_state: dict | None, rank: int, world: int, device: torch.device,
-           lengths: Sequence[int] | None) -> dict:
+           lengths: Sequence[int] | None, fsdp_units: tuple[type[torch.nn.Module], ...]) -> dict:
     t_begin = time.time()
     main = rank == 0
     out_dir = Path(cfg.output_dir)
     dtype = resolve_precision(cfg.precision, device)
-    if len(train_data) < world:
-        raise ValueError(f"{len(train_data)} training examples cannot be shared by world_size={world} processes")
-    micro_per_epoch = math.ceil(len(train_data) // world / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    streaming = isinstance(train_data, ResumableStream)
+    if cfg.fsdp and world < 2:
+        raise ValueError(f"fsdp=True shards the model over processes, but world_size={world}: launch with "
+                         "torchrun --nproc_per_node=N (N >= 2), or drop fsdp")
+    num_examples = None if streaming else len(train_data)  # a stream's size is unknown
+    if not streaming:
+        if len(train_data) < world:
+            raise ValueError(f"{len(train_data)} training examples cannot be shared by world_size={world} processes")
+        micro_per_epoch = math.ceil(len(train_data) // world / cfg.batch_size)
+        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
     # rounded half up, not ceil: 0.1 * 30 is 3.0000000000000004 in floating point
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps + 0.5)
@@ -472,12 +572,19 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
     raw = objective.to(device).train()
     optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # Objectives may leave some parameters unused (heads of other methods), hence find_unused_parameters.
-    model = (DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                     find_unused_parameters=True) if world > 1 else raw)
+    if cfg.fsdp:
+        loaded_checksum = _param_checksum(raw)      # before sharding: the weights the caller loaded
+        model = _wrap_fsdp(raw, optimizer, device, fsdp_units)
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        scaler = ShardedGradScaler(device.type, enabled=dtype == torch.float16)
+    else:
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        # Objectives may leave some parameters unused (heads of other methods), hence find_unused_parameters.
+        model = (DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                         find_unused_parameters=True) if world > 1 else raw)
 
     step, epoch, micro_start = 0, 0, 0
+    stream_epoch = 0                   # streams: this rank's pass over its shard
     best_metric: float | None = None
     best_step: int | None = None
     sums: dict[str, torch.Tensor] = {}   # per-key sums of the current log window (rank-local)
@@ -485,16 +592,26 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
     if cfg.resume:
         state = torch.load(Path(ckpt) / TRAINER_STATE, map_location="cpu", weights_only=True)
         saved = state["config"] | {"world_size": state["world_size"], "num_examples": state["num_examples"]}
-        now = {k: getattr(cfg, k) for k in _ORDER_KEYS} | {"world_size": world, "num_examples": len(train_data)}
+        now = {k: getattr(cfg, k) for k in _ORDER_KEYS} | {"world_size": world, "num_examples": num_examples}
         changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if changed:
             raise ValueError(f"cannot resume {ckpt} exactly: settings changed (saved, now): {changed}")
-        optimizer.load_state_dict(state["optimizer"])
+        if cfg.fsdp != (state["optimizer"] is None):
+            raise ValueError(f"cannot resume {ckpt}: it was saved with fsdp={not cfg.fsdp}, now fsdp={cfg.fsdp}")
+        if cfg.fsdp:                   # each rank restores its own optimizer shard
+            optimizer.load_state_dict(torch.load(Path(ckpt) / f"optimizer_{rank}.pt", map_location="cpu",
+                                                 weights_only=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, micro_start = state["global_step"], state["epoch"], state["micro_step"]
         best_metric, best_step = state["best_metric"], state["best_step"]
-        if micro_start >= micro_per_epoch:
+        if streaming:
+            stream_epoch = state["streams"][rank]["epoch"]
+            train_data.load_state_dict(state["streams"][rank]["data"])
+            micro_start = step * cfg.grad_accum      # every step took exactly grad_accum micro-batches
+        elif micro_start >= micro_per_epoch:
             epoch, micro_start = epoch + 1, 0
         if extra_state is not None:
             extra_state.clear()
@@ -503,12 +620,15 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
         _set_rng_state(rank_state["rng"], device)
         sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in rank_state["log_sums"].items()}
         counts = dict(rank_state["log_counts"])
-        if not math.isclose(_param_checksum(raw), state["param_checksum"], rel_tol=1e-9, abs_tol=1e-9):
+        checksum = loaded_checksum if cfg.fsdp else _param_checksum(raw)
+        if not math.isclose(checksum, state["param_checksum"], rel_tol=1e-9, abs_tol=1e-9):
             warnings.warn(f"the objective's weights differ from those saved in {ckpt}: load the model from "
                           "last_checkpoint(output_dir) before train(resume=True), or the resume is not exact")
         if main:
             _truncate_log(out_dir / LOG_FILE, step)
-            tqdm.write(f"resumed from {ckpt} at step {step} (epoch {epoch}, micro-batch {micro_start})")
+            where = (f"stream pass {stream_epoch}, {train_data.state_dict()}" if streaming
+                     else f"epoch {epoch}, micro-batch {micro_start}")
+            tqdm.write(f"resumed from {ckpt} at step {step} ({where})")
 
     pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main)
     paused = 0.0                       # seconds spent evaluating and saving, excluded from tokens/s
@@ -518,94 +638,99 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
     last_log: dict[str, Any] = {}
     t_train = time.time()
 
-    while step < total_steps:
-        batches = epoch_batches(len(train_data), epoch, cfg.seed, cfg.batch_size, rank, world, lengths)
-        # our own generator keeps DataLoader from drawing on the global RNG (exact resume)
-        loader = torch.utils.data.DataLoader(
-            _EpochBatches(train_data, batches, micro_start), batch_size=None,
-            collate_fn=_SeededCollate(collate, cfg.seed, rank, epoch), num_workers=cfg.num_workers,
-            generator=torch.Generator().manual_seed(cfg.seed + epoch), pin_memory=device.type == "cuda")
-        for micro, batch in enumerate(loader, start=micro_start):
-            # -- one micro-batch: forward/backward; DDP syncs gradients on the group's last one only
-            group_start = micro - micro % cfg.grad_accum
-            group_size = min(cfg.grad_accum, len(batches) - group_start)
-            sync_now = micro == group_start + group_size - 1
-            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
-            with nullcontext() if sync_now or world == 1 else model.no_sync():
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    out = model(**batch)
-                if not isinstance(out, dict) or "loss" not in out:
-                    raise ValueError(f"the objective must return a dict with a 'loss' key, got "
-                                     f"{sorted(out) if isinstance(out, dict) else type(out).__name__}")
-                scaler.scale(out["loss"] / group_size).backward()
-            for k, v in out.items():
-                if k != "num_tokens" and isinstance(v, torch.Tensor) and v.numel() == 1:
-                    sums[k] = sums.get(k, 0.0) + v.detach().double()
-                    counts[k] = counts.get(k, 0) + 1
-            n_tok = _count_tokens(out, batch)
-            window_tokens += n_tok
-            run_tokens += n_tok
-            if not sync_now:
-                continue
+    if streaming:
+        micro_batches = _stream_micro_batches(train_data, collate, cfg.seed, rank, world, stream_epoch, micro_start)
+    else:
+        micro_batches = _list_micro_batches(train_data, collate, cfg, rank, world, device, lengths, epoch,
+                                            micro_start)
+    # n_micro: micro-batches in this epoch; None for a stream, whose groups are always grad_accum long
+    for epoch, micro, n_micro, batch in (micro_batches if step < total_steps else ()):
+        # -- one micro-batch: forward/backward; DDP syncs gradients on the group's last one only
+        group_start = micro - micro % cfg.grad_accum
+        group_size = cfg.grad_accum if n_micro is None else min(cfg.grad_accum, n_micro - group_start)
+        sync_now = micro == group_start + group_size - 1
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        # FSDP reduce-scatters every micro-batch (its no_sync would keep full-size gradients)
+        with nullcontext() if sync_now or world == 1 or cfg.fsdp else model.no_sync():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                out = model(**batch)
+            if not isinstance(out, dict) or "loss" not in out:
+                raise ValueError(f"the objective must return a dict with a 'loss' key, got "
+                                 f"{sorted(out) if isinstance(out, dict) else type(out).__name__}")
+            scaler.scale(out["loss"] / group_size).backward()
+        for k, v in out.items():
+            if k != "num_tokens" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                sums[k] = sums.get(k, 0.0) + v.detach().double()
+                counts[k] = counts.get(k, 0) + 1
+        n_tok = _count_tokens(out, batch)
+        window_tokens += n_tok
+        run_tokens += n_tok
+        if not sync_now:
+            continue
 
-            # -- optimizer step
-            scaler.unscale_(optimizer)
+        # -- optimizer step
+        scaler.unscale_(optimizer)
+        if cfg.fsdp:                   # the norm over all ranks' shards
+            grad_norm = model.clip_grad_norm_(cfg.clip_norm or math.inf)
+        else:
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_norm or math.inf)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            pbar.update(1)
-            done = step >= total_steps
-            epoch_pos = round(epoch + (micro + 1) / len(batches), 4)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        pbar.update(1)
+        done = step >= total_steps
+        epoch_pos = epoch if n_micro is None else round(epoch + (micro + 1) / n_micro, 4)
 
-            # -- log: average the window over micro-batches and ranks
-            if step % cfg.log_every == 0 or done:
-                keys = sorted(sums)
-                packed = torch.stack([sums[k] for k in keys]
-                                     + [torch.tensor(float(counts[k]), dtype=torch.float64, device=device)
-                                        for k in keys] + [window_tokens])
-                if world > 1:
-                    dist.all_reduce(packed)
-                avg = {k: float(packed[i] / packed[len(keys) + i]) for i, k in enumerate(keys)}
-                tok_s = float(packed[-1]) / max(time.time() - window_start, 1e-9)
-                last_log = {"step": step, "epoch": epoch_pos, **avg, "lr": lr,
-                            "grad_norm": float(grad_norm), "tokens_per_s": round(tok_s, 1)}
-                if main:
-                    _append_jsonl(out_dir / LOG_FILE, last_log)
-                    pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-                sums, counts = {}, {}
-                window_tokens = torch.zeros((), dtype=torch.float64, device=device)
-                window_start = time.time()
+        # -- log: average the window over micro-batches and ranks
+        if step % cfg.log_every == 0 or done:
+            keys = sorted(sums)
+            packed = torch.stack([sums[k] for k in keys]
+                                 + [torch.tensor(float(counts[k]), dtype=torch.float64, device=device)
+                                    for k in keys] + [window_tokens])
+            if world > 1:
+                dist.all_reduce(packed)
+            avg = {k: float(packed[i] / packed[len(keys) + i]) for i, k in enumerate(keys)}
+            tok_s = float(packed[-1]) / max(time.time() - window_start, 1e-9)
+            last_log = {"step": step, "epoch": epoch_pos, **avg, "lr": lr,
+                        "grad_norm": float(grad_norm), "tokens_per_s": round(tok_s, 1)}
+            if main:
+                _append_jsonl(out_dir / LOG_FILE, last_log)
+                pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            sums, counts = {}, {}
+            window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+            window_start = time.time()
 
-            # -- evaluate (rank 0) and keep the best model
-            epoch_end = micro + 1 == len(batches)
-            do_eval = done or (epoch_end if cfg.eval_every is None else step % cfg.eval_every == 0)
-            do_save = done or (do_eval if cfg.save_every is None else step % cfg.save_every == 0)
-            t_pause = time.time()
-            if do_eval and main and evaluate is not None:
-                raw.eval()
-                with _rng_scope(device=device), torch.no_grad():
-                    metrics = {k: float(v) for k, v in evaluate().items()}
-                raw.train()
-                if cfg.metric_for_best not in metrics:
-                    raise ValueError(f"metric_for_best={cfg.metric_for_best!r} is not among the evaluate() "
-                                     f"results {sorted(metrics)}")
-                _append_jsonl(out_dir / LOG_FILE, {"step": step, "eval": metrics})
-                tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                value = metrics[cfg.metric_for_best]
-                if best_metric is None or (value > best_metric if cfg.greater_is_better else value < best_metric):
-                    best_metric, best_step = value, step
+        # -- evaluate (rank 0) and keep the best model
+        epoch_end = n_micro is not None and micro + 1 == n_micro
+        do_eval = done or (epoch_end if cfg.eval_every is None else step % cfg.eval_every == 0)
+        do_save = done or (do_eval if cfg.save_every is None else step % cfg.save_every == 0)
+        t_pause = time.time()
+        if do_eval and main and evaluate is not None:
+            raw.eval()
+            with _rng_scope(device=device), torch.no_grad():
+                metrics = {k: float(v) for k, v in evaluate().items()}
+            raw.train()
+            if cfg.metric_for_best not in metrics:
+                raise ValueError(f"metric_for_best={cfg.metric_for_best!r} is not among the evaluate() "
+                                 f"results {sorted(metrics)}")
+            _append_jsonl(out_dir / LOG_FILE, {"step": step, "eval": metrics})
+            tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            value = metrics[cfg.metric_for_best]
+            if best_metric is None or (value > best_metric if cfg.greater_is_better else value < best_metric):
+                best_metric, best_step = value, step
 
-                    def write_best(d: str) -> None:
-                        save_model(d)
-                        Path(d, "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-                    with _rng_scope(device=device):
-                        _atomic_write_dir(out_dir / BEST, write_best)
-                    tqdm.write(f"saved {out_dir / BEST} (step {step}, {cfg.metric_for_best}={value:.4g})")
+                def write_best(d: str) -> None:
+                    save_model(d)
+                    Path(d, "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                with _rng_scope(device=device):
+                    _atomic_write_dir(out_dir / BEST, write_best)
+                tqdm.write(f"saved {out_dir / BEST} (step {step}, {cfg.metric_for_best}={value:.4g})")
+        # FSDP: rank 0 sees the full weights while it saves (every rank takes part in gathering them)
+        with _full_weights_on_rank0(model, device) if cfg.fsdp and do_save else nullcontext():
             if done and evaluate is None:
                 if main:
                     with _rng_scope(device=device):
@@ -619,15 +744,25 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
             if do_save:
                 rank_state = {"rng": _get_rng_state(device), "log_counts": counts,
                               "log_sums": {k: float(v) for k, v in sums.items()}}
+                if streaming:          # the position just past this rank's last consumed example
+                    rank_state["stream"] = {"epoch": epoch, "data": train_data.state_dict()}
                 rank_states: list[Any] = [rank_state] * world
                 if world > 1:
                     dist.all_gather_object(rank_states, rank_state)
+                if cfg.fsdp:           # each rank stages its optimizer shard; rank 0 moves them in
+                    shard_dir = out_dir / f"{CHECKPOINT_LAST}.tmp-shards-{step}"
+                    shard_dir.mkdir(parents=True, exist_ok=True)
+                    torch.save(optimizer.state_dict(), shard_dir / f"optimizer_{rank}.pt")
+                    _barrier(world)
                 if main:
+                    streams = [s.pop("stream") for s in rank_states] if streaming else None
                     trainer_state = {
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "optimizer": None if cfg.fsdp else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "global_step": step, "epoch": epoch,
                         "micro_step": micro + 1, "best_metric": best_metric, "best_step": best_step,
-                        "extra_state": extra_state, "world_size": world, "num_examples": len(train_data),
+                        "extra_state": extra_state, "world_size": world, "num_examples": num_examples,
+                        "streams": streams,
                         "param_checksum": _param_checksum(raw), "config": dataclass_to_dict(cfg)}
 
                     def write_last(d: str) -> None:
@@ -635,14 +770,19 @@ def _train(objective: torch.nn.Module, train_data: Sequence, collate: Callable[[
                         torch.save(trainer_state, Path(d) / TRAINER_STATE)
                         for r, s in enumerate(rank_states):
                             torch.save(s, Path(d) / f"rng_state_{r}.pt")
+                        if cfg.fsdp:
+                            for r in range(world):
+                                os.replace(shard_dir / f"optimizer_{r}.pt", Path(d) / f"optimizer_{r}.pt")
                     with _rng_scope(device=device):
                         _atomic_write_dir(out_dir / CHECKPOINT_LAST, write_last)
+                    if cfg.fsdp:
+                        shard_dir.rmdir()
                     tqdm.write(f"saved {out_dir / CHECKPOINT_LAST} (step {step})")
                 _barrier(world)
-            paused += time.time() - t_pause
-            if done:
-                break
-        epoch, micro_start = epoch + 1, 0
+        paused += time.time() - t_pause
+        if done:
+            break
+    micro_batches.close()
     pbar.close()
 
     train_time = time.time() - t_train - paused

@@ -1,0 +1,248 @@
+"""ERNIE-GEN pre-training recipe (Xiao et al., IJCAI 2020, §3): a streamed corpus, handed to the shared loop.
+
+Read top to bottom: settings are checked; the span vocabulary is loaded or built from the corpus;
+the model is loaded; each rank streams its own shard of the corpus, where every sequence S becomes
+one infilling example (fragments T cut out of S, the rest S' as source, §3.1); the objective runs
+the word-by-word and span-by-span flows in parallel on one contextual flow, with loss
+``λ·L_word + (1−λ)·L_span`` on noised targets (§3); then :func:`erniegen.train.train` runs.
+
+Example layout: source ``[CLS] S' [SEP]``, target ``T [SEP]``. ``T``'s spans come from the
+t-test span vocabulary (each fragment segmented on its own) and the end ``[SEP]`` is a span of
+its own, so the span flow never has to predict it together with the last fragment's tokens.
+
+Batch size in tokens (the paper's batch is 24,576 tokens): one optimizer step reads
+``batch_size × grad_accum × processes`` sequences of at most ``max_len`` tokens, e.g.
+8 × 6 × 1 × 512 = 24,576 (the defaults, one process) or 8 × 3 × 2 × 512 under two processes.
+Sequences never mix documents, so documents shorter than ``max_len`` make a step's real token
+count smaller; the log's ``tokens_per_s`` counts the tokens actually processed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .batch import collate_pairs
+from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
+from .model import Layer, Transformer
+from .pretrain_data import (
+    CorpusSpec,
+    FragmentConfig,
+    SequenceStream,
+    StreamState,
+    iter_pretrain_examples,
+)
+from .spans import SpanVocab, build_span_vocab, punctuation_ids
+from .train import (
+    TrainConfig,
+    is_main_process,
+    last_checkpoint,
+    setup_distributed,
+    train,
+)
+
+SPAN_VOCAB_FILE = "span_vocab.tsv"
+PAPER_BATCH_TOKENS = 24_576
+# Test-only: when set to a folder, every rank saves its final parameters and stream position there,
+# so a test can check that the ranks of a torchrun job stayed in sync.
+DUMP_RANKS_ENV = "ERNIEGEN_DUMP_RANK_PARAMS"
+
+
+def default_trainer() -> TrainConfig:
+    """The paper's pre-training schedule: 4,000 warm-up steps, then linear decay (as in the paper).
+
+    ``lr`` 1e-4 is BERT's pre-training rate (Devlin et al., 2019), a starting point rather than a
+    value quoted from ERNIE-GEN. ``batch_size`` 8 × ``grad_accum`` 6 × 512 tokens = 24,576 tokens.
+    """
+    return TrainConfig(output_dir="", max_steps=None, batch_size=8, grad_accum=6, lr=1e-4,
+                       warmup_steps=4000, save_every=1000, log_every=10)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything ``erniegen pretrain`` takes; defaults are the paper's pre-training values."""
+
+    model: str
+    corpus: str                        # comma-separated text/JSONL files, or a datasets name[:config]
+    output: str
+    span_vocab: str | None = None      # TSV from `erniegen span-vocab`; None = build from the corpus first
+    method: str = "ernie-gen"          # "ernie-gen" (infilling) | "typical" (ablation: teacher forcing)
+    word_weight: float | None = None   # λ; None = 0.5 for ernie-gen (paper), 1.0 for typical; 1.0 = no span flow
+    noise_rate: float = 0.05           # ρ_p, pre-training noise (paper); 0 = the no-noise ablation
+    label_smoothing: float = 0.1       # as in fine-tuning (ErnieGenConfig)
+    max_len: int = 512                 # tokens of [CLS] S' [SEP] T [SEP] (BERT's limit)
+    fragments: FragmentConfig = field(default_factory=FragmentConfig)  # γ = 0.25, U(1,4) 0.4 / U(4,32) 0.6
+    text_field: str = "text"
+    paragraphs: bool = False           # text files: blank-line separated documents
+    trainer: TrainConfig = field(default_factory=default_trainer)
+
+    def resolved_word_weight(self) -> float:
+        if self.method not in ("ernie-gen", "typical"):
+            raise ValueError(f"method={self.method!r} must be 'ernie-gen' or 'typical'")
+        if self.word_weight is None:
+            return 0.5 if self.method == "ernie-gen" else 1.0
+        return self.word_weight
+
+
+def pretrain_features(example: dict, cls_id: int, sep_id: int) -> dict[str, list[int]]:
+    """A ``build_pretrain_example`` dict as model input: ``[CLS] S' [SEP]`` -> ``T [SEP]``.
+
+    The end ``[SEP]`` starts a span of its own (offset ``len(T)``).
+    """
+    target = example["target_ids"]
+    return {"source_ids": [cls_id, *example["source_ids"], sep_id],
+            "target_ids": [*target, sep_id],
+            "span_starts": [*example["span_starts"], len(target)]}
+
+
+def pass_seed(seed: int, epoch: int) -> int:
+    """Fragment seed of one pass over the corpus, so a second pass cuts different fragments."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class PretrainStream:
+    """Micro-batches of pre-training features from one rank's corpus shard (a ``ResumableStream``).
+
+    Nothing but the current document batch is held in memory. ``state_dict()`` is the
+    :class:`StreamState` just past the last yielded micro-batch, so a resumed run reads on from
+    the next sequence; fragments are seeded by (seed, pass, sequence position), so a resumed run
+    sees the same examples as an uninterrupted one.
+    """
+
+    def __init__(self, spec: CorpusSpec, tokenizer, span_vocab: SpanVocab, batch_size: int, max_len: int,
+                 seed: int, fragments: FragmentConfig | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.spec, self.tokenizer, self.span_vocab = spec, tokenizer, span_vocab
+        self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
+        self.fragments = fragments or FragmentConfig()
+        self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        self._epoch = 0
+        self._position: StreamState | None = None   # None = the start of the pass
+
+    def batches(self, epoch: int, rank: int, world: int) -> Iterator[list[dict]]:
+        start = self._position if epoch == self._epoch else None
+        self._epoch, self._position = epoch, start
+        stream = SequenceStream(self.spec, self.tokenizer, max_len=self.max_len, rank=rank, world_size=world,
+                                state=start)
+        batch: list[dict] = []
+        for example in iter_pretrain_examples(stream, self.span_vocab, self.fragments, pass_seed(self.seed, epoch)):
+            batch.append(pretrain_features(example, self.cls_id, self.sep_id))
+            if len(batch) == self.batch_size:
+                self._position = stream.state
+                yield batch
+                batch = []
+        if batch:   # the end of the shard: a smaller last micro-batch rather than dropped sequences
+            self._position = stream.state
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "stream": None if self._position is None else self._position.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch = state["epoch"]
+        self._position = None if state["stream"] is None else StreamState.from_dict(state["stream"])
+
+
+def build_objective(model: Transformer, cfg: PretrainConfig) -> ErnieGenObjective:
+    """ERNIE-GEN's multi-flow objective with the pre-training λ and ρ_p (or an ablation of them)."""
+    ecfg = ErnieGenConfig(method=cfg.method, noise_rate=cfg.noise_rate, word_weight=cfg.resolved_word_weight(),
+                          label_smoothing=cfg.label_smoothing)
+    repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
+    return ErnieGenObjective(model, ecfg, model.attn_id, repl)
+
+
+def load_or_build_span_vocab(cfg: PretrainConfig, spec: CorpusSpec, tokenizer, rank: int, world: int) -> SpanVocab:
+    """The span vocabulary: ``cfg.span_vocab``, else OUTPUT/span_vocab.tsv built from the corpus by rank 0.
+
+    A resumed run reuses the file its first run built. The build streams the corpus exactly as
+    training reads it (same tokenizer and ``max_len``), keeping the paper's top 200k bigrams and 50k
+    trigrams by t-test, punctuation excluded.
+    """
+    if cfg.span_vocab is not None:
+        return SpanVocab.load(cfg.span_vocab)
+    path = Path(cfg.output) / SPAN_VOCAB_FILE
+    if not (cfg.trainer.resume and path.is_file()) and rank == 0:
+        print(f"no --span-vocab given: building one from {cfg.corpus} (streamed) into {path}", file=sys.stderr)
+        vocab = build_span_vocab(SequenceStream(spec, tokenizer, max_len=cfg.max_len),
+                                 skip_ids=punctuation_ids(tokenizer))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        vocab.save(str(tmp), tokenizer)
+        os.replace(tmp, path)
+        print(f"span vocabulary: {len(vocab.bigrams)} bigrams, {len(vocab.trigrams)} trigrams from "
+              f"{vocab.stats['n_tokens']} tokens; saved to {path}", file=sys.stderr)
+    if world > 1:
+        dist.barrier()
+    return SpanVocab.load(str(path))
+
+
+def fit_warmup(trainer: TrainConfig) -> TrainConfig:
+    """Clamp the warm-up to the run's length (a run shorter than 4,000 steps is a smoke test or a benchmark)."""
+    if trainer.max_steps is None:
+        raise ValueError("max_steps (--max-steps) is required: a streamed corpus has no epochs to count")
+    if trainer.warmup_steps is not None and trainer.warmup_steps > trainer.max_steps:
+        if is_main_process():
+            print(f"note: warm-up of {trainer.warmup_steps} steps is longer than the run's {trainer.max_steps} "
+                  f"steps; clamped to {trainer.max_steps} (the lr rises over the whole run and never decays)",
+                  file=sys.stderr)
+        return dataclasses.replace(trainer, warmup_steps=trainer.max_steps)
+    return trainer
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Pre-train ``cfg.model`` with ERNIE-GEN on ``cfg.corpus``; the model lands in OUTPUT/best.
+
+    OUTPUT/best (the model after the last step) and OUTPUT/checkpoint-last (the latest resumable
+    checkpoint) are Hugging Face model folders that ``erniegen finetune --model`` loads directly.
+    """
+    word_weight = cfg.resolved_word_weight()
+    tcfg = fit_warmup(dataclasses.replace(cfg.trainer, output_dir=cfg.output))
+    if cfg.max_len < 4:
+        raise ValueError(f"max_len={cfg.max_len} leaves no room for [CLS] S' [SEP] T [SEP]")
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    rank, world, _ = setup_distributed()     # the span-vocabulary build needs the group's barrier
+    try:
+        resume_from = last_checkpoint(cfg.output) if tcfg.resume else None
+        if tcfg.resume and resume_from is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output}")
+        if not tcfg.resume and (last_checkpoint(cfg.output) or (Path(cfg.output) / "best").exists()):
+            # checked here too, before a span vocabulary build could overwrite that run's file
+            raise ValueError(f"output_dir {cfg.output} already holds a checkpoint; pass --resume to continue "
+                             "that run, or choose another output directory")
+        model = Transformer.from_pretrained(resume_from or cfg.model)
+        positions = model.config.max_position_embeddings - model.config.position_offset
+        if cfg.max_len > positions:
+            raise ValueError(f"max_len={cfg.max_len} exceeds the {positions} positions of {cfg.model}")
+        spec = CorpusSpec.from_arg(cfg.corpus, text_field=cfg.text_field, paragraphs=cfg.paragraphs)
+        span_vocab = load_or_build_span_vocab(cfg, spec, model.tokenizer, rank, world)
+        model.settings = dataclasses.replace(
+            model.settings, method=cfg.method,
+            extra=model.settings.extra | {"pretrain": {"word_weight": word_weight, "noise_rate": cfg.noise_rate,
+                                                       "max_len": cfg.max_len, "method": cfg.method}})
+        data = PretrainStream(spec, model.tokenizer, span_vocab, tcfg.batch_size, cfg.max_len, tcfg.seed,
+                              cfg.fragments)
+        objective = build_objective(model, cfg)
+        if rank == 0:
+            nominal = tcfg.batch_size * tcfg.grad_accum * world * cfg.max_len
+            print(f"pre-training: λ={word_weight}, ρ_p={cfg.noise_rate}, method={cfg.method}; {world} process(es); "
+                  f"step = {tcfg.batch_size}×{tcfg.grad_accum}×{world} sequences of <= {cfg.max_len} tokens "
+                  f"(<= {nominal} tokens; the paper used {PAPER_BATCH_TOKENS})", file=sys.stderr)
+        pad_id = model.config.pad_token_id
+        summary = train(objective, data, lambda items: collate_pairs(items, pad_id), tcfg,
+                        save_model=model.save_pretrained, fsdp_units=(Layer,))
+        dump = os.environ.get(DUMP_RANKS_ENV)
+        if dump and not tcfg.fsdp:
+            Path(dump).mkdir(parents=True, exist_ok=True)
+            torch.save({"params": model.state_dict(), "stream": data.state_dict()}, Path(dump) / f"rank{rank}.pt")
+        return summary | {"model_dir": str(Path(cfg.output) / "best")}
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()

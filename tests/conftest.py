@@ -44,6 +44,18 @@ def tiny_model(tiny_tokenizer):
     return m.eval()
 
 
+def save_tiny_minilm(directory: Path, max_positions: int) -> Path:
+    """A tiny random model with the real MiniLM tokenizer (30,522 wordpieces), saved to ``directory``."""
+    from transformers import AutoTokenizer
+
+    from erniegen.model import Transformer, resolve_model_path
+    torch.manual_seed(0)
+    m = Transformer(tiny_config(vocab_size=30522, max_position_embeddings=max_positions))
+    m.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
+    m.save_pretrained(directory)
+    return directory
+
+
 def needs_shared(*parts: str) -> Path:
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import needs_shared, tiny_config
+from conftest import needs_shared, save_tiny_minilm
 
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -24,14 +24,7 @@ def run(*args, check=True):
 @pytest.fixture(scope="module")
 def tiny_minilm_dir(tmp_path_factory):
     """A tiny random model with the real MiniLM tokenizer (30,522 wordpieces)."""
-    from transformers import AutoTokenizer
-    from erniegen.model import Transformer, resolve_model_path
-    d = tmp_path_factory.mktemp("tiny-minilm")
-    torch.manual_seed(0)
-    m = Transformer(tiny_config(vocab_size=30522, max_position_embeddings=512))
-    m.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
-    m.save_pretrained(d)
-    return d
+    return save_tiny_minilm(tmp_path_factory.mktemp("tiny-minilm"), 512)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import save_tiny_minilm, tiny_config
 
 import erniegen.pretrain as pt
 from erniegen.batch import collate_pairs
@@ -45,15 +45,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random model with the real MiniLM tokenizer (30,522 wordpieces), 128 positions."""
-    from transformers import AutoTokenizer
-
-    from erniegen.model import resolve_model_path
-    d = tmp_path_factory.mktemp("tiny-minilm")
-    torch.manual_seed(0)
-    m = Transformer(tiny_config(vocab_size=30522, max_position_embeddings=128))
-    m.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
-    m.save_pretrained(d)
-    return d
+    return save_tiny_minilm(tmp_path_factory.mktemp("tiny-minilm"), 128)
 
 
 def write_corpus(path: Path, n_docs: int) -> Path:

@@ -5,13 +5,16 @@
 # BLEU-4 / METEOR / ROUGE-L.
 #   bash benchmarks/qg_quality.sh train        # the four trainings (each process single-threaded)
 #   bash benchmarks/qg_quality.sh static       # MIST with static mixing (needs runs/qg-nat/best)
+#   bash benchmarks/qg_quality.sh pretrain     # issue 3: continued pre-training on the shared corpus
+#                                              # (PT_STEPS steps, with and without the span flow), then
+#                                              # the same ernie-gen fine-tuning from each
 #   bash benchmarks/qg_quality.sh evaluate     # decode + score everything into results/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/squad_qg}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 EG=".venv/bin/erniegen"
-COMMON=(--model minilm --train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --task squad_qg --max-steps "${STEPS:-136}"
+COMMON=(--train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --task squad_qg --max-steps "${STEPS:-136}"
         --batch-size 32 --lr 1e-4 --max-source-len 256 --max-target-len 40 --eval-every "${EVAL_EVERY:-68}"
         --eval-samples 300)
 mkdir -p runs results
@@ -27,18 +30,32 @@ score() {  # label model decoder [extra generate flags...]
 case "${1:-}" in
   train)
     for m in ernie-gen typical nat mist; do
-      $EG finetune "${COMMON[@]}" --method "$m" --output "runs/qg-$m" > "runs/qg-$m.out" 2>&1 &
+      $EG finetune --model minilm "${COMMON[@]}" --method "$m" --output "runs/qg-$m" > "runs/qg-$m.out" 2>&1 &
     done
     wait ;;
   static)
     printf 'method_options:\n  mixing: static\n  pseudo_from: runs/qg-nat/best\n' > runs/static.yaml
-    $EG finetune "${COMMON[@]}" --method mist --config runs/static.yaml --output runs/qg-mist-static \
+    $EG finetune --model minilm "${COMMON[@]}" --method mist --config runs/static.yaml --output runs/qg-mist-static \
       > runs/qg-mist-static.out 2>&1 ;;
+  pretrain)
+    CORPUS=${CORPUS:-../shared/data/corpus/train.jsonl}
+    for variant in span:0.5 nospan:1; do      # λ = 0.5 (the paper's) and λ = 1 (no span flow)
+      name=${variant%%:*}
+      .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m erniegen.cli pretrain \
+        --model minilm --corpus "$CORPUS" --output "runs/pt-$name" --max-steps "${PT_STEPS:-1000}" --word-weight "${variant##*:}" \
+        --max-len 256 --batch-size 8 --grad-accum 1 --warmup-steps 100 > "runs/pt-$name.out" 2>&1
+      $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
+        > "runs/qg-pt-$name.out" 2>&1
+    done ;;
   evaluate)
     score ernie-gen-beam5 runs/qg-ernie-gen/best infilling --num-beams 5
     score typical-beam5 runs/qg-typical/best typical --num-beams 5
     score ernie-gen-greedy runs/qg-ernie-gen/best infilling --num-beams 1
     score typical-greedy runs/qg-typical/best typical --num-beams 1
+    for run in pt-span pt-nospan; do
+      [ -d "runs/qg-$run/best" ] || continue
+      score "ernie-gen-$run-beam5" "runs/qg-$run/best" infilling --num-beams 5
+    done
     for run in nat mist mist-static; do
       [ -d "runs/qg-$run/best" ] || continue
       score "$run-nar" "runs/qg-$run/best" nar
@@ -48,5 +65,5 @@ case "${1:-}" in
       done
       score "$run-nar-dedup" "runs/qg-$run/best" nar --dedup
     done ;;
-  *) echo "usage: $0 train|static|evaluate" >&2; exit 2 ;;
+  *) echo "usage: $0 train|static|pretrain|evaluate" >&2; exit 2 ;;
 esac

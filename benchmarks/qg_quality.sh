@@ -8,7 +8,7 @@
 #   bash benchmarks/qg_quality.sh pretrain     # issue 3: continued pre-training on the shared corpus
 #                                              # (PT_STEPS steps, with and without the span flow), then
 #                                              # the same ernie-gen fine-tuning from each
-#   bash benchmarks/qg_quality.sh evaluate     # decode + score everything into results/
+#   bash benchmarks/qg_quality.sh evaluate [ar|nar]  # decode + score into results/ (default: both)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/squad_qg}
@@ -47,23 +47,27 @@ case "${1:-}" in
       $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
         > "runs/qg-pt-$name.out" 2>&1
     done ;;
-  evaluate)
-    score ernie-gen-beam5 runs/qg-ernie-gen/best infilling --num-beams 5
-    score typical-beam5 runs/qg-typical/best typical --num-beams 5
-    score ernie-gen-greedy runs/qg-ernie-gen/best infilling --num-beams 1
-    score typical-greedy runs/qg-typical/best typical --num-beams 1
-    for run in pt-span pt-nospan; do
-      [ -d "runs/qg-$run/best" ] || continue
-      score "ernie-gen-$run-beam5" "runs/qg-$run/best" infilling --num-beams 5
-    done
-    for run in nat mist mist-static; do
-      [ -d "runs/qg-$run/best" ] || continue
-      score "$run-nar" "runs/qg-$run/best" nar
-      for k in 3 6; do
-        score "$run-mist-iter-$k" "runs/qg-$run/best" mist-iter --iterations $k
-        score "$run-mask-predict-$k" "runs/qg-$run/best" mask-predict --iterations $k
+  evaluate)   # evaluate [ar|nar]: both by default; the halves can run side by side
+    if [ "${2:-ar}" = ar ]; then
+      score ernie-gen-beam5 runs/qg-ernie-gen/best infilling --num-beams 5
+      score typical-beam5 runs/qg-typical/best typical --num-beams 5
+      score ernie-gen-greedy runs/qg-ernie-gen/best infilling --num-beams 1
+      score typical-greedy runs/qg-typical/best typical --num-beams 1
+      for run in pt-span pt-nospan; do
+        [ -d "runs/qg-$run/best" ] || continue
+        score "ernie-gen-$run-beam5" "runs/qg-$run/best" infilling --num-beams 5
       done
-      score "$run-nar-dedup" "runs/qg-$run/best" nar --dedup
-    done ;;
+    fi
+    if [ "${2:-nar}" = nar ]; then
+      for run in nat mist mist-static; do
+        [ -d "runs/qg-$run/best" ] || continue
+        score "$run-nar" "runs/qg-$run/best" nar
+        for k in 3 6; do
+          score "$run-mist-iter-$k" "runs/qg-$run/best" mist-iter --iterations $k
+          score "$run-mask-predict-$k" "runs/qg-$run/best" mask-predict --iterations $k
+        done
+        score "$run-nar-dedup" "runs/qg-$run/best" nar --dedup
+      done
+    fi ;;
   *) echo "usage: $0 train|static|pretrain|evaluate" >&2; exit 2 ;;
 esac

@@ -8,7 +8,7 @@
 #   bash benchmarks/qg_quality.sh pretrain     # issue 3: continued pre-training on the shared corpus
 #                                              # (PT_STEPS steps, with and without the span flow), then
 #                                              # the same ernie-gen fine-tuning from each
-#   bash benchmarks/qg_quality.sh evaluate [ar|nar]  # decode + score into results/ (default: both)
+#   bash benchmarks/qg_quality.sh evaluate [ar|nar [RUN]]  # decode + score into results/ (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/squad_qg}
@@ -47,7 +47,7 @@ case "${1:-}" in
       $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
         > "runs/qg-pt-$name.out" 2>&1
     done ;;
-  evaluate)   # evaluate [ar|nar]: both by default; the halves can run side by side
+  evaluate)   # evaluate [ar|nar [RUN]]: both halves by default; halves and NAR runs can go side by side
     if [ "${2:-ar}" = ar ]; then
       score ernie-gen-beam5 runs/qg-ernie-gen/best infilling --num-beams 5
       score typical-beam5 runs/qg-typical/best typical --num-beams 5
@@ -59,7 +59,7 @@ case "${1:-}" in
       done
     fi
     if [ "${2:-nar}" = nar ]; then
-      for run in nat mist mist-static; do
+      for run in ${3:-nat mist mist-static}; do
         [ -d "runs/qg-$run/best" ] || continue
         score "$run-nar" "runs/qg-$run/best" nar
         for k in 3 6; do

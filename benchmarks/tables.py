@@ -15,7 +15,7 @@ def quality(path: str) -> None:
         rows[r["label"]] = r  # the last run of a label wins
     print("| run | BLEU-4 | METEOR | ROUGE-L | Distinct-1 | Distinct-2 |")
     print("|---|---:|---:|---:|---:|---:|")
-    for label, r in rows.items():
+    for label, r in sorted(rows.items()):
         print(f"| {label} | {r['bleu4']:.2f} | {r['meteor']:.2f} | {r['rougeL']:.2f} | "
               f"{r['distinct1']:.2f} | {r['distinct2']:.2f} |")
 

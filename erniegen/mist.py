@@ -355,11 +355,12 @@ class MixedFeatures(Features):
     pseudo_ids: list[int] = field(default_factory=list)
 
 
-def make_static_pseudo_targets(model: Transformer, features: Sequence, batch_size: int = 32) -> list[list[int]]:
+def make_static_pseudo_targets(model: Transformer, features: Sequence, batch_size: int = 32,
+                               progress: bool = False) -> list[list[int]]:
     """Single-pass NAR outputs (predicted lengths) of a trained model for each feature's source."""
     sources = [_field(f, "source_ids") for f in features]
     opts = options_from_settings(model, length_beam=1, iterations=1, dedup=False)
-    return generate_ids(model, sources, "nar", batch_size=batch_size, opts=opts)
+    return generate_ids(model, sources, "nar", batch_size=batch_size, opts=opts, progress=progress)
 
 
 def add_static_pseudo_targets(features: Sequence, options: dict) -> list[Features]:
@@ -374,7 +375,8 @@ def add_static_pseudo_targets(features: Sequence, options: dict) -> list[Feature
     teacher = Transformer.from_pretrained(options["pseudo_from"])
     if torch.cuda.is_available():
         teacher.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    pseudo = make_static_pseudo_targets(teacher, features)
+    # decoding the whole training set takes minutes: show it (on the main process only)
+    pseudo = make_static_pseudo_targets(teacher, features, progress=int(os.environ.get("RANK", 0)) == 0)
     return [MixedFeatures(_field(f, "source_ids"), _field(f, "target_ids"), p) for f, p in zip(features, pseudo)]
 
 

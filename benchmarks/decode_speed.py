@@ -10,10 +10,7 @@ prompts; NAR decoders produce the length their length head predicts (reported as
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erniegen import load  # noqa: E402
-from erniegen.bench import bench_decoder, bench_hf_baseline, hf_gpt2_like  # noqa: E402
+from erniegen.bench import bench_decoder, bench_hf_baseline, hf_gpt2_like, write_results  # noqa: E402
 from erniegen.data import read_examples  # noqa: E402
 from erniegen.decoding import DecodeOptions, default_banned_ids, encode_sources  # noqa: E402
 
@@ -74,13 +71,8 @@ def main() -> None:
         for r in rows:
             if r["batch_size"] == batch:
                 r["speedup_vs_infilling_beam5"] = round(r["samples_per_s"] / ref["samples_per_s"], 2)
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "ar_model": args.ar_model,
-            "nar_model": args.nar_model, "length": args.length}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output + ".tmp"
-    Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp, args.output)
+    write_results(args.output, rows, threads=torch.get_num_threads(), ar_model=args.ar_model,
+                  nar_model=args.nar_model, length=args.length)
     print("\n| decoder | batch | median ms/sample | p90 ms/sample | samples/s | tokens/s | speed-up vs beam 5 |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -10,19 +10,18 @@ contextual target and each flow's placeholders. Run it on an otherwise idle mach
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from erniegen.bench import write_results  # noqa: E402
 
 
 def run(label: str, args: list[str], processes: int, threads: int, out_dir: Path, log_every: int) -> dict:
@@ -71,12 +70,7 @@ def main() -> None:
                  max(1, cores // 2))]
         for i, (label, cmd, procs, threads) in enumerate(plan):
             rows.append(run(label, cmd, procs, threads, Path(tmp) / f"run{i}", args.log_every))
-    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__, "steps": args.steps}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.output + ".tmp"
-    Path(tmp_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    os.replace(tmp_out, args.output)
+    write_results(args.output, rows, steps=args.steps)
     print("\n| run | processes x threads | median tokens/s |\n|---|---|---:|")
     for r in rows:
         print(f"| {r['label']} | {r['processes']} x {r['threads_per_process']} | {r['median_tokens_per_s']:.0f} |")

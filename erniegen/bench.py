@@ -15,6 +15,21 @@ import torch
 from .decoding import DecodeOptions, generate_ids
 
 
+def write_results(path: str, rows: list[dict], **meta) -> None:
+    """Benchmark rows with the date, machine and torch version beside them, written atomically as JSON."""
+    import datetime
+    import json
+    import os
+    import platform
+    from pathlib import Path
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "torch": torch.__version__} | meta
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    os.replace(tmp, path)
+
+
 def _summary(batch_ms: list[float], batch_size: int, n_samples: int, n_tokens: int) -> dict:
     if not batch_ms:
         raise ValueError(f"nothing was timed: give more than the warm-up's samples (batch size {batch_size})")

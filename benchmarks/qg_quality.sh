@@ -35,15 +35,16 @@ case "${1:-}" in
     wait ;;
   static)
     printf 'method_options:\n  mixing: static\n  pseudo_from: runs/qg-nat/best\n' > runs/static.yaml
-    $EG finetune --model minilm "${COMMON[@]}" --method mist --config runs/static.yaml --output runs/qg-mist-static \
-      > runs/qg-mist-static.out 2>&1 ;;
+    $EG finetune --model minilm "${COMMON[@]}" --method mist --config runs/static.yaml \
+      --output runs/qg-mist-static > runs/qg-mist-static.out 2>&1 ;;
   pretrain)
     CORPUS=${CORPUS:-../shared/data/corpus/train.jsonl}
     for variant in span:0.5 nospan:1; do      # λ = 0.5 (the paper's) and λ = 1 (no span flow)
       name=${variant%%:*}
       .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m erniegen.cli pretrain \
-        --model minilm --corpus "$CORPUS" --output "runs/pt-$name" --max-steps "${PT_STEPS:-1000}" --word-weight "${variant##*:}" \
-        --max-len 256 --batch-size 8 --grad-accum 1 --warmup-steps 100 > "runs/pt-$name.out" 2>&1
+        --model minilm --corpus "$CORPUS" --output "runs/pt-$name" --max-steps "${PT_STEPS:-1000}" \
+        --word-weight "${variant##*:}" --max-len 256 --batch-size 8 --grad-accum 1 --warmup-steps 100 \
+        > "runs/pt-$name.out" 2>&1
       $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
         > "runs/qg-pt-$name.out" 2>&1
     done ;;

@@ -6,9 +6,14 @@ with its key/value cache) can be timed in the same run on the same input and out
 """
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import platform
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -17,11 +22,6 @@ from .decoding import DecodeOptions, generate_ids
 
 def write_results(path: str, rows: list[dict], **meta) -> None:
     """Benchmark rows with the date, machine and torch version beside them, written atomically as JSON."""
-    import datetime
-    import json
-    import os
-    import platform
-    from pathlib import Path
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "torch": torch.__version__} | meta
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -375,8 +375,9 @@ def add_static_pseudo_targets(features: Sequence, options: dict) -> list[Feature
     teacher = Transformer.from_pretrained(options["pseudo_from"])
     if torch.cuda.is_available():
         teacher.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    from .train import is_main_process
     # decoding the whole training set takes minutes: show it (on the main process only)
-    pseudo = make_static_pseudo_targets(teacher, features, progress=int(os.environ.get("RANK", 0)) == 0)
+    pseudo = make_static_pseudo_targets(teacher, features, progress=is_main_process())
     return [MixedFeatures(_field(f, "source_ids"), _field(f, "target_ids"), p) for f, p in zip(features, pseudo)]
 
 

@@ -6,7 +6,7 @@
 #   bash benchmarks/qg_quality.sh train        # the four trainings (each process single-threaded)
 #   bash benchmarks/qg_quality.sh static       # MIST with static mixing (needs runs/qg-nat/best)
 #   bash benchmarks/qg_quality.sh pretrain     # issue 3: continued pre-training on the shared corpus
-#                                              # (PT_STEPS steps, with and without the span flow), then
+#                                              # (PT_STEPS steps, default 600, with and without the span flow), then
 #                                              # the same ernie-gen fine-tuning from each
 #   bash benchmarks/qg_quality.sh evaluate [ar|nar [RUN]]  # decode + score into results/ (default: all)
 set -euo pipefail
@@ -37,17 +37,19 @@ case "${1:-}" in
     printf 'method_options:\n  mixing: static\n  pseudo_from: runs/qg-nat/best\n' > runs/static.yaml
     $EG finetune --model minilm "${COMMON[@]}" --method mist --config runs/static.yaml \
       --output runs/qg-mist-static > runs/qg-mist-static.out 2>&1 ;;
-  pretrain)
+  pretrain)   # one span vocabulary, then λ = 0.5 (the paper's) and λ = 1 (no span flow) side by side,
+              # one single-threaded process each (torchrun is slower than one process on 2 cores: section 2)
     CORPUS=${CORPUS:-../shared/data/corpus/train.jsonl}
-    for variant in span:0.5 nospan:1; do      # λ = 0.5 (the paper's) and λ = 1 (no span flow)
+    $EG span-vocab --corpus "$CORPUS" --output runs/span_vocab.tsv
+    for variant in span:0.5 nospan:1; do
       name=${variant%%:*}
-      .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 -m erniegen.cli pretrain \
-        --model minilm --corpus "$CORPUS" --output "runs/pt-$name" --max-steps "${PT_STEPS:-1000}" \
-        --word-weight "${variant##*:}" --max-len 256 --batch-size 8 --grad-accum 1 --warmup-steps 100 \
-        > "runs/pt-$name.out" 2>&1
-      $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
-        > "runs/qg-pt-$name.out" 2>&1
-    done ;;
+      ( $EG pretrain --model minilm --corpus "$CORPUS" --span-vocab runs/span_vocab.tsv --output "runs/pt-$name" \
+          --max-steps "${PT_STEPS:-600}" --word-weight "${variant##*:}" --max-len 256 --batch-size 8 \
+          --grad-accum 1 --warmup-steps 60 > "runs/pt-$name.out" 2>&1
+        $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
+          > "runs/qg-pt-$name.out" 2>&1 ) &
+    done
+    wait ;;
   evaluate)   # evaluate [ar|nar [RUN]]: both halves by default; halves and NAR runs can go side by side
     if [ "${2:-ar}" = ar ]; then
       score ernie-gen-beam5 runs/qg-ernie-gen/best infilling --num-beams 5

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from .batch import collate_pairs
@@ -50,9 +49,6 @@ from .train import (
 
 SPAN_VOCAB_FILE = "span_vocab.tsv"
 PAPER_BATCH_TOKENS = 24_576
-# Test-only: when set to a folder, every rank saves its final parameters and stream position there,
-# so a test can check that the ranks of a torchrun job stayed in sync.
-DUMP_RANKS_ENV = "ERNIEGEN_DUMP_RANK_PARAMS"
 
 
 def default_trainer() -> TrainConfig:
@@ -238,10 +234,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         pad_id = model.config.pad_token_id
         summary = train(objective, data, lambda items: collate_pairs(items, pad_id), tcfg,
                         save_model=model.save_pretrained, fsdp_units=(Layer,))
-        dump = os.environ.get(DUMP_RANKS_ENV)
-        if dump and not tcfg.fsdp:
-            Path(dump).mkdir(parents=True, exist_ok=True)
-            torch.save({"params": model.state_dict(), "stream": data.state_dict()}, Path(dump) / f"rank{rank}.pt")
         return summary | {"model_dir": str(Path(cfg.output) / "best")}
     finally:
         if owns_group and dist.is_initialized():

@@ -252,14 +252,35 @@ def torchrun(*args: str, env: dict | None = None) -> subprocess.CompletedProcess
     return proc
 
 
+SYNC_SCRIPT = """
+import sys
+from pathlib import Path
+import torch, torch.distributed as dist
+import erniegen.pretrain as pt
+from erniegen.cli import main
+
+dumps = Path(sys.argv[1])
+real_train = pt.train
+def train_and_dump(objective, data, *args, **kwargs):   # each rank's parameters and stream after the loop
+    summary = real_train(objective, data, *args, **kwargs)
+    torch.save({"params": objective.model.state_dict(), "stream": data.state_dict()},
+               dumps / f"rank{dist.get_rank()}.pt")
+    return summary
+pt.train = train_and_dump
+main(sys.argv[2:])
+"""
+
+
 @pytest.mark.slow
 def test_two_process_cli_pretrain_keeps_ranks_in_sync(tiny_dir, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", 11)
     out, dumps = tmp_path / "out", tmp_path / "dumps"
-    torchrun("-m", "erniegen.cli", "pretrain", "--model", str(tiny_dir), "--corpus", str(corpus), "--output",
+    dumps.mkdir()
+    script = tmp_path / "sync_run.py"
+    script.write_text(textwrap.dedent(SYNC_SCRIPT))
+    torchrun(str(script), str(dumps), "pretrain", "--model", str(tiny_dir), "--corpus", str(corpus), "--output",
              str(out), "--max-steps", "3", "--batch-size", "2", "--grad-accum", "2", "--max-len", "64",
-             "--lr", "1e-3", "--precision", "fp32", "--log-every", "1",
-             env=ENV | {pt.DUMP_RANKS_ENV: str(dumps)})
+             "--lr", "1e-3", "--precision", "fp32", "--log-every", "1")
     r0, r1 = (torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in range(2))
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k

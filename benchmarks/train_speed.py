@@ -31,9 +31,11 @@ def run(label: str, args: list[str], processes: int, threads: int, out_dir: Path
     cmd = [*launcher, "-m", "erniegen.cli", *args, "--output", str(out_dir), "--log-every", str(log_every)]
     print(f"{label}: {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rates = [r["tokens_per_s"] for r in map(json.loads, open(out_dir / "log.jsonl")) if "tokens_per_s" in r]
+    windows = [r for r in map(json.loads, open(out_dir / "log.jsonl")) if "tokens_per_s" in r][1:]
+    rates = [r["tokens_per_s"] for r in windows]
     row = {"label": label, "processes": processes, "threads_per_process": threads,
-           "median_tokens_per_s": statistics.median(rates[1:]), "windows": rates[1:]}
+           "median_tokens_per_s": statistics.median(rates),
+           "median_examples_per_s": statistics.median(r["examples_per_s"] for r in windows), "windows": rates}
     print(json.dumps(row), flush=True)
     return row
 
@@ -71,9 +73,10 @@ def main() -> None:
         for i, (label, cmd, procs, threads) in enumerate(plan):
             rows.append(run(label, cmd, procs, threads, Path(tmp) / f"run{i}", args.log_every))
     write_results(args.output, rows, steps=args.steps)
-    print("\n| run | processes x threads | median tokens/s |\n|---|---|---:|")
+    print("\n| run | processes x threads | median tokens/s | median examples/s |\n|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['label']} | {r['processes']} x {r['threads_per_process']} | {r['median_tokens_per_s']:.0f} |")
+        print(f"| {r['label']} | {r['processes']} x {r['threads_per_process']} | {r['median_tokens_per_s']:.0f} "
+              f"| {r['median_examples_per_s']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -346,6 +346,11 @@ def _count_tokens(out: dict, batch: dict) -> torch.Tensor | int:
                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype == torch.long)
 
 
+def _count_examples(batch: dict) -> int:
+    """Examples in one micro-batch: the leading size of its tensors, for examples/s."""
+    return next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 0)
+
+
 # ---- FSDP ---------------------------------------------------------------------------------------
 
 
@@ -632,8 +637,8 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
 
     pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main)
     paused = 0.0                       # seconds spent evaluating and saving, excluded from tokens/s
-    run_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    run_counts = torch.zeros(2, dtype=torch.float64, device=device)      # [tokens, examples]
+    window_counts = torch.zeros(2, dtype=torch.float64, device=device)
     window_start = time.time()
     last_log: dict[str, Any] = {}
     t_train = time.time()
@@ -663,9 +668,10 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
             if k != "num_tokens" and isinstance(v, torch.Tensor) and v.numel() == 1:
                 sums[k] = sums.get(k, 0.0) + v.detach().double()
                 counts[k] = counts.get(k, 0) + 1
-        n_tok = _count_tokens(out, batch)
-        window_tokens += n_tok
-        run_tokens += n_tok
+        counted = torch.tensor([float(_count_tokens(out, batch)), _count_examples(batch)], dtype=torch.float64,
+                               device=device)
+        window_counts += counted
+        run_counts += counted
         if not sync_now:
             continue
 
@@ -690,18 +696,19 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
             keys = sorted(sums)
             packed = torch.stack([sums[k] for k in keys]
                                  + [torch.tensor(float(counts[k]), dtype=torch.float64, device=device)
-                                    for k in keys] + [window_tokens])
+                                    for k in keys] + list(window_counts))
             if world > 1:
                 dist.all_reduce(packed)
             avg = {k: float(packed[i] / packed[len(keys) + i]) for i, k in enumerate(keys)}
-            tok_s = float(packed[-1]) / max(time.time() - window_start, 1e-9)
-            last_log = {"step": step, "epoch": epoch_pos, **avg, "lr": lr,
-                        "grad_norm": float(grad_norm), "tokens_per_s": round(tok_s, 1)}
+            elapsed = max(time.time() - window_start, 1e-9)
+            tok_s, ex_s = float(packed[-2]) / elapsed, float(packed[-1]) / elapsed
+            last_log = {"step": step, "epoch": epoch_pos, **avg, "lr": lr, "grad_norm": float(grad_norm),
+                        "tokens_per_s": round(tok_s, 1), "examples_per_s": round(ex_s, 2)}
             if main:
                 _append_jsonl(out_dir / LOG_FILE, last_log)
-                pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", ex_s=f"{ex_s:.1f}")
             sums, counts = {}, {}
-            window_tokens = torch.zeros((), dtype=torch.float64, device=device)
+            window_counts = torch.zeros(2, dtype=torch.float64, device=device)
             window_start = time.time()
 
         # -- evaluate (rank 0) and keep the best model
@@ -787,8 +794,9 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
 
     train_time = time.time() - t_train - paused
     if world > 1:
-        dist.all_reduce(run_tokens)
+        dist.all_reduce(run_counts)
     return {"global_step": step, "epoch": last_log.get("epoch"), "train_loss": last_log.get("loss"),
             "best_metric": best_metric, "best_step": best_step, "metric_for_best": cfg.metric_for_best,
-            "train_tokens_per_s": float(run_tokens) / max(train_time, 1e-9),
+            "train_tokens_per_s": float(run_counts[0]) / max(train_time, 1e-9),
+            "train_examples_per_s": float(run_counts[1]) / max(train_time, 1e-9),
             "wall_time_s": time.time() - t_begin}

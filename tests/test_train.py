@@ -75,9 +75,12 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+TIMING = ("tokens_per_s", "examples_per_s")
+
+
 def comparable(events: list[dict]) -> list[dict]:
     """Log events without the timing fields."""
-    return [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in events]
+    return [{k: v for k, v in e.items() if k not in TIMING} for e in events]
 
 
 def cfg_for(out: Path, **kw) -> TrainConfig:
@@ -166,6 +169,9 @@ def test_loss_decreases_and_lr_follows_schedule(tmp_path):
     expected = [3e-2 * s / 3 if s <= 3 else 3e-2 * (30 - s + 1) / 27 for s in range(1, 31)]
     assert [e["lr"] for e in log] == pytest.approx(expected, rel=1e-12)
     assert all(e["tokens_per_s"] > 0 and "loss_abs" in e for e in log)
+    # rates over the same window: their ratio is the window's tokens per example, exactly known here
+    per_example = data[0]["input_ids"].numel()
+    assert [e["tokens_per_s"] / e["examples_per_s"] for e in log] == pytest.approx([per_example] * 30, rel=1e-2)
     assert summary["global_step"] == 30 and summary["train_loss"] == losses[-1]
 
 

@@ -1,4 +1,4 @@
-"""``erniegen`` command line: finetune, generate, evaluate, bench, span-vocab, pretrain."""
+"""``erniegen`` command line: finetune, generate, evaluate, bench, span-vocab, pretrain, plot."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +142,12 @@ def cmd_pretrain(args) -> None:
         print(json.dumps(summary, default=str))
 
 
+def cmd_plot(args) -> None:
+    from .plots import plot_runs
+    plot_runs(args.runs, args.output, window=args.smooth, labels=args.labels.split(",") if args.labels else None)
+    print(f"wrote {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="erniegen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -246,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--paragraphs", action="store_true", help="text files: blank-line separated documents")
     pt.add_argument("--seed", type=int, default=42)
     pt.set_defaults(func=cmd_pretrain)
+
+    pl = sub.add_parser("plot", help="training-loss and dev-metric curves of runs, side by side, as an image")
+    pl.add_argument("runs", nargs="+", help="run folders (or their log.jsonl) from finetune / pretrain")
+    pl.add_argument("--output", required=True, help="image file; the format follows the suffix (.png, .svg, .pdf)")
+    pl.add_argument("--smooth", type=int, default=1, help="moving average over this many logged points")
+    pl.add_argument("--labels", help="comma-separated legend names, one a run (default: the folder names)")
+    pl.set_defaults(func=cmd_plot)
     return p
 
 

@@ -1,0 +1,101 @@
+"""Training curves from runs' ``log.jsonl``: compare runs at a glance instead of reading numbers.
+
+``erniegen plot RUN [RUN ...] --output curves.png`` draws each run's training losses (``loss`` and its
+named parts, e.g. ``loss_word`` / ``loss_span``) against the optimizer step, and its dev evaluations in
+a second panel when the runs have any.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .data import DataError
+
+LOG_FILE = "log.jsonl"
+LINE_STYLES = ("-", "--", ":", "-.")        # one colour per run, one line style per loss or metric
+Series = dict[str, tuple[list[int], list[float]]]
+
+
+def read_log(run: str | Path) -> tuple[list[dict], list[dict]]:
+    """(training events, evaluation events) of a run folder, or of a log file given directly."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / LOG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no training log (expected a run folder holding {LOG_FILE})")
+    train, evals = [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), f"not JSON ({e.msg})", line=n) from None
+            if not isinstance(event, dict) or not isinstance(event.get("step"), int):
+                raise DataError(str(path), "missing or not an integer", line=n, field="step")
+            (evals if "eval" in event else train).append(event)
+    return train, evals
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over up to ``window`` points; noisy small-batch losses read better."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
+    """(loss series, eval-metric series) of one run, each name -> (steps, values)."""
+    train, evals = read_log(run)
+    losses: Series = {}
+    for key in sorted({k for e in train for k in e if k == "loss" or k.startswith("loss_")}):
+        points = [(e["step"], float(e[key])) for e in train if key in e]
+        losses[key] = ([s for s, _ in points], smooth([v for _, v in points], window))
+    metrics: Series = {}
+    for key in sorted({k for e in evals for k in e["eval"]}):
+        points = [(e["step"], float(e["eval"][key])) for e in evals if key in e["eval"]]
+        metrics[key] = ([s for s, _ in points], [v for _, v in points])
+    return losses, metrics
+
+
+def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] | None = None) -> dict:
+    """Draw the runs' curves into ``output`` (any format matplotlib knows, by its suffix); returns the data."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("erniegen plot needs matplotlib: pip install 'erniegen[plot]'") from None
+    labels = labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    data = {label: run_series(run, window) for label, run in zip(labels, runs)}
+    has_eval = any(metrics for _, metrics in data.values())
+    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(12 if has_eval else 7, 4.5), squeeze=False)
+    loss_ax = axes[0][0]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for r, (label, (losses, metrics)) in enumerate(data.items()):
+        panels = [(loss_ax, losses, None)] + ([(axes[0][1], metrics, "o")] if has_eval else [])
+        for ax, series, marker in panels:
+            for i, (key, (steps, values)) in enumerate(series.items()):
+                ax.plot(steps, values, color=colors[r % len(colors)], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
+                        marker=marker, label=f"{label} {key}")
+    loss_ax.set(xlabel="optimizer step", ylabel="training loss"
+                + (f" (moving average of {window} logs)" if window > 1 else ""), title="training")
+    loss_ax.legend(fontsize=7)
+    loss_ax.grid(alpha=0.3)
+    if has_eval:
+        axes[0][1].set(xlabel="optimizer step", ylabel="dev metric", title="evaluation")
+        axes[0][1].legend(fontsize=7)
+        axes[0][1].grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return data

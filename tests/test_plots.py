@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from erniegen.cli import main
+from erniegen.data import DataError
+from erniegen.plots import plot_runs, read_log, run_series, smooth
+
+
+def write_log(run: Path, events: list[dict]) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return run
+
+
+PRETRAIN = [{"step": s, "loss": 10.0 - s, "loss_word": 9.0 - s, "loss_span": 11.0 - s, "lr": 1e-4,
+             "tokens_per_s": 400.0} for s in (10, 20, 30)]
+FINETUNE = [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 4.0}, {"step": 2, "eval": {"bleu4": 0.1, "loss": 3.5}},
+            {"step": 3, "loss": 5.0}, {"step": 4, "loss": 3.0}, {"step": 4, "eval": {"bleu4": 0.2, "loss": 3.0}}]
+
+
+def test_smooth_is_a_trailing_moving_average():
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([1.0, 3.0, 5.0, 7.0], 3) == [1.0, 2.0, 3.0, 5.0]
+    assert smooth([4.0, 2.0], 1) == [4.0, 2.0]
+
+
+def test_run_series_separates_losses_and_evaluations(tmp_path):
+    run = write_log(tmp_path / "ft", FINETUNE)
+    losses, metrics = run_series(run, window=2)
+    assert losses == {"loss": ([1, 2, 3, 4], [6.0, 5.0, 4.5, 4.0])}
+    assert metrics == {"bleu4": ([2, 4], [0.1, 0.2]), "loss": ([2, 4], [3.5, 3.0])}
+    losses, metrics = run_series(write_log(tmp_path / "pt", PRETRAIN))
+    assert losses == {"loss": ([10, 20, 30], [0.0, -10.0, -20.0]), "loss_span": ([10, 20, 30], [1.0, -9.0, -19.0]),
+                      "loss_word": ([10, 20, 30], [-1.0, -11.0, -21.0])} and metrics == {}
+
+
+def test_plot_writes_an_image_atomically_and_returns_its_data(tmp_path):
+    runs = [str(write_log(tmp_path / "pt-span", PRETRAIN)), str(write_log(tmp_path / "qg", FINETUNE))]
+    out = tmp_path / "curves.png"
+    data = plot_runs(runs, str(out), labels=["a", "b"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "pt-span", "qg"]   # no temporary left
+    assert data["b"][1]["bleu4"] == ([2, 4], [0.1, 0.2]) and set(data["a"][0]) == {"loss", "loss_span", "loss_word"}
+    main(["plot", runs[0], "--output", str(tmp_path / "c.svg"), "--smooth", "2"])
+    assert (tmp_path / "c.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_bad_logs_name_the_file_line_and_field(tmp_path):
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')
+    with pytest.raises(DataError, match=r"bad/log.jsonl:2: field 'step' missing or not an integer"):
+        read_log(run)
+    (run / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss"\n')
+    with pytest.raises(DataError, match=r"bad/log.jsonl:3: not JSON"):
+        read_log(run)
+    with pytest.raises(FileNotFoundError, match="no training log"):
+        read_log(tmp_path / "missing")
+    with pytest.raises(ValueError, match="1 labels for 2 runs"):
+        plot_runs([str(write_log(tmp_path / "x", PRETRAIN))] * 2, str(tmp_path / "p.png"), labels=["x"])

@@ -7,8 +7,10 @@
 #   bash benchmarks/qg_quality.sh static       # MIST with static mixing (needs runs/qg-nat/best)
 #   bash benchmarks/qg_quality.sh pretrain     # issue 3: continued pre-training on the shared corpus
 #                                              # (PT_STEPS steps, default 600, with and without the span flow), then
-#                                              # the same ernie-gen fine-tuning from each
-#   bash benchmarks/qg_quality.sh evaluate [ar|nar [RUN]]  # decode + score into results/ (default: all)
+#                                              # the same ernie-gen fine-tuning from each (and the
+#                                              # baseline without pre-training, unless already trained)
+#   bash benchmarks/qg_quality.sh evaluate [ar|nar [RUN]|pt]  # decode + score into results/ (default: ar
+#                                              # and nar; pt = the pre-training experiment's three runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/squad_qg}
@@ -18,6 +20,10 @@ COMMON=(--train "$DATA/train.jsonl" --dev "$DATA/dev.jsonl" --task squad_qg --ma
         --batch-size 32 --lr 1e-4 --max-source-len 256 --max-target-len 40 --eval-every "${EVAL_EVERY:-68}"
         --eval-samples 300)
 mkdir -p runs results
+
+finetune() {  # method: fine-tune all-MiniLM-L6-v2 into runs/qg-METHOD
+  $EG finetune --model minilm "${COMMON[@]}" --method "$1" --output "runs/qg-$1" > "runs/qg-$1.out" 2>&1
+}
 
 score() {  # label model decoder [extra generate flags...]
   local label=$1 model=$2 decoder=$3; shift 3
@@ -29,9 +35,7 @@ score() {  # label model decoder [extra generate flags...]
 
 case "${1:-}" in
   train)
-    for m in ernie-gen typical nat mist; do
-      $EG finetune --model minilm "${COMMON[@]}" --method "$m" --output "runs/qg-$m" > "runs/qg-$m.out" 2>&1 &
-    done
+    for m in ernie-gen typical nat mist; do finetune "$m" & done
     wait ;;
   static)
     printf 'method_options:\n  mixing: static\n  pseudo_from: runs/qg-nat/best\n' > runs/static.yaml
@@ -49,6 +53,7 @@ case "${1:-}" in
         $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
           > "runs/qg-pt-$name.out" 2>&1 ) &
     done
+    [ -d runs/qg-ernie-gen/best ] || finetune ernie-gen &     # the no-pre-training baseline, alongside
     wait ;;
   evaluate)   # evaluate [ar|nar [RUN]]: both halves by default; halves and NAR runs can go side by side
     if [ "${2:-ar}" = ar ]; then
@@ -56,9 +61,13 @@ case "${1:-}" in
       score typical-beam5 runs/qg-typical/best typical --num-beams 5
       score ernie-gen-greedy runs/qg-ernie-gen/best infilling --num-beams 1
       score typical-greedy runs/qg-typical/best typical --num-beams 1
-      for run in pt-span pt-nospan; do
-        [ -d "runs/qg-$run/best" ] || continue
-        score "ernie-gen-$run-beam5" "runs/qg-$run/best" infilling --num-beams 5
+    fi
+    if [ "${2:-}" = pt ]; then   # the pre-training experiment: ernie-gen with and without pre-training
+      for run in no-pt:ernie-gen pt-span:pt-span pt-nospan:pt-nospan; do   # label:run folder
+        for beams in 5 1; do
+          score "ernie-gen-${run%%:*}-$([ $beams = 5 ] && echo beam5 || echo greedy)" "runs/qg-${run##*:}/best" \
+            infilling --num-beams $beams
+        done
       done
     fi
     if [ "${2:-nar}" = nar ]; then

@@ -10,7 +10,7 @@ import sys
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (defaults: the task preset saved with the model)")
     g.add_argument("--decoder", default=None,
-                   help="infilling | typical | nar | mist-iter | mask-predict | elmer (default: the training method's)")
+                   help="infilling | typical | nar | mist-iter | mask-predict (default: the training method's)")
     g.add_argument("--num-beams", type=int, default=None)
     g.add_argument("--max-length", type=int, default=None, help="maximum generated tokens, end token included")
     g.add_argument("--min-length", type=int, default=None)
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "doubles step time and memory)")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--seed", type=int, default=42)
-    f.add_argument("--config", help="YAML with method_options (e.g. MIST/ELMER switches)")
+    f.add_argument("--config", help="YAML with method_options (e.g. MIST's mixing switches)")
     f.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint-last")
     f.set_defaults(func=cmd_finetune)
 

@@ -314,7 +314,7 @@ def generate_ids(model: Transformer, sources: Sequence[Sequence[int]], decoder: 
     return out
 
 
-METHOD_DECODERS = {"ernie-gen": "infilling", "typical": "typical", "nat": "nar", "mist": "nar", "elmer": "elmer"}
+METHOD_DECODERS = {"ernie-gen": "infilling", "typical": "typical", "nat": "nar", "mist": "nar"}
 
 
 def options_from_settings(model: Transformer, **overrides) -> DecodeOptions:

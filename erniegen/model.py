@@ -2,7 +2,7 @@
 
 The model is a plain post-LayerNorm encoder (BERT / RoBERTa / ERNIE 2.0 layout) whose attention
 takes optional past keys/values and returns the keys/values of the tokens it was given. ERNIE-GEN's
-multi-flow training, MIST/ELMER's non-autoregressive passes and cached decoding are all calls of
+multi-flow training, MIST's non-autoregressive passes and cached decoding are all calls of
 :meth:`Transformer.forward` with different tokens, masks and pasts.
 
 Checkpoints are read from and written to the Hugging Face layout (``config.json``,

@@ -1,4 +1,4 @@
-"""The training loop shared by every erniegen method (ERNIE-GEN, MIST, ELMER).
+"""The training loop shared by every erniegen method (ERNIE-GEN, typical, NAT, MIST, pre-training).
 
 A method supplies an ``objective`` module whose ``forward(**batch)`` returns ``{"loss": ...}``
 (plus optional ``num_tokens`` and extra scalar losses to log), a list of tokenized examples and a

@@ -85,7 +85,9 @@ class TrainConfig:
     eval_every: int | None = None       # optimizer steps; None = at the end of every epoch
     save_every: int | None = None       # optimizer steps between resumable checkpoints; None = at each eval
     precision: str = "auto"             # "fp32" | "bf16" | "fp16" | "auto" (bf16 on CUDA if supported, else fp32)
-    metric_for_best: str = "loss"       # a key of the evaluate() dict, or "loss" = dev loss
+    # a key of the evaluate() dict ("loss" = dev loss), or several comma-separated: compared in order,
+    # each rounded to BEST_DECIMALS, so a difference below reporting precision is a tie the next key breaks
+    metric_for_best: str = "loss"
     greater_is_better: bool = False
     resume: bool = False                # continue checkpoint-last; the caller loads its weights first
     num_workers: int = 0                # DataLoader worker processes for collate (list data only)
@@ -346,6 +348,17 @@ def _count_tokens(out: dict, batch: dict) -> torch.Tensor | int:
                if isinstance(v, torch.Tensor) and v.dim() == 2 and v.dtype == torch.long)
 
 
+BEST_DECIMALS = 4
+
+
+def selection_score(metrics: dict[str, float], keys: str) -> list[float]:
+    """The values ``metric_for_best`` compares, in order: lists compare lexicographically."""
+    missing = [k for k in keys.split(",") if k not in metrics]
+    if missing:
+        raise ValueError(f"metric_for_best={keys!r}: {missing} not among the evaluate() results {sorted(metrics)}")
+    return [round(metrics[k], BEST_DECIMALS) for k in keys.split(",")]
+
+
 def _count_examples(batch: dict) -> int:
     """Examples in one micro-batch: the leading size of its tensors, for examples/s."""
     return next((v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0), 0)
@@ -590,7 +603,8 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
 
     step, epoch, micro_start = 0, 0, 0
     stream_epoch = 0                   # streams: this rank's pass over its shard
-    best_metric: float | None = None
+    best_metric: float | None = None      # the first key's value at the best step
+    best_score: list[float] | None = None  # the compared values (every key, rounded)
     best_step: int | None = None
     sums: dict[str, torch.Tensor] = {}   # per-key sums of the current log window (rank-local)
     counts: dict[str, int] = {}
@@ -611,7 +625,7 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, micro_start = state["global_step"], state["epoch"], state["micro_step"]
-        best_metric, best_step = state["best_metric"], state["best_step"]
+        best_metric, best_score, best_step = state["best_metric"], state["best_score"], state["best_step"]
         if streaming:
             stream_epoch = state["streams"][rank]["epoch"]
             train_data.load_state_dict(state["streams"][rank]["data"])
@@ -721,21 +735,19 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
             with _rng_scope(device=device), torch.no_grad():
                 metrics = {k: float(v) for k, v in evaluate().items()}
             raw.train()
-            if cfg.metric_for_best not in metrics:
-                raise ValueError(f"metric_for_best={cfg.metric_for_best!r} is not among the evaluate() "
-                                 f"results {sorted(metrics)}")
+            score = selection_score(metrics, cfg.metric_for_best)
             _append_jsonl(out_dir / LOG_FILE, {"step": step, "eval": metrics})
             tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            value = metrics[cfg.metric_for_best]
-            if best_metric is None or (value > best_metric if cfg.greater_is_better else value < best_metric):
-                best_metric, best_step = value, step
+            value = metrics[cfg.metric_for_best.split(",")[0]]
+            if best_score is None or (score > best_score if cfg.greater_is_better else score < best_score):
+                best_metric, best_score, best_step = value, score, step
 
                 def write_best(d: str) -> None:
                     save_model(d)
                     Path(d, "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
                 with _rng_scope(device=device):
                     _atomic_write_dir(out_dir / BEST, write_best)
-                tqdm.write(f"saved {out_dir / BEST} (step {step}, {cfg.metric_for_best}={value:.4g})")
+                tqdm.write(f"saved {out_dir / BEST} (step {step}, {cfg.metric_for_best}={score})")
         # FSDP: rank 0 sees the full weights while it saves (every rank takes part in gathering them)
         with _full_weights_on_rank0(model, device) if cfg.fsdp and do_save else nullcontext():
             if done and evaluate is None:
@@ -767,7 +779,8 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
                         "optimizer": None if cfg.fsdp else optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(), "global_step": step, "epoch": epoch,
-                        "micro_step": micro + 1, "best_metric": best_metric, "best_step": best_step,
+                        "micro_step": micro + 1, "best_metric": best_metric, "best_score": best_score,
+                        "best_step": best_step,
                         "extra_state": extra_state, "world_size": world, "num_examples": num_examples,
                         "streams": streams,
                         "param_checksum": _param_checksum(raw), "config": dataclass_to_dict(cfg)}

@@ -17,7 +17,7 @@ from torch import nn
 
 from erniegen.config import config_from_dict, dataclass_to_dict, load_config_yaml
 from erniegen.train import (TrainConfig, epoch_batches, is_main_process, last_checkpoint, lr_factor,
-                            make_optimizer, setup_distributed, train)
+                            make_optimizer, selection_score, setup_distributed, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -188,6 +188,27 @@ def test_warmup_ratio_and_epochs(tmp_path):
 
 class Killed(Exception):
     pass
+
+
+def test_selection_score_rounds_then_breaks_ties_in_key_order():
+    assert selection_score({"bleu4": 1.9e-9, "rougeL": 10.36, "x": 1}, "bleu4,rougeL") == [0.0, 10.36]
+    assert selection_score({"bleu4": 1.9e-9, "rougeL": 12.0}, "bleu4,rougeL") > [0.0, 10.36]
+    assert selection_score({"bleu4": 0.01, "rougeL": 1.0}, "bleu4,rougeL") > [0.0, 10.36]
+    with pytest.raises(ValueError, match=r"\['rougeL'\] not among the evaluate\(\) results \['bleu4'\]"):
+        selection_score({"bleu4": 0.0}, "bleu4,rougeL")
+
+
+def test_best_checkpoint_follows_the_tie_breaking_key(tmp_path):
+    # BLEU-4 falls by 1e-9 (noise at reporting precision) while ROUGE-L rises: step 4 is the best
+    evals = iter([{"bleu4": 2e-9, "rougeL": 10.0}, {"bleu4": 1e-9, "rougeL": 20.0}, {"bleu4": 1e-9, "rougeL": 15.0}])
+    model, out = make_model(), tmp_path / "o"
+    summary = train(model, make_data(), noisy_collate,
+                    cfg_for(out, max_steps=6, eval_every=2, metric_for_best="bleu4,rougeL", greater_is_better=True),
+                    evaluate=lambda: next(evals), save_model=saver(model))
+    assert (summary["best_step"], summary["best_metric"]) == (4, 1e-9)
+    assert json.loads((out / "best" / "eval_results.json").read_text()) == {"step": 4, "bleu4": 1e-9, "rougeL": 20.0}
+    state = torch.load(out / "checkpoint-last" / "trainer_state.pt", weights_only=True)
+    assert state["best_score"] == [0.0, 20.0]
 
 
 def run_resume_case(tmp_path: Path, num_workers: int = 0) -> None:

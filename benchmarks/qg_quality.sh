@@ -9,8 +9,8 @@
 #                                              # (PT_STEPS steps, default 600, with and without the span flow), then
 #                                              # the same ernie-gen fine-tuning from each (and the
 #                                              # baseline without pre-training, unless already trained)
-#   bash benchmarks/qg_quality.sh evaluate [ar|nar [RUN]|pt]  # decode + score into results/ (default: ar
-#                                              # and nar; pt = the pre-training experiment's three runs)
+#   bash benchmarks/qg_quality.sh evaluate [ar|nar [RUN]|pt [LABEL:RUN]]  # decode + score into results/
+#                                              # (default: ar and nar; pt = the pre-training experiment's runs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/squad_qg}
@@ -63,7 +63,7 @@ case "${1:-}" in
       score typical-greedy runs/qg-typical/best typical --num-beams 1
     fi
     if [ "${2:-}" = pt ]; then   # the pre-training experiment: ernie-gen with and without pre-training
-      for run in no-pt:ernie-gen pt-span:pt-span pt-nospan:pt-nospan; do   # label:run folder
+      for run in ${3:-no-pt:ernie-gen pt-span:pt-span pt-nospan:pt-nospan}; do   # label:run folder
         for beams in 5 1; do
           score "ernie-gen-${run%%:*}-$([ $beams = 5 ] && echo beam5 || echo greedy)" "runs/qg-${run##*:}/best" \
             infilling --num-beams $beams

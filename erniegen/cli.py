@@ -136,7 +136,7 @@ def cmd_pretrain(args) -> None:
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
                          method=args.method, word_weight=args.word_weight, noise_rate=args.noise_rate,
                          max_len=args.max_len, text_field=args.text_field, paragraphs=args.paragraphs,
-                         trainer=trainer)
+                         shuffle_window=args.shuffle_window, trainer=trainer)
     summary = pretrain(cfg)
     if is_main_process():
         print(json.dumps(summary, default=str))
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--log-every", type=int, default=10)
     pt.add_argument("--text-field", default="text", help="JSONL field holding a document")
     pt.add_argument("--paragraphs", action="store_true", help="text files: blank-line separated documents")
+    pt.add_argument("--shuffle-window", type=int, default=10_000,
+                    help="shuffle documents within windows of this many, per process (1 = corpus order); "
+                         "memory holds one window of text")
     pt.add_argument("--seed", type=int, default=42)
     pt.set_defaults(func=cmd_pretrain)
 

@@ -77,6 +77,10 @@ class PretrainConfig:
     fragments: FragmentConfig = field(default_factory=FragmentConfig)  # γ = 0.25, U(1,4) 0.4 / U(4,32) 0.6
     text_field: str = "text"
     paragraphs: bool = False           # text files: blank-line separated documents
+    # documents shuffled within windows of this many (per process; 1 = corpus order). Not in the paper,
+    # whose data pipeline is unpublished: corpora are stored source by source, and a model fed one
+    # source at a time drifts between them. Memory holds one window of text.
+    shuffle_window: int = 10_000
     trainer: TrainConfig = field(default_factory=default_trainer)
 
     def resolved_word_weight(self) -> float:
@@ -113,12 +117,13 @@ class PretrainStream:
     """
 
     def __init__(self, spec: CorpusSpec, tokenizer, span_vocab: SpanVocab, batch_size: int, max_len: int,
-                 seed: int, fragments: FragmentConfig | None = None):
+                 seed: int, fragments: FragmentConfig | None = None, shuffle_window: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.spec, self.tokenizer, self.span_vocab = spec, tokenizer, span_vocab
         self.batch_size, self.max_len, self.seed = batch_size, max_len, seed
         self.fragments = fragments or FragmentConfig()
+        self.shuffle_window = shuffle_window
         self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
         self._epoch = 0
         self._position: StreamState | None = None   # None = the start of the pass
@@ -126,10 +131,11 @@ class PretrainStream:
     def batches(self, epoch: int, rank: int, world: int) -> Iterator[list[dict]]:
         start = self._position if epoch == self._epoch else None
         self._epoch, self._position = epoch, start
+        seed = pass_seed(self.seed, epoch)     # each pass: its own document order and fragments
         stream = SequenceStream(self.spec, self.tokenizer, max_len=self.max_len, rank=rank, world_size=world,
-                                state=start)
+                                state=start, shuffle_window=self.shuffle_window, seed=seed)
         batch: list[dict] = []
-        for example in iter_pretrain_examples(stream, self.span_vocab, self.fragments, pass_seed(self.seed, epoch)):
+        for example in iter_pretrain_examples(stream, self.span_vocab, self.fragments, seed):
             batch.append(pretrain_features(example, self.cls_id, self.sep_id))
             if len(batch) == self.batch_size:
                 self._position = stream.state
@@ -224,7 +230,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             extra=model.settings.extra | {"pretrain": {"word_weight": word_weight, "noise_rate": cfg.noise_rate,
                                                        "max_len": cfg.max_len, "method": cfg.method}})
         data = PretrainStream(spec, model.tokenizer, span_vocab, tcfg.batch_size, cfg.max_len, tcfg.seed,
-                              cfg.fragments)
+                              cfg.fragments, cfg.shuffle_window)
         objective = build_objective(model, cfg)
         if rank == 0:
             nominal = tcfg.batch_size * tcfg.grad_accum * world * cfg.max_len

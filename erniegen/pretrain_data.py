@@ -203,9 +203,15 @@ class SequenceStream:
     leaves room for ``[CLS] S' [SEP] T [SEP]``, since S' and T together
     are exactly one sequence.
 
+    With ``shuffle_window`` W > 1, the shard is read W documents at a time
+    and each window is yielded in an order seeded by ``seed`` and the
+    window's first document, so a corpus stored domain by domain (as most
+    are) is not learned domain by domain; memory holds one window of text.
+
     After each yielded sequence, :attr:`state` is the position just past
     it: ``SequenceStream(..., state=saved)`` continues with the next
-    sequence. Resuming skips earlier documents by reading them, untokenized.
+    sequence (the window's order is drawn again, so the state need not hold
+    it). Resuming skips earlier documents by reading them, untokenized.
     """
 
     def __init__(
@@ -219,11 +225,16 @@ class SequenceStream:
         min_len: int = 2,
         batch_size: int = 64,
         state: StreamState | None = None,
+        shuffle_window: int = 1,
+        seed: int = 0,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         if max_len - num_special_tokens < 1:
             raise ValueError(f"max_len={max_len} leaves no room for tokens after {num_special_tokens} special tokens")
+        if shuffle_window < 1:
+            raise ValueError(f"shuffle_window={shuffle_window} must be >= 1 (1 = corpus order)")
+        self.resuming = state is not None and state != StreamState(rank=state.rank, world_size=state.world_size)
         state = state or StreamState(rank=rank, world_size=world_size)
         if (state.rank, state.world_size) != (rank, world_size):
             raise ValueError(
@@ -235,14 +246,49 @@ class SequenceStream:
         self.rank, self.world_size = rank, world_size
         self.min_len = min_len
         self.batch_size = batch_size
+        self.shuffle_window, self.seed = shuffle_window, seed
         self.start = state
         self.state = state
 
+    def _window_order(self, window: list[Document]) -> list[Document]:
+        if self.shuffle_window == 1:
+            return window
+        order = list(window)
+        random.Random(f"{self.seed}:{window[0].index}").shuffle(order)
+        return order
+
+    def _windows(self) -> Iterator[list[Document]]:
+        window: list[Document] = []
+        for doc in iter_documents(self.spec):
+            if doc.index % self.world_size == self.rank:
+                window.append(doc)
+                if len(window) == self.shuffle_window:
+                    yield window
+                    window = []
+        if window:
+            yield window
+
+    def _shard_documents(self) -> Iterator[Document]:
+        """This shard's documents from the start state on, window by window."""
+        waiting = self.resuming   # still before the start document
+        for window in self._windows():
+            if waiting and window[-1].index < self.start.doc_index:
+                continue
+            order = self._window_order(window)
+            if waiting:
+                found = [k for k, d in enumerate(order) if d.index == self.start.doc_index]
+                if not found:
+                    break
+                order, waiting = order[found[0]:], False
+            yield from order
+        if waiting:
+            corpus = self.spec.dataset or ",".join(self.spec.paths)
+            raise ValueError(f"resume state points at document {self.start.doc_index}, which shard {self.rank} of "
+                             f"{self.world_size} of {corpus} does not have: has the corpus changed?")
+
     def _shard_batches(self) -> Iterator[list[Document]]:
         batch: list[Document] = []
-        for doc in iter_documents(self.spec):
-            if doc.index % self.world_size != self.rank or doc.index < self.start.doc_index:
-                continue
+        for doc in self._shard_documents():
             batch.append(doc)
             if len(batch) == self.batch_size:
                 yield batch

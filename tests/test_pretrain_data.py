@@ -163,10 +163,37 @@ def test_shards_are_disjoint_and_cover(corpus_files, minilm_tokenizer):
     assert {k: v for shard in shards for k, v in shard.items()} == full
 
 
-@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)])
-def test_resume_yields_exactly_the_remaining_sequences(corpus_files, minilm_tokenizer, rank, world_size):
+def test_shuffle_window_permutes_each_window_and_keeps_every_sequence(corpus_files, minilm_tokenizer):
     spec = CorpusSpec(paths=(str(corpus_files[1]),))
-    kw = dict(max_len=10, rank=rank, world_size=world_size, batch_size=3)
+    plain = _by_position(SequenceStream(spec, minilm_tokenizer, max_len=16))
+
+    def doc_order(stream: SequenceStream) -> list[int]:
+        order = []
+        for _ in stream:
+            if not order or order[-1] != stream.state.doc_index:
+                order.append(stream.state.doc_index)
+        return order
+    orders = {}
+    for seed in (0, 1):
+        stream = SequenceStream(spec, minilm_tokenizer, max_len=16, shuffle_window=5, seed=seed)
+        assert _by_position(stream) == plain                   # the same sequences, cut the same way
+        orders[seed] = doc_order(stream)
+        # 12 documents in windows of 5: each window is a permutation of its own documents, in window order
+        assert [sorted(orders[seed][a:b]) for a, b in ((0, 5), (5, 10), (10, 12))] == \
+               [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11]]
+        assert orders[seed] != list(range(12))
+    assert orders[0] != orders[1]
+    assert doc_order(SequenceStream(spec, minilm_tokenizer, max_len=16, shuffle_window=5, seed=0)) == orders[0]
+    rank1 = doc_order(SequenceStream(spec, minilm_tokenizer, max_len=16, rank=1, world_size=2, shuffle_window=4))
+    assert [sorted(rank1[:4]), sorted(rank1[4:])] == [[1, 3, 5, 7], [9, 11]]   # windows of the shard's documents
+    with pytest.raises(ValueError, match="shuffle_window=0 must be >= 1"):
+        SequenceStream(spec, minilm_tokenizer, shuffle_window=0)
+
+
+@pytest.mark.parametrize("rank,world_size,window", [(0, 1, 1), (1, 2, 1), (0, 1, 5), (1, 2, 4), (0, 1, 100)])
+def test_resume_yields_exactly_the_remaining_sequences(corpus_files, minilm_tokenizer, rank, world_size, window):
+    spec = CorpusSpec(paths=(str(corpus_files[1]),))
+    kw = dict(max_len=10, rank=rank, world_size=world_size, batch_size=3, shuffle_window=window, seed=3)
     stream = SequenceStream(spec, minilm_tokenizer, **kw)
     full, states = [], []
     for seq in stream:
@@ -182,6 +209,12 @@ def test_resume_state_from_another_shard_is_refused(corpus_files, minilm_tokeniz
     spec = CorpusSpec(paths=(str(corpus_files[1]),))
     with pytest.raises(ValueError, match="rank 0 of 2, not rank 1 of 2"):
         SequenceStream(spec, minilm_tokenizer, rank=1, world_size=2, state=StreamState(3, 1, 0, 2))
+    for window in (1, 5):     # a state past the corpus's end (the corpus changed under the run)
+        with pytest.raises(ValueError, match="document 40, which shard 0 of 1 of .*c.jsonl does not have"):
+            list(SequenceStream(spec, minilm_tokenizer, state=StreamState(40, 1), shuffle_window=window))
+        with pytest.raises(ValueError, match="document 3, which shard 0 of 2 of"):   # 3 belongs to shard 1
+            list(SequenceStream(spec, minilm_tokenizer, rank=0, world_size=2, state=StreamState(3, 1, 0, 2),
+                                shuffle_window=window))
 
 
 def test_resumed_examples_are_identical(corpus_files, minilm_tokenizer):

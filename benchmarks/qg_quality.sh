@@ -42,14 +42,15 @@ case "${1:-}" in
     $EG finetune --model minilm "${COMMON[@]}" --method mist --config runs/static.yaml \
       --output runs/qg-mist-static > runs/qg-mist-static.out 2>&1 ;;
   pretrain)   # one span vocabulary, then λ = 0.5 (the paper's) and λ = 1 (no span flow) side by side,
-              # one single-threaded process each (torchrun is slower than one process on 2 cores: section 2)
+              # one single-threaded process each (torchrun is slower than one process on 2 cores: section 2);
+              # corpus order (--shuffle-window 1), as measured in BENCHMARKS.md, before shuffling existed
     CORPUS=${CORPUS:-../shared/data/corpus/train.jsonl}
     $EG span-vocab --corpus "$CORPUS" --output runs/span_vocab.tsv
     for variant in span:0.5 nospan:1; do
       name=${variant%%:*}
       ( $EG pretrain --model minilm --corpus "$CORPUS" --span-vocab runs/span_vocab.tsv --output "runs/pt-$name" \
           --max-steps "${PT_STEPS:-600}" --word-weight "${variant##*:}" --max-len 256 --batch-size 8 \
-          --grad-accum 1 --warmup-steps 60 > "runs/pt-$name.out" 2>&1
+          --grad-accum 1 --warmup-steps 60 --shuffle-window 1 > "runs/pt-$name.out" 2>&1
         $EG finetune --model "runs/pt-$name/best" "${COMMON[@]}" --method ernie-gen --output "runs/qg-pt-$name" \
           > "runs/qg-pt-$name.out" 2>&1 ) &
     done

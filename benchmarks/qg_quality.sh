@@ -43,7 +43,7 @@ case "${1:-}" in
       --output runs/qg-mist-static > runs/qg-mist-static.out 2>&1 ;;
   pretrain)   # one span vocabulary, then λ = 0.5 (the paper's) and λ = 1 (no span flow) side by side,
               # one single-threaded process each (torchrun is slower than one process on 2 cores: section 2);
-              # corpus order (--shuffle-window 1), as measured in BENCHMARKS.md, before shuffling existed
+              # corpus order (--shuffle-window 1), as in the run BENCHMARKS.md section 4 records
     CORPUS=${CORPUS:-../shared/data/corpus/train.jsonl}
     $EG span-vocab --corpus "$CORPUS" --output runs/span_vocab.tsv
     for variant in span:0.5 nospan:1; do

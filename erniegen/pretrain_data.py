@@ -13,12 +13,14 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from erniegen.data import DataError, parse_json_line
 from erniegen.spans import SpanVocab
+
+T = TypeVar("T")
 
 _TEXT_SUFFIXES = (".txt", ".text")
 _JSONL_SUFFIXES = (".jsonl", ".json")
@@ -192,6 +194,18 @@ def split_evenly(n: int, budget: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Consecutive lists of ``size`` items, the last one shorter (``itertools.batched`` needs 3.12)."""
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 class SequenceStream:
     """Token-id sequences of one shard of a corpus, read lazily and resumable exactly.
 
@@ -258,15 +272,8 @@ class SequenceStream:
         return order
 
     def _windows(self) -> Iterator[list[Document]]:
-        window: list[Document] = []
-        for doc in iter_documents(self.spec):
-            if doc.index % self.world_size == self.rank:
-                window.append(doc)
-                if len(window) == self.shuffle_window:
-                    yield window
-                    window = []
-        if window:
-            yield window
+        shard = (doc for doc in iter_documents(self.spec) if doc.index % self.world_size == self.rank)
+        return _chunks(shard, self.shuffle_window)
 
     def _shard_documents(self) -> Iterator[Document]:
         """This shard's documents from the start state on, window by window."""
@@ -287,14 +294,7 @@ class SequenceStream:
                              f"{self.world_size} of {corpus} does not have: has the corpus changed?")
 
     def _shard_batches(self) -> Iterator[list[Document]]:
-        batch: list[Document] = []
-        for doc in self._shard_documents():
-            batch.append(doc)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        return _chunks(self._shard_documents(), self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         """Yield sequences from the start state; each call starts over from it."""

@@ -123,6 +123,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     resume_from = last_checkpoint(cfg.output) if tcfg.resume else None
     if tcfg.resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output}")
+    torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
     model = Transformer.from_pretrained(resume_from or cfg.model)
     preset = resolve_preset(cfg, model.config.max_position_embeddings - model.config.position_offset)
     resolve_attention_dropout(model, cfg.attention_dropout)

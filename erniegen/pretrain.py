@@ -219,6 +219,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
             # checked here too, before a span vocabulary build could overwrite that run's file
             raise ValueError(f"output_dir {cfg.output} already holds a checkpoint; pass --resume to continue "
                              "that run, or choose another output directory")
+        torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
         model = Transformer.from_pretrained(resume_from or cfg.model)
         positions = model.config.max_position_embeddings - model.config.position_offset
         if cfg.max_len > positions:

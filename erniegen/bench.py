@@ -43,6 +43,8 @@ def _summary(batch_ms: list[float], batch_size: int, n_samples: int, n_tokens: i
 
 def _batches(items: Sequence, size: int) -> list[Sequence]:
     """Full batches only, so every timing is of the same batch size."""
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
     return [items[i:i + size] for i in range(0, len(items) - size + 1, size)]
 
 

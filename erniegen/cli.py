@@ -3,8 +3,59 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: finite, and within ``low``/``high`` (open ends excluded)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return "a finite number"
+
+    def __contains__(self, value: float) -> bool:
+        return (math.isfinite(value)
+                and (self.low is None or (value > self.low if self.low_open else value >= self.low))
+                and (self.high is None or (value < self.high if self.high_open else value <= self.high)))
+
+
+AT_LEAST_1, AT_LEAST_0, FRACTION = Range(1), Range(0), Range(0, 1)
+# Every numeric option of every command, by argparse dest; one name means one thing in every command.
+OPTION_RANGES: dict[str, Range] = {
+    "batch_size": AT_LEAST_1, "num_beams": AT_LEAST_1, "max_length": AT_LEAST_1, "min_length": AT_LEAST_0,
+    "length_penalty": Range(), "no_repeat_ngram_size": AT_LEAST_0, "iterations": AT_LEAST_1,
+    "length_beam": AT_LEAST_1, "num_samples": AT_LEAST_1, "fixed_length": AT_LEAST_1,
+    "epochs": AT_LEAST_1, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": Range(0, low_open=True),
+    "warmup_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "noise_rate": FRACTION, "word_weight": FRACTION,
+    "attention_dropout": Range(0, 1, high_open=True), "max_source_len": Range(3), "max_target_len": Range(2),
+    "max_len": Range(4), "eval_every": AT_LEAST_1, "eval_samples": AT_LEAST_1, "save_every": AT_LEAST_1,
+    "log_every": AT_LEAST_1, "max_train_examples": AT_LEAST_1, "shuffle_window": AT_LEAST_1,
+    "seed": Range(0, 2**32, high_open=True), "smooth": AT_LEAST_1,
+    "top_bigrams": AT_LEAST_0, "top_trigrams": AT_LEAST_0, "max_items_in_memory": AT_LEAST_0,
+    "min_count": AT_LEAST_1,
+}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse a numeric option out of range before any work, naming the option as it was typed."""
+    for dest, value in vars(args).items():
+        if dest in OPTION_RANGES and value is not None and value not in OPTION_RANGES[dest]:
+            raise ValueError(f"--{dest.replace('_', '-')} must be {OPTION_RANGES[dest]}, got {value}")
+    low, high = getattr(args, "min_length", None), getattr(args, "max_length", None)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"--min-length {low} exceeds --max-length {high}")
 
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
@@ -27,14 +78,6 @@ def _decode_options(args) -> dict:
     keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "iterations",
             "length_beam", "dedup")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-
-def _atomic_write_lines(path: str, lines) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def cmd_finetune(args) -> None:
@@ -64,15 +107,35 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    """Check output, input and resume state first; then decode, saving every batch to OUTPUT.partial."""
     from .data import read_examples
+    from .decoding import iter_generate_text
+    from .model import resolve_model_path
+    from .outputs import PartialPredictions, check_output_path, file_stamps, output_format
     from . import load
-    model = load(args.model)
+    fmt = output_format(args.output)
+    check_output_path(args.output, [args.input])
     examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
-    preds = model.generate([e.source for e in examples], decoder=args.decoder, batch_size=args.batch_size,
-                           progress=True, **_decode_options(args))
-    _atomic_write_lines(args.output, (json.dumps(e.row | {"prediction": p}, ensure_ascii=False)
-                                      for e, p in zip(examples, preds)))
-    print(f"wrote {len(preds)} predictions to {args.output}", file=sys.stderr)
+    model_dir = resolve_model_path(args.model).resolve()
+    # what fixes the predictions: a resume with anything else would mix two runs in one file
+    settings = {"input": file_stamps([args.input]), "rows": len(examples), "source_field": args.source_field,
+                "model": str(model_dir), "model_files": file_stamps(sorted(model_dir.iterdir())),
+                "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args)}
+    partial = PartialPredictions(args.output, settings, len(examples))
+    done = partial.start(args.resume)
+    if done:
+        print(f"resuming {partial.path}: {len(done)} of {len(examples)} rows already decoded", file=sys.stderr)
+    model = load(str(model_dir))
+    partial.open()
+    for rows, preds in iter_generate_text(model, [e.source for e in examples], args.decoder, args.batch_size,
+                                          progress=True, skip=done, **_decode_options(args)):
+        partial.append(rows, preds)
+    partial.finish(args.output, fmt, examples)
+    print(f"wrote {len(examples)} predictions to {args.output}", file=sys.stderr)
+    unscorable = sum(e.target is None for e in examples)
+    if unscorable:
+        print(f"note: {unscorable} of {len(examples)} rows have no '{args.target_field}' field, so "
+              f"`erniegen evaluate` cannot score {args.output}", file=sys.stderr)
 
 
 def cmd_evaluate(args) -> None:
@@ -120,7 +183,9 @@ def cmd_bench(args) -> None:
 
 
 def cmd_span_vocab(args) -> None:
+    from .outputs import check_output_path
     from .spans import span_vocab_main
+    check_output_path(args.output, args.corpus.split(","))
     span_vocab_main(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
 
 
@@ -190,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True)
     g.add_argument("--source-field", default="source")
     g.add_argument("--target-field", default="target")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.partial (same model, input and options)")
     _add_decoding(g)
     g.set_defaults(func=cmd_generate)
 
@@ -268,10 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from .data import DataError
     try:
+        check_options(args)
         args.func(args)
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DataError is a ValueError
         print(f"erniegen {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 

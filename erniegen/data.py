@@ -59,7 +59,7 @@ def read_examples(
     (known suffix, or starts with ``/``, ``./``, ``../`` or ``~``); otherwise it
     is a Hugging Face dataset name, optionally ``name:config``, whose ``split``
     is loaded. With ``require_target=False`` a missing or blank target becomes
-    ``None`` (inference input).
+    ``None`` (inference input). A source without rows is an error.
     """
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
@@ -68,7 +68,10 @@ def read_examples(
         raise DataError(spec, "file not found")
     else:
         rows = _read_dataset_rows(spec, split)
-    return [_to_example(row, file, line, source_field, target_field, require_target) for row, file, line in rows]
+    examples = [_to_example(row, file, line, source_field, target_field, require_target) for row, file, line in rows]
+    if not examples:  # nothing to train on, generate from or score: never a silent empty result
+        raise DataError(spec if os.path.isfile(path) else f"{spec}[{split}]", "holds no rows")
+    return examples
 
 
 def _looks_like_path(spec: str) -> bool:

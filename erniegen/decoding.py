@@ -11,7 +11,8 @@ values to the cache and drops the placeholder's.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +38,16 @@ class DecodeOptions:
     dedup: bool = False
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.max_length < 1 or self.min_length > self.max_length:
-            raise ValueError(f"need 1 <= min_length <= max_length, got {self.min_length} and {self.max_length}")
+        for name in ("num_beams", "iterations", "length_beam"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 1 or not 0 <= self.min_length <= self.max_length:
+            raise ValueError(f"need 0 <= min_length <= max_length and max_length >= 1, got {self.min_length} and "
+                             f"{self.max_length}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 
 
 class KVCache:
@@ -286,11 +293,18 @@ def default_banned_ids(model: Transformer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_ids(model: Transformer, sources: Sequence[Sequence[int]], decoder: str | Decoder = "infilling",
-                 batch_size: int = 32, opts: DecodeOptions | None = None,
-                 progress: bool = False) -> list[list[int]]:
-    """Decode token-id sources in length-sorted batches; results come back in input order."""
+def decode_batches(model: Transformer, sources: Sequence[Sequence[int]], decoder: str | Decoder = "infilling",
+                   batch_size: int = 32, opts: DecodeOptions | None = None, progress: bool = False,
+                   skip: Collection[int] = ()) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Decode token-id sources in length-sorted batches, yielding (input rows, ids) as each batch ends.
+
+    The batches depend only on the source lengths and ``batch_size``; a batch whose rows are all in
+    ``skip`` (finished by an interrupted run) is left out, so every other batch is decoded exactly as
+    in an uninterrupted run.
+    """
     from .batch import pad
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if isinstance(decoder, str):
         if decoder not in DECODERS:
             from . import mist  # noqa: F401  (registers nar, mist-iter, mask-predict on import)
@@ -302,15 +316,24 @@ def generate_ids(model: Transformer, sources: Sequence[Sequence[int]], decoder: 
         opts.banned_ids = default_banned_ids(model)
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
-    out: list[list[int]] = [[] for _ in sources]
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [c for c in chunks if not all(i in skip for i in c)]
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"generate ({decoder.name})", unit="batch")
     for chunk in chunks:
         src, src_len = pad([sources[i] for i in chunk], model.config.pad_token_id)
-        for i, ids in zip(chunk, decoder(model, src.to(model.device), src_len.to(model.device), opts)):
-            out[i] = ids
+        yield chunk, decoder(model, src.to(model.device), src_len.to(model.device), opts)
+
+
+def generate_ids(model: Transformer, sources: Sequence[Sequence[int]], decoder: str | Decoder = "infilling",
+                 batch_size: int = 32, opts: DecodeOptions | None = None,
+                 progress: bool = False) -> list[list[int]]:
+    """Decode token-id sources in length-sorted batches; results come back in input order."""
+    out: list[list[int]] = [[] for _ in sources]
+    for rows, ids in decode_batches(model, sources, decoder, batch_size, opts, progress):
+        for i, x in zip(rows, ids):
+            out[i] = x
     return out
 
 
@@ -339,11 +362,23 @@ def encode_sources(model: Transformer, sources: Sequence[str]) -> list[list[int]
     return [f.source_ids for f in feats]
 
 
+def iter_generate_text(model: Transformer, sources: Sequence[str], decoder: str | None = None,
+                       batch_size: int = 32, progress: bool = False, skip: Collection[int] = (),
+                       **options) -> Iterator[tuple[list[int], list[str]]]:
+    """(input rows, strings) batch by batch (see :func:`decode_batches`), for writers that save as they go."""
+    decoder = decoder or METHOD_DECODERS.get(model.settings.method, "infilling")
+    opts = options_from_settings(model, **options)
+    for rows, ids in decode_batches(model, encode_sources(model, sources), decoder, batch_size, opts, progress,
+                                    skip):
+        yield rows, [model.tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
+                     for x in ids]
+
+
 def generate_text(model: Transformer, sources: Sequence[str], decoder: str | None = None, batch_size: int = 32,
                   progress: bool = False, **options) -> list[str]:
     """Strings in, strings out; the decoder defaults to the one matching the training method."""
-    decoder = decoder or METHOD_DECODERS.get(model.settings.method, "infilling")
-    ids = generate_ids(model, encode_sources(model, sources), decoder, batch_size,
-                       options_from_settings(model, **options), progress)
-    return [model.tokenizer.decode(x, skip_special_tokens=True, clean_up_tokenization_spaces=True).strip()
-            for x in ids]
+    out = [""] * len(sources)
+    for rows, texts in iter_generate_text(model, sources, decoder, batch_size, progress, **options):
+        for i, text in zip(rows, texts):
+            out[i] = text
+    return out

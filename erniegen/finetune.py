@@ -18,7 +18,7 @@ from .decoding import DecodeOptions, default_banned_ids, generate_ids, METHOD_DE
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
 from .metrics import compute_metrics, qg_scores
 from .model import DEFAULT_MODEL, Transformer
-from .train import TrainConfig, is_main_process, last_checkpoint, train
+from .train import TrainConfig, check_config, check_output_dir, is_main_process, train
 
 
 @dataclass
@@ -120,9 +120,8 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 
 def finetune(cfg: FinetuneConfig) -> dict:
     tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output)
-    resume_from = last_checkpoint(cfg.output) if tcfg.resume else None
-    if tcfg.resume and resume_from is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output}")
+    check_config(tcfg, has_evaluate=False)  # before the model loads and the data is tokenized
+    resume_from = check_output_dir(cfg.output, tcfg.resume)
     torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
     model = Transformer.from_pretrained(resume_from or cfg.model)
     preset = resolve_preset(cfg, model.config.max_position_embeddings - model.config.position_offset)

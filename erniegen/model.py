@@ -290,23 +290,23 @@ class Transformer(nn.Module):
                         **settings_overrides) -> "Transformer":
         """Load a BERT-family checkpoint (local folder, alias or Hub name) or an erniegen one."""
         path = resolve_model_path(name_or_path)
-        with open(path / "config.json", encoding="utf-8") as f:
-            raw = json.load(f)
-        cfg = ModelConfig.from_dict(raw)
+        cfg = ModelConfig.from_dict(_read_json_object(path / "config.json"))
         if cfg.model_type not in _PREFIXES:
             raise ValueError(f"{path / 'config.json'}: model_type {cfg.model_type!r} is not a supported "
                              f"BERT-family layout ({', '.join(sorted(_PREFIXES))})")
         settings = GenerationSettings()
         if (path / SETTINGS_FILE).exists():
-            with open(path / SETTINGS_FILE, encoding="utf-8") as f:
-                settings = GenerationSettings(**json.load(f))
+            try:
+                settings = GenerationSettings(**_read_json_object(path / SETTINGS_FILE))
+            except TypeError as e:  # an unknown key
+                raise ValueError(f"{path / SETTINGS_FILE}: {e}") from None
         for k, v in settings_overrides.items():
             setattr(settings, k, v)
+        # before the weights: a folder that cannot generate should fail fast, not after a long load
+        tokenizer = _load_tokenizer(path) if load_tokenizer else None
         model = cls(cfg, settings)
         model.load_hf_state_dict(_read_weights(path), source=str(path))
-        if load_tokenizer:
-            from transformers import AutoTokenizer
-            model.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model.tokenizer = tokenizer
         model.name_or_path = str(name_or_path)
         return model
 
@@ -427,13 +427,50 @@ def _from_hf(name: str, ours_by_hf: dict[str, str]) -> str | None:
     return ours_by_hf.get(re.sub(r"^(bert|roberta|ernie)\.", "", name))
 
 
+def _read_json_object(file: Path) -> dict:
+    """A JSON object from ``file``; a damaged file is named in the error."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a folder; a truncated or damaged weights file is named in the error."""
     if (path / "model.safetensors").exists():
         from safetensors.torch import load_file
-        return load_file(str(path / "model.safetensors"))
-    if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+        file, load = path / "model.safetensors", lambda f: load_file(str(f))
+    elif (path / "pytorch_model.bin").exists():
+        file, load = path / "pytorch_model.bin", lambda f: torch.load(f, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+    try:
+        return load(file)
+    except Exception as e:  # safetensors, zip and unpickling errors all mean the same to the user
+        reason = str(e).split("\n")[0].split(". ")[0]  # the first sentence
+        raise ValueError(f"{file}: cannot be read, the file is damaged or truncated ({type(e).__name__}: "
+                         f"{reason})") from None
+
+
+# Any one of these holds a vocabulary; without one, transformers falls back to a near-empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "*.model")
+
+
+def _load_tokenizer(path: Path):
+    """The folder's own tokenizer: a model folder without one is an error, never a fallback."""
+    if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise ValueError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+                         "of the checkpoint this model was trained from into the folder")
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a bad tokenizer file
+        reason = str(e).split("\n")[0].split(". ")[0]  # the first sentence
+        raise ValueError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {reason})") from None
 
 
 def resolve_model_path(name_or_path: str) -> Path:

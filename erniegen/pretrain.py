@@ -42,8 +42,9 @@ from .pretrain_data import (
 from .spans import SpanVocab, build_span_vocab, punctuation_ids
 from .train import (
     TrainConfig,
+    check_config,
+    check_output_dir,
     is_main_process,
-    last_checkpoint,
     setup_distributed,
     train,
 )
@@ -208,18 +209,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     """
     word_weight = cfg.resolved_word_weight()
     tcfg = fit_warmup(dataclasses.replace(cfg.trainer, output_dir=cfg.output))
+    check_config(tcfg, has_evaluate=False)  # before the span vocabulary build and the model load
     if cfg.max_len < 4:
         raise ValueError(f"max_len={cfg.max_len} leaves no room for [CLS] S' [SEP] T [SEP]")
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, _ = setup_distributed()     # the span-vocabulary build needs the group's barrier
     try:
-        resume_from = last_checkpoint(cfg.output) if tcfg.resume else None
-        if tcfg.resume and resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.output}")
-        if not tcfg.resume and (last_checkpoint(cfg.output) or (Path(cfg.output) / "best").exists()):
-            # checked here too, before a span vocabulary build could overwrite that run's file
-            raise ValueError(f"output_dir {cfg.output} already holds a checkpoint; pass --resume to continue "
-                             "that run, or choose another output directory")
+        # checked here too, before a span vocabulary build could overwrite another run's file
+        resume_from = check_output_dir(cfg.output, tcfg.resume)
         torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
         model = Transformer.from_pretrained(resume_from or cfg.model)
         positions = model.config.max_position_embeddings - model.config.position_offset

@@ -133,8 +133,8 @@ def _barrier(world: int) -> None:
 # ---- configuration, optimizer, schedule, data order ------------------------------------------------
 
 
-def _check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
-    """Reject settings that cannot work before any model or data is touched."""
+def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
+    """Reject settings that cannot work; recipes call it before any model or data is touched."""
     positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "log_every": cfg.log_every}
     if cfg.max_steps is None:
         positive["epochs"] = cfg.epochs
@@ -144,8 +144,10 @@ def _check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
-    if not cfg.lr > 0:
+    if not 0 < cfg.lr < math.inf:
         raise ValueError(f"lr={cfg.lr} must be > 0")
+    if not 0 <= cfg.seed < 2**32:   # numpy's seed range
+        raise ValueError(f"seed={cfg.seed} must be in [0, 2**32)")
     for name in ("weight_decay", "clip_norm", "num_workers"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name}={getattr(cfg, name)} must be >= 0")
@@ -416,6 +418,43 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def check_output_dir(output_dir: str | os.PathLike, resume: bool) -> str | None:
+    """Whether ``output_dir`` can take this run, decided before any model or data is loaded.
+
+    Returns the checkpoint to resume from (None for a fresh run). A fresh run needs a folder free of
+    other runs: a checkpoint is refused (resume it instead), and so are the leftovers of a run killed
+    before its first save (a log, half-written checkpoints): that run cannot be resumed, and the new
+    run would append its log to the old one. The folder is created and must take files.
+    """
+    out = Path(output_dir)
+    ckpt = last_checkpoint(out)
+    if resume and ckpt is None:
+        raise ValueError(f"resume: {out} holds no {CHECKPOINT_LAST}/{TRAINER_STATE} to resume from")
+    if not resume:
+        if ckpt is not None or (out / BEST).exists():
+            raise ValueError(f"output_dir {out} already holds a checkpoint; pass --resume (resume=True) to "
+                             "continue that run, or choose another output directory")
+        leftovers = sorted(p.name for p in [out / LOG_FILE, out / CHECKPOINT_LAST, *out.glob(CHECKPOINT_LAST + ".*"),
+                                            *out.glob(BEST + ".*")] if p.exists())
+        if leftovers:
+            raise ValueError(f"output_dir {out} holds {', '.join(leftovers)} of an earlier run that saved no "
+                             "checkpoint, so there is nothing to resume, and a new run would mix its log with "
+                             "that run's: delete them or choose another output directory")
+    from .outputs import ensure_writable_dir
+    ensure_writable_dir(out, "output_dir")
+    return ckpt
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> Any:
+    """``torch.load`` of a checkpoint file (tensors and plain values only), naming it when it is damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file: zip, unpickling or EOF errors
+        reason = str(e).split("\n")[0].split(". ")[0]  # the first sentence
+        raise ValueError(f"{path}: cannot be read, the checkpoint is damaged or incomplete ({type(e).__name__}: "
+                         f"{reason})") from None
+
+
 def _recover_interrupted_saves(output_dir: Path) -> None:
     """Delete half-written ``*.tmp-*`` folders; put back a checkpoint moved aside by a killed swap."""
     for name in (CHECKPOINT_LAST, BEST):
@@ -519,7 +558,7 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
     :func:`last_checkpoint`. Under torchrun the process group is created (and destroyed) here unless
     the caller already created it. Returns a summary (rank 0 holds the best metric).
     """
-    _check_config(cfg, evaluate is not None)
+    check_config(cfg, evaluate is not None)
     _check_data_and_sharding(cfg, train_data, lengths, evaluate is not None)
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed()
@@ -571,17 +610,13 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
     if warmup > total_steps:
         raise ValueError(f"warmup_steps={warmup} exceeds the {total_steps} optimizer steps of the run")
 
-    # -- output directory: repair interrupted saves, then refuse to mix runs
+    # -- output directory: refuse to mix runs, then repair interrupted saves
+    check_output_dir(out_dir, cfg.resume)
+    _barrier(world)
     if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         _recover_interrupted_saves(out_dir)
     _barrier(world)
     ckpt = last_checkpoint(out_dir)
-    if cfg.resume and ckpt is None:
-        raise ValueError(f"resume=True but {out_dir} holds no {CHECKPOINT_LAST}/{TRAINER_STATE} to resume from")
-    if not cfg.resume and (ckpt is not None or (out_dir / BEST).exists()):
-        raise ValueError(f"output_dir {out_dir} already holds a checkpoint; pass --resume (resume=True) to "
-                         "continue that run, or choose another output directory")
 
     # -- model, optimizer, schedule
     torch.manual_seed(cfg.seed + rank)
@@ -609,7 +644,7 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
     sums: dict[str, torch.Tensor] = {}   # per-key sums of the current log window (rank-local)
     counts: dict[str, int] = {}
     if cfg.resume:
-        state = torch.load(Path(ckpt) / TRAINER_STATE, map_location="cpu", weights_only=True)
+        state = load_checkpoint_file(Path(ckpt) / TRAINER_STATE)
         saved = state["config"] | {"world_size": state["world_size"], "num_examples": state["num_examples"]}
         now = {k: getattr(cfg, k) for k in _ORDER_KEYS} | {"world_size": world, "num_examples": num_examples}
         changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
@@ -618,8 +653,7 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
         if cfg.fsdp != (state["optimizer"] is None):
             raise ValueError(f"cannot resume {ckpt}: it was saved with fsdp={not cfg.fsdp}, now fsdp={cfg.fsdp}")
         if cfg.fsdp:                   # each rank restores its own optimizer shard
-            optimizer.load_state_dict(torch.load(Path(ckpt) / f"optimizer_{rank}.pt", map_location="cpu",
-                                                 weights_only=True))
+            optimizer.load_state_dict(load_checkpoint_file(Path(ckpt) / f"optimizer_{rank}.pt"))
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -635,7 +669,7 @@ def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, c
         if extra_state is not None:
             extra_state.clear()
             extra_state.update(state["extra_state"] or {})
-        rank_state = torch.load(Path(ckpt) / f"rng_state_{rank}.pt", map_location="cpu", weights_only=True)
+        rank_state = load_checkpoint_file(Path(ckpt) / f"rng_state_{rank}.pt")
         _set_rng_state(rank_state["rng"], device)
         sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in rank_state["log_sums"].items()}
         counts = dict(rank_state["log_counts"])

@@ -32,6 +32,9 @@ class ErnieGenConfig:
     noise_rate: float = 0.7  # ρ_f: SQuAD QG / CNN-DM 0.7, Gigaword 0.5, dialogue 0.0
     word_weight: float = 1.0  # λ: 1.0 for fine-tuning, 0.5 for pre-training (span flow on)
     label_smoothing: float = 0.1
+    # Fraction of the run over which ρ rises linearly from 0 to noise_rate (0: ρ_f from the first step).
+    # Not in the paper, whose models start from checkpoints that already predict well.
+    noise_ramp: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in ("ernie-gen", "typical"):
@@ -40,6 +43,8 @@ class ErnieGenConfig:
             raise ValueError(f"noise_rate must be in [0, 1), got {self.noise_rate}")
         if not 0.0 <= self.word_weight <= 1.0:
             raise ValueError(f"word_weight (λ) must be in [0, 1], got {self.word_weight}")
+        if not 0.0 <= self.noise_ramp <= 1.0:
+            raise ValueError(f"noise_ramp must be in [0, 1], got {self.noise_ramp}")
         if self.method == "typical" and self.word_weight != 1.0:
             raise ValueError("the typical baseline has no span flow: word_weight must be 1.0")
 
@@ -55,6 +60,15 @@ def noise_ids(ids: torch.Tensor, valid: torch.Tensor, rate: float, replacements:
     hit = (torch.rand(ids.shape, generator=generator, device=ids.device) < rate) & valid
     pick = torch.randint(len(replacements), ids.shape, generator=generator, device=ids.device)
     return torch.where(hit, replacements.to(ids.device)[pick], ids)
+
+
+def noise_at(rate: float, ramp: float, step: int, total_steps: int) -> float:
+    """ρ at optimizer step ``step`` (0-based): ``rate`` from step ``ramp * total_steps`` on, rising
+    linearly from 0 before it (step 0 trains without noise)."""
+    ramp_steps = ramp * total_steps
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return rate
+    return rate * step / ramp_steps
 
 
 def replacement_vocab(tokenizer, vocab_size: int, reserved: list[int]) -> torch.Tensor:
@@ -112,12 +126,17 @@ class ErnieGenObjective(nn.Module):
         self.cfg = cfg
         self.attn_id = attn_id
         self.register_buffer("replacements", replacements, persistent=False)
+        self.current_noise = cfg.noise_rate if cfg.noise_ramp == 0 else 0.0
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Called by the training loop before each step: ρ of the noise ramp at ``step`` (0-based)."""
+        self.current_noise = noise_at(self.cfg.noise_rate, self.cfg.noise_ramp, step, total_steps)
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor,
                 tgt_len: torch.Tensor, span_start: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         lt = tgt_ids.shape[1]
         valid = torch.arange(lt, device=tgt_ids.device)[None, :] < tgt_len[:, None]
-        rate = self.cfg.noise_rate if self.training else 0.0
+        rate = self.current_noise if self.training else 0.0
         tgt_in = noise_ids(tgt_ids, valid, rate, self.replacements)
         hidden, kv, roles = encode_context(self.model, src_ids, src_len, tgt_in, tgt_len)
         n_tokens = int(src_len.sum() + tgt_len.sum())

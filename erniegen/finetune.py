@@ -16,6 +16,7 @@ from .batch import collate_pairs
 from .data import TaskPreset, encode_examples, get_task, read_examples
 from .decoding import DecodeOptions, default_banned_ids, generate_ids, METHOD_DECODERS
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
+from .head_warmup import HEAD_WARMUP_STEPS, init_attn_embedding, warm_up_head
 from .metrics import compute_metrics, qg_scores
 from .model import DEFAULT_MODEL, Transformer
 from .train import TrainConfig, check_config, check_output_dir, is_main_process, train
@@ -32,6 +33,8 @@ class FinetuneConfig:
     task: str = "squad_qg"
     method: str = "ernie-gen"  # ernie-gen | typical | nat | mist
     noise_rate: float | None = None
+    noise_ramp: float = 0.0  # fraction of the run over which ρ rises from 0 to noise_rate (ERNIE-GEN methods)
+    head_warmup_steps: int | None = None  # masked-LM steps for a missing head; None: HEAD_WARMUP_STEPS if missing
     max_source_len: int | None = None
     max_target_len: int | None = None
     source_field: str | None = None
@@ -45,11 +48,11 @@ class FinetuneConfig:
 
 
 def build_objective(method: str, model: Transformer, preset: TaskPreset, noise_rate: float,
-                    options: dict) -> torch.nn.Module:
+                    options: dict, noise_ramp: float = 0.0) -> torch.nn.Module:
     """The training objective of one method (a module whose forward returns named losses)."""
     if method in ("ernie-gen", "typical"):
         cfg = ErnieGenConfig(method=method, noise_rate=noise_rate, label_smoothing=preset.label_smoothing,
-                             **options)
+                             noise_ramp=noise_ramp, **options)
         repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
         return ErnieGenObjective(model, cfg, model.attn_id, repl)
     if method in ("nat", "mist"):
@@ -82,9 +85,26 @@ def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = Non
     return examples, feats
 
 
+def dev_loss(objective: torch.nn.Module, feats, collate: Callable[[list], dict], batch_size: int = 32) -> float:
+    """Teacher-forced dev loss, example-weighted: the objective in eval mode, so without target noise
+    or dropout (label smoothing as in training). The caller keeps the training RNG apart."""
+    was_training = objective.training
+    objective.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(feats), batch_size):
+            chunk = feats[i:i + batch_size]
+            total += float(objective(**collate(chunk))["loss"]) * len(chunk)
+            count += len(chunk)
+    objective.train(was_training)
+    return total / max(count, 1)
+
+
 def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decoder: str,
-                  opts: DecodeOptions) -> Callable[[], dict[str, float]]:
-    """Decode the dev set and score it with the task's metric (used to pick the best checkpoint)."""
+                  opts: DecodeOptions, objective: torch.nn.Module | None = None,
+                  collate: Callable[[list], dict] | None = None) -> Callable[[], dict[str, float]]:
+    """Decode the dev set and score it with the task's metric (used to pick the best checkpoint);
+    with ``objective`` and ``collate``, also the clean teacher-forced dev loss (``dev_loss``)."""
 
     def evaluate() -> dict[str, float]:
         was_training = model.training
@@ -93,10 +113,29 @@ def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decod
         preds = [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         refs, srcs = [e.target for e in examples], [e.source for e in examples]
         if preset.metric == "qg":  # METEOR's Java start-up is not worth paying at every evaluation
-            return qg_scores(preds, refs, srcs, meteor=False)
-        return compute_metrics(preset.metric, preds, refs, srcs)
+            scores = qg_scores(preds, refs, srcs, meteor=False)
+        else:
+            scores = compute_metrics(preset.metric, preds, refs, srcs)
+        if objective is not None and collate is not None:
+            scores["dev_loss"] = dev_loss(objective, feats, collate)
+        return scores
 
     return evaluate
+
+
+def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, train_feats, seed: int) -> None:
+    """[ATTN] from [MASK] for a checkpoint erniegen never trained; a masked-LM warm-up of a missing head
+    over the training sources and targets (see head_warmup.py)."""
+    if model.trained_by_erniegen:
+        return
+    if init_attn_embedding(model) and is_main_process():
+        print(f"note: [ATTN] ({model.settings.attn_token}) starts as a copy of the [MASK] embedding", file=sys.stderr)
+    steps = cfg.head_warmup_steps
+    if steps is None:
+        steps = HEAD_WARMUP_STEPS if model.head_was_missing else 0
+    texts = [f.source_ids for f in train_feats] + [[model.tokenizer.cls_token_id, *f.target_ids] for f in train_feats]
+    # every process warms up identically (same seed, same texts), so DDP starts from equal weights
+    warm_up_head(model, texts, steps, seed=seed, progress=is_main_process())
 
 
 def resolve_attention_dropout(model: Transformer, requested: float | None) -> None:
@@ -140,7 +179,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.method == "mist":
         from .mist import add_static_pseudo_targets
         train_feats = add_static_pseudo_targets(train_feats, cfg.method_options)
-    objective = build_objective(cfg.method, model, preset, noise, cfg.method_options)
+    if not tcfg.resume:
+        prepare_untrained_checkpoint(model, cfg, train_feats, tcfg.seed)
+    objective = build_objective(cfg.method, model, preset, noise, cfg.method_options, cfg.noise_ramp)
+    pad_id = model.config.pad_token_id
+    collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
     evaluate = None
     if cfg.dev:
         dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples)
@@ -149,11 +192,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
                              min_length=max(preset.min_decode_len, 1), length_penalty=preset.length_penalty,
                              no_repeat_ngram_size=preset.no_repeat_ngram_size,
                              banned_ids=default_banned_ids(model))
-        evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, decoder, opts)
+        evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, decoder, opts, objective, collate)
         # at a small budget BLEU-4 is ~1e-9 everywhere: ROUGE-L then breaks the tie (train.selection_score)
         tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4,rougeL" if preset.metric == "qg" else "rougeL",
                                    greater_is_better=True)
-    pad_id = model.config.pad_token_id
     lengths = [len(f.source_ids) + len(f.target_ids) for f in train_feats]
-    return train(objective, train_feats, lambda items: collate_pairs(items, pad_id), tcfg,
+    return train(objective, train_feats, collate, tcfg,
                  evaluate=evaluate, save_model=model.save_pretrained, lengths=lengths)

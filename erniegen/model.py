@@ -146,10 +146,33 @@ class Attention(nn.Module):
             keys, values = past.extend(k, v)
         else:
             keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        if _use_math_attention(q, keys):
+            out = _math_attention(q, keys, values, mask[:, None], dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], dropout_p=dropout)
         b, _, t, _ = out.shape
         return self.out(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+# Largest query x key count per head for which training on CPU uses the explicit product below.
+MATH_ATTENTION_MAX_SCORES = 320 * 320
+
+
+def _use_math_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """On CPU, PyTorch's flash-attention backward is slow at short lengths: at 32 x 100 tokens it took
+    a third of an ERNIE-GEN step (BENCHMARKS.md section 1, "training speed"). Plain matrix products
+    are faster there, and their memory, B*h*Q*K scores, is small. Inference keeps the fused kernel."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
+            and q.shape[2] * keys.shape[2] <= MATH_ATTENTION_MAX_SCORES)
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    dropout: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), masked) v: what the fused kernel computes (same mask convention)."""
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return F.dropout(probs, dropout, training=dropout > 0).to(v.dtype) @ v
 
 
 class Layer(nn.Module):
@@ -199,6 +222,8 @@ class Transformer(nn.Module):
         self.head = LMHead(cfg, self.embeddings.word)
         self.extras = nn.ModuleDict()  # method-specific heads (e.g. MIST's length classifier)
         self.tokenizer = None  # set by from_pretrained; kept off the state dict
+        self.head_was_missing = False  # the loaded checkpoint had no masked-LM head (see head_warmup.py)
+        self.trained_by_erniegen = False  # the loaded checkpoint carries erniegen settings (a trained [ATTN])
         self._pending_extras: dict[str, torch.Tensor] = {}
         self.apply(self._init_weights)
 
@@ -308,6 +333,7 @@ class Transformer(nn.Module):
         model.load_hf_state_dict(_read_weights(path), source=str(path))
         model.tokenizer = tokenizer
         model.name_or_path = str(name_or_path)
+        model.trained_by_erniegen = (path / SETTINGS_FILE).exists()
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -375,6 +401,7 @@ class Transformer(nn.Module):
             # Sentence encoders (e.g. all-MiniLM-L6-v2) ship without a masked-LM head: keep the
             # fresh transform initialised above; its output layer is the tied word embeddings.
             warnings.warn(f"{source}: no masked-LM head in checkpoint; created one tied to the word embeddings")
+        self.head_was_missing = bool(head_missing)
         self.load_state_dict(ours, strict=False)
 
 

@@ -1,0 +1,135 @@
+"""Preparing a checkpoint that was never trained to generate: the [ATTN] row and a missing LM head.
+
+Sentence encoders such as all-MiniLM-L6-v2 ship without a masked-LM head, so fine-tuning starts
+from a random transform (dense + LayerNorm) in front of the tied output layer, and ERNIE-GEN's
+[ATTN] placeholder is an ``[unused0]`` row that no pre-training ever touched. Both make the first
+hundreds of fine-tuning steps spend themselves on learning what "predict the token here" means.
+
+Two cheap fixes, applied by the fine-tuning recipe before training:
+
+* :func:`init_attn_embedding` starts the [ATTN] row as a copy of the [MASK] row, the embedding the
+  checkpoint's own pre-training used for exactly that question;
+* :func:`warm_up_head` trains only the head's transform and bias with the masked-LM objective over
+  the task's own text (sources and targets), the encoder frozen and run without gradients, so the
+  head learns to read this encoder's states before the encoder itself starts to move.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .masks import attention_mask, source_roles
+from .model import Transformer
+from .train import resolve_precision
+
+# Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
+# squad_qg_sent (8,699 sources + 8,699 questions), ~40 s on two CPU cores (BENCHMARKS.md section 1).
+HEAD_WARMUP_STEPS = 300
+HEAD_WARMUP_LR = 1e-3
+MASK_PROB = 0.15
+
+
+def head_parameters(model: Transformer) -> list[torch.nn.Parameter]:
+    """The LM head's own parameters: its transform and output bias, not the tied word embeddings."""
+    return [model.head.dense.weight, model.head.dense.bias, model.head.norm.weight, model.head.norm.bias,
+            model.head.bias]
+
+
+def init_attn_embedding(model: Transformer) -> bool:
+    """Copy the [MASK] embedding into the [ATTN] row when [ATTN] is a reserved ``[unused*]`` slot.
+
+    Returns whether the row was written. Called only for checkpoints erniegen never trained: an
+    erniegen checkpoint's [ATTN] row is already trained.
+    """
+    tok = model.tokenizer
+    attn_id = model.attn_id
+    if tok is None or tok.mask_token_id is None or attn_id == tok.mask_token_id:
+        return False
+    if not tok.convert_ids_to_tokens(attn_id).startswith("[unused"):
+        return False
+    with torch.no_grad():
+        model.embeddings.word.weight[attn_id] = model.embeddings.word.weight[tok.mask_token_id]
+    return True
+
+
+def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, mask_id: int, prob: float,
+                generator: torch.Generator) -> torch.Tensor:
+    """Which valid positions to mask: each with probability ``prob``, at least one per row."""
+    pick = (torch.rand(ids.shape, generator=generator) < prob) & valid
+    # rows where nothing was drawn mask their first valid token (after [CLS]) so every row teaches
+    first = valid.long().argmax(1)
+    empty = ~pick.any(1)
+    pick[empty, first[empty]] = True
+    return pick
+
+
+def warm_up_head(model: Transformer, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
+                 lr: float = HEAD_WARMUP_LR, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Train the head's transform and bias for ``steps`` masked-LM steps over ``texts`` (token ids
+    with [CLS]/[SEP]); everything else is frozen. Returns the first and last losses and the time.
+
+    Runs on its own random streams (``seed``), so the caller's random state is left as it was.
+    """
+    if steps <= 0 or not texts:
+        return {}
+    tok = model.tokenizer
+    mask_id, pad_id = tok.mask_token_id, model.config.pad_token_id
+    params = head_parameters(model)
+    trained = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
+    dtype = resolve_precision("auto", model.device)  # the precision fine-tuning will use by default
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    was_training = model.training
+    model.train()  # dropout on, as in fine-tuning
+    losses: list[float] = []
+    t0 = time.time()
+    order = torch.randperm(len(texts), generator=gen).tolist()
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(torch.random.fork_rng(devices=[]))  # dropout's draws leave the caller's stream alone
+        torch.manual_seed(seed)
+        for p in frozen:
+            p.requires_grad_(False)
+        for step in tqdm(range(steps), desc="head warm-up", disable=not progress, dynamic_ncols=True):
+            start = (step * batch_size) % len(order)
+            rows = [texts[order[(start + i) % len(order)]] for i in range(min(batch_size, len(order)))]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+            lengths = torch.tensor([len(r) for r in rows])
+            roles = source_roles(lengths, width)
+            inner = torch.arange(width)[None, :]
+            valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
+            where = mask_tokens(ids, valid, mask_id, MASK_PROB, gen)
+            inputs = ids.masked_fill(where, mask_id)
+            with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                with torch.no_grad():
+                    hidden, _ = model(inputs, inner.expand(len(rows), -1), torch.zeros_like(inputs),
+                                      attention_mask(roles, roles))
+                loss = F.cross_entropy(model.logits(hidden[where]).float(), ids[where])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    finally:
+        stack.close()
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    head = max(1, math.ceil(len(losses) * 0.1))  # average the first and last tenths: single steps are noisy
+    summary = {"steps": steps, "loss_first": sum(losses[:head]) / head, "loss_last": sum(losses[-head:]) / head,
+               "seconds": time.time() - t0}
+    if progress:
+        print(f"head warm-up: {steps} masked-LM steps over {len(texts)} texts in {summary['seconds']:.0f} s, "
+              f"loss {summary['loss_first']:.2f} -> {summary['loss_last']:.2f}", file=sys.stderr)
+    return summary
+

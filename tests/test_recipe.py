@@ -1,0 +1,151 @@
+"""The fine-tuning recipe's pieces for checkpoints that were never trained to generate, and its speed paths:
+[ATTN] initialisation, the masked-LM head warm-up, the noise ramp, the clean dev loss, training attention."""
+import json
+
+import pytest
+import torch
+import transformers
+
+from erniegen.batch import collate_pairs
+from erniegen.ernie_gen import ErnieGenConfig, ErnieGenObjective, noise_at, replacement_vocab
+from erniegen.finetune import dev_loss
+from erniegen.head_warmup import head_parameters, init_attn_embedding, warm_up_head
+from erniegen.model import Transformer, _math_attention
+
+from conftest import VOCAB
+
+ITEMS = [{"source_ids": [4, 10, 11, 12, 5], "target_ids": [20, 21, 22, 5]},
+         {"source_ids": [4, 30, 5], "target_ids": [40, 5]}]
+
+
+def _objective(model, **cfg):
+    repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
+    return ErnieGenObjective(model, ErnieGenConfig(**cfg), model.attn_id, repl)
+
+
+@pytest.fixture
+def headless(tmp_path, tiny_tokenizer):
+    """A saved BERT encoder without a masked-LM head (like all-MiniLM-L6-v2), loaded by erniegen."""
+    torch.manual_seed(2)
+    enc = transformers.BertModel(transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=64))
+    enc.save_pretrained(tmp_path / "enc")
+    tiny_tokenizer.save_pretrained(tmp_path / "enc")
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        return Transformer.from_pretrained(str(tmp_path / "enc"))
+
+
+def test_attn_row_starts_as_the_mask_row(tiny_model):
+    word = tiny_model.embeddings.word.weight
+    attn, mask = tiny_model.attn_id, tiny_model.tokenizer.mask_token_id
+    before = word.detach().clone()
+    assert VOCAB[attn] == "[unused0]" and not torch.equal(word[attn], word[mask])
+    assert init_attn_embedding(tiny_model)
+    assert torch.equal(word[attn], before[mask])
+    changed = (word != before).any(1).nonzero().flatten().tolist()
+    assert changed == [attn]  # no other row moved
+
+
+def test_head_warm_up_trains_the_head_alone_and_lowers_its_loss(headless):
+    assert headless.head_was_missing and not headless.trained_by_erniegen
+    names = {id(p): n for n, p in headless.named_parameters()}
+    head = {id(p) for p in head_parameters(headless)}
+    assert sorted(names[i] for i in head) == ["head.bias", "head.dense.bias", "head.dense.weight",
+                                             "head.norm.bias", "head.norm.weight"]
+    before = {n: p.detach().clone() for n, p in headless.named_parameters()}
+    rng = torch.get_rng_state()
+    texts = [[4, 10 + i % 20, 11 + i % 7, 30, 12, 5] for i in range(64)]
+    stats = warm_up_head(headless, texts, 40, batch_size=16, lr=1e-2, seed=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)  # its own generator: the caller's stream is untouched
+    for n, p in headless.named_parameters():
+        moved = not torch.equal(p, before[n])
+        assert moved == (id(p) in head), n
+        assert p.requires_grad  # frozen parameters are given back
+    assert stats["steps"] == 40 and stats["loss_last"] < stats["loss_first"] - 0.5
+
+
+def test_recipe_skips_the_warm_up_when_a_head_exists(tmp_path, tiny_model, capsys):
+    from erniegen.finetune import FinetuneConfig, prepare_untrained_checkpoint
+    from erniegen.data import Features
+    feats = [Features(source_ids=[4, 10, 11, 5], target_ids=[20, 5])] * 8
+    cfg = FinetuneConfig(train="unused", output=str(tmp_path))
+    tiny_model.head_was_missing, tiny_model.trained_by_erniegen = False, False
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    prepare_untrained_checkpoint(tiny_model, cfg, feats, seed=0)
+    assert "head warm-up" not in capsys.readouterr().err
+    moved = [n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])]
+    assert moved == ["embeddings.word.weight"]  # the [ATTN] row only
+    # an erniegen checkpoint keeps its trained [ATTN] row and head untouched
+    tiny_model.trained_by_erniegen, tiny_model.head_was_missing = True, True
+    before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
+    prepare_untrained_checkpoint(tiny_model, cfg, feats, seed=0)
+    assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_recipe_flags_survive_a_save(tmp_path, headless):
+    headless.save_pretrained(tmp_path / "m")
+    again = Transformer.from_pretrained(str(tmp_path / "m"))
+    assert again.trained_by_erniegen and not again.head_was_missing
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+
+
+def test_noise_ramp_reaches_rho_at_the_step_it_says(tiny_model):
+    assert [noise_at(0.7, 0.25, s, 100) for s in (0, 5, 24, 25, 60, 99)] == \
+        pytest.approx([0.0, 0.14, 0.672, 0.7, 0.7, 0.7])
+    assert noise_at(0.7, 0.0, 0, 100) == 0.7  # no ramp: ρ_f from the first step
+    obj = _objective(tiny_model, noise_rate=0.5, noise_ramp=0.5)
+    assert obj.current_noise == 0.0
+    obj.set_progress(10, 40)
+    assert obj.current_noise == pytest.approx(0.25)
+    obj.set_progress(20, 40)
+    assert obj.current_noise == 0.5
+    # at step 0 of a ramp the training loss is the clean loss (same dropout-free model)
+    obj.set_progress(0, 40)
+    batch = collate_pairs(ITEMS)
+    assert torch.equal(obj.train()(**batch)["loss"], obj.eval()(**batch)["loss"])
+    with pytest.raises(ValueError, match="noise_ramp"):
+        ErnieGenConfig(noise_ramp=1.5)
+
+
+def test_dev_loss_is_clean_and_leaves_the_training_rng_alone(tiny_model):
+    noisy = _objective(tiny_model, noise_rate=0.9).train()
+    clean = _objective(tiny_model, noise_rate=0.0).eval()
+    batch = collate_pairs(ITEMS)
+    with torch.no_grad():
+        expected = float(clean(**batch)["loss"])
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    got = dev_loss(noisy, ITEMS, collate_pairs, batch_size=1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert noisy.training  # its mode is given back
+    # batches of one: the mean of the per-example losses
+    with torch.no_grad():
+        per_example = [float(clean(**collate_pairs([x]))["loss"]) for x in ITEMS]
+    assert got == pytest.approx(sum(per_example) / 2, abs=1e-6)
+    assert dev_loss(noisy, ITEMS, collate_pairs, batch_size=2) == pytest.approx(expected, abs=1e-6)
+
+
+def test_training_attention_path_equals_the_fused_kernel():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5) < 0.6
+    mask[..., 0] = True  # every row sees something
+    ours = _math_attention(q, k, v, mask, 0.0)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+
+
+def test_model_uses_the_same_attention_in_training_and_inference(tiny_model):
+    """A training forward (explicit product) equals the no-grad forward (fused kernel)."""
+    ids = torch.tensor([[4, 10, 11, 12, 5, 20, 21]])
+    pos = torch.arange(7)[None]
+    mask = torch.ones(1, 7, 7, dtype=torch.bool).tril()
+    with torch.no_grad():
+        fused, _ = tiny_model(ids, pos, torch.zeros_like(ids), mask)
+    tiny_model.train()  # the tiny config has no dropout
+    explicit, _ = tiny_model(ids, pos, torch.zeros_like(ids), mask)
+    assert explicit.requires_grad
+    assert torch.allclose(explicit, fused, atol=1e-5)

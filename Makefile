@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-DATA   ?= ../shared/data/squad_qg
+DATA   ?= ../shared/data/squad_qg_sent
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 

@@ -226,15 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", default="squad_qg")
     f.add_argument("--output", required=True)
     f.add_argument("--method", default="ernie-gen", choices=["ernie-gen", "typical", "nat", "mist"])
-    f.add_argument("--epochs", type=int, default=3)
+    f.add_argument("--epochs", type=int, help="default: the task preset's")
     f.add_argument("--max-steps", type=int)
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--grad-accum", type=int, default=1)
-    f.add_argument("--lr", type=float, default=5e-5)
+    f.add_argument("--lr", type=float, help="peak learning rate; default: the task preset's")
     f.add_argument("--warmup-ratio", type=float, default=0.1)
     f.add_argument("--noise-rate", type=float, help="ρ_f; default: the task preset's (squad_qg 0.7)")
-    f.add_argument("--noise-ramp", type=float, default=0.0,
-                   help="fraction of the run over which ρ rises linearly from 0 to ρ_f (0: ρ_f from the start)")
+    f.add_argument("--noise-ramp", type=float,
+                   help="fraction of the run over which ρ rises linearly from 0 to ρ_f (0: ρ_f from the start); "
+                        "default: the task preset's")
     f.add_argument("--head-warmup-steps", type=int,
                    help="masked-LM steps that train a missing LM head before fine-tuning (default: 300 when "
                         "the checkpoint has no head, else 0)")

@@ -197,6 +197,12 @@ class TaskPreset:
     label_smoothing: float
     metric: str  # "qg" or "rouge"
     citation: str
+    # The fine-tuning recipe (what `erniegen finetune` uses when the flag is not given): measured on
+    # this project's machines, see BENCHMARKS.md section 1 and `recipe_note`.
+    lr: float = 1e-4
+    epochs: int = 3
+    noise_ramp: float = 0.0
+    recipe_note: str = ""
 
 
 TASKS: dict[str, TaskPreset] = {

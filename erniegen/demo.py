@@ -1,5 +1,10 @@
 """``make demo``: fine-tune the default model on question generation for a few minutes, then show it.
 
+It runs `erniegen finetune`'s default recipe for the squad_qg task (head warm-up, learning rate,
+noise), cut to ``--steps`` optimizer steps so that set-up, training and scoring fit in about ten
+minutes on two CPU cores; the numbers it prints are those of a short run, not of the converged
+recipe (BENCHMARKS.md section 1 has those).
+
 ``DATA`` may be a folder with ``train.jsonl`` (and ``dev.jsonl``), one JSONL file (its last 100 rows
 become the dev set), or a ``datasets`` name.
 """
@@ -10,16 +15,21 @@ import json
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HOW_TO = """erniegen demo: no data at {data!r}.
 Point DATA at any of:
   - a folder holding train.jsonl (and dev.jsonl) with "source"/"target" fields, e.g.
-      make demo DATA=../shared/data/squad_qg
+      make demo DATA=../shared/data/squad_qg_sent
   - one JSONL file of {{"source": ..., "target": ...}} rows (the last 100 become the dev set):
       make demo DATA=my_pairs.jsonl
   - a Hugging Face `datasets` name with source/target fields (needs the Hub or a local cache):
       make demo DATA=some_org/some_dataset"""
+
+# ~1.1 epochs of squad_qg_sent at batch 32: with set-up, the head warm-up and scoring, about ten minutes
+# on two CPU cores (BENCHMARKS.md section 1, "make demo").
+DEMO_STEPS = 300
 
 
 def _split(data: str, workdir: Path) -> tuple[str, str]:
@@ -41,9 +51,9 @@ def _split(data: str, workdir: Path) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", default=os.environ.get("DATA", "../shared/data/squad_qg"))
+    p.add_argument("--data", default=os.environ.get("DATA", "../shared/data/squad_qg_sent"))
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=DEMO_STEPS)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--eval-samples", type=int, default=100)
     args = p.parse_args(argv)
@@ -60,17 +70,18 @@ def main(argv: list[str] | None = None) -> None:
     from .train import TrainConfig
 
     shutil.rmtree(args.output, ignore_errors=True)
-    print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {args.steps} steps", flush=True)
-    trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, batch_size=16, lr=1e-4, log_every=10,
-                          eval_every=args.steps)
+    print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {args.steps} steps "
+          "(the default squad_qg recipe, shortened)", flush=True)
+    t0 = time.time()
+    trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, log_every=10, eval_every=args.steps)
     finetune(FinetuneConfig(train=train, dev=dev, output=args.output, task="squad_qg", max_source_len=256,
-                            max_target_len=40,
-                            eval_samples=50, trainer=trainer))
+                            max_target_len=40, eval_samples=50, trainer=trainer))
+    print(f"== trained in {time.time() - t0:.0f} s", flush=True)
 
     model = load(os.path.join(args.output, "best"))
     examples = read_examples(dev, "source", "target")[: args.eval_samples]
-    preds = model.generate([e.source for e in examples], num_beams=5, progress=True)
-    print("\n== samples (beam 5)")
+    preds = model.generate([e.source for e in examples], progress=True)
+    print(f"\n== samples (the task's decoding: beam {model.settings.num_beams})")
     for e, pred in list(zip(examples, preds))[: args.samples]:
         answer = e.source.rsplit("[SEP]", 1)[-1].strip()
         print(f"answer     : {answer}\nreference  : {e.target}\nprediction : {pred}\n")

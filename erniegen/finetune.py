@@ -33,7 +33,7 @@ class FinetuneConfig:
     task: str = "squad_qg"
     method: str = "ernie-gen"  # ernie-gen | typical | nat | mist
     noise_rate: float | None = None
-    noise_ramp: float = 0.0  # fraction of the run over which ρ rises from 0 to noise_rate (ERNIE-GEN methods)
+    noise_ramp: float | None = None  # fraction of the run over which ρ rises from 0 to ρ_f; None: the preset's
     head_warmup_steps: int | None = None  # masked-LM steps for a missing head; None: HEAD_WARMUP_STEPS if missing
     max_source_len: int | None = None
     max_target_len: int | None = None
@@ -158,7 +158,10 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output)
+    recipe = get_task(cfg.task)  # the preset's lr and epochs where the trainer leaves them unset
+    tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output,
+                               lr=recipe.lr if cfg.trainer.lr is None else cfg.trainer.lr,
+                               epochs=recipe.epochs if cfg.trainer.epochs is None else cfg.trainer.epochs)
     check_config(tcfg, has_evaluate=False)  # before the model loads and the data is tokenized
     resume_from = check_output_dir(cfg.output, tcfg.resume)
     torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
@@ -181,7 +184,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         train_feats = add_static_pseudo_targets(train_feats, cfg.method_options)
     if not tcfg.resume:
         prepare_untrained_checkpoint(model, cfg, train_feats, tcfg.seed)
-    objective = build_objective(cfg.method, model, preset, noise, cfg.method_options, cfg.noise_ramp)
+    ramp = preset.noise_ramp if cfg.noise_ramp is None else cfg.noise_ramp
+    objective = build_objective(cfg.method, model, preset, noise, cfg.method_options, ramp)
     pad_id = model.config.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
     evaluate = None

@@ -71,11 +71,11 @@ class TrainConfig:
     """Optimisation, logging and checkpoint settings (the same for every method)."""
 
     output_dir: str
-    epochs: int = 3
+    epochs: int | None = None           # None: max_steps must be set (fine-tuning fills in the task preset's)
     max_steps: int | None = None        # optimizer steps; overrides epochs when set
     batch_size: int = 32                # examples per micro-batch, per process
     grad_accum: int = 1                 # micro-batches (of batch_size each) summed into one optimizer step
-    lr: float = 5e-5
+    lr: float | None = None             # peak lr; None: the recipe's (fine-tuning: the task preset's)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1           # ERNIE-GEN: 10% linear warm-up, then linear decay
     warmup_steps: int | None = None     # overrides warmup_ratio
@@ -137,6 +137,8 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
     """Reject settings that cannot work; recipes call it before any model or data is touched."""
     positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "log_every": cfg.log_every}
     if cfg.max_steps is None:
+        if cfg.epochs is None:
+            raise ValueError("neither epochs nor max_steps is set: the run has no length")
         positive["epochs"] = cfg.epochs
     for name in ("max_steps", "eval_every", "save_every"):
         if getattr(cfg, name) is not None:
@@ -144,6 +146,8 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
+    if cfg.lr is None:
+        raise ValueError("lr is not set")
     if not 0 < cfg.lr < math.inf:
         raise ValueError(f"lr={cfg.lr} must be > 0")
     if not 0 <= cfg.seed < 2**32:   # numpy's seed range

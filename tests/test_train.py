@@ -123,7 +123,7 @@ def test_config_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("output_dir: out\nlr: 5e-5\nmax_steps: 7\n")
     cfg = load_config_yaml(path, TrainConfig)
-    assert (cfg.lr, cfg.max_steps, cfg.epochs) == (5e-5, 7, 3)
+    assert (cfg.lr, cfg.max_steps, cfg.epochs) == (5e-5, 7, None)  # epochs unset: max_steps decides
     assert dataclass_to_dict(cfg)["lr"] == 5e-5
     assert config_from_dict(dataclass_to_dict(cfg), TrainConfig) == cfg
     path.write_text("output_dir: out\nlearning_rate: 1e-4\n")

@@ -14,7 +14,7 @@ import torch
 
 from .batch import collate_pairs
 from .data import TaskPreset, encode_examples, get_task, read_examples
-from .decoding import DecodeOptions, default_banned_ids, generate_ids, METHOD_DECODERS
+from .decoding import DecodeOptions, default_banned_ids, generate_ids, ids_to_text, METHOD_DECODERS
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
 from .head_warmup import HEAD_WARMUP_STEPS, init_attn_embedding, warm_up_head
 from .metrics import compute_metrics, qg_scores
@@ -110,7 +110,7 @@ def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decod
         was_training = model.training
         ids = generate_ids(model, [f.source_ids for f in feats], decoder, batch_size=32, opts=opts)
         model.train(was_training)
-        preds = [model.tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+        preds = ids_to_text(model, ids)
         refs, srcs = [e.target for e in examples], [e.source for e in examples]
         if preset.metric == "qg":  # METEOR's Java start-up is not worth paying at every evaluation
             scores = qg_scores(preds, refs, srcs, meteor=False)

@@ -149,3 +149,22 @@ def test_model_uses_the_same_attention_in_training_and_inference(tiny_model):
     explicit, _ = tiny_model(ids, pos, torch.zeros_like(ids), mask)
     assert explicit.requires_grad
     assert torch.allclose(explicit, fused, atol=1e-5)
+
+
+def test_training_evaluation_scores_the_text_that_generate_writes(tiny_model):
+    """One detokenization: the dev evaluator scored "rhine ' s" while `generate` wrote "rhine's"."""
+    from erniegen.data import Example, Features
+    from erniegen.decoding import DecodeOptions, default_banned_ids, ids_to_text
+    from erniegen.data import get_task
+    from erniegen.finetune import dev_evaluator
+    from erniegen.metrics import qg_scores
+    tok = tiny_model.tokenizer
+    assert ids_to_text(tiny_model, [tok.convert_tokens_to_ids(["who", "'", "s", "king", "?"])]) == ["who's king?"]
+    sources = ["the king of the city [SEP] king", "steam engine power [SEP] steam"]
+    targets = ["who's the king?", "what is steam?"]
+    feats = [Features(source_ids=tok(s)["input_ids"], target_ids=tok(t)["input_ids"][1:]) for s, t in zip(sources, targets)]
+    examples = [Example(source=s, target=t, row={}, where="x") for s, t in zip(sources, targets)]
+    opts = DecodeOptions(num_beams=1, max_length=6, min_length=1, banned_ids=default_banned_ids(tiny_model))
+    got = dev_evaluator(tiny_model, get_task("squad_qg"), examples, feats, "infilling", opts)()
+    preds = tiny_model.generate(sources, num_beams=1, max_length=6, min_length=1)
+    assert got == qg_scores(preds, targets, sources, meteor=False)

@@ -1,8 +1,8 @@
 """Training curves from runs' ``log.jsonl``: compare runs at a glance instead of reading numbers.
 
 ``erniegen plot RUN [RUN ...] --output curves.png`` draws each run's training losses (``loss`` and its
-named parts, e.g. ``loss_word`` / ``loss_span``) against the optimizer step, and its dev evaluations in
-a second panel when the runs have any.
+named parts, e.g. ``loss_word`` / ``loss_span``) and its clean dev loss (``dev_loss``, dots) against the
+optimizer step, and its other dev evaluations in a second panel when the runs have any.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
     metrics: Series = {}
     for key in sorted({k for e in evals for k in e["eval"]}):
         points = [(e["step"], float(e["eval"][key])) for e in evals if key in e["eval"]]
-        metrics[key] = ([s for s, _ in points], [v for _, v in points])
+        # the dev loss is drawn beside the training losses, on their scale
+        (losses if key.startswith("dev_loss") else metrics)[key] = ([s for s, _ in points], [v for _, v in points])
     return losses, metrics
 
 
@@ -83,8 +84,8 @@ def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] |
         for ax, series, marker in panels:
             for i, (key, (steps, values)) in enumerate(series.items()):
                 ax.plot(steps, values, color=colors[r % len(colors)], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
-                        marker=marker, label=f"{label} {key}")
-    loss_ax.set(xlabel="optimizer step", ylabel="training loss"
+                        marker="o" if key.startswith("dev_") else marker, label=f"{label} {key}")
+    loss_ax.set(xlabel="optimizer step", ylabel="loss (dev_loss: evaluations)"
                 + (f" (moving average of {window} logs)" if window > 1 else ""), title="training")
     loss_ax.legend(fontsize=7)
     loss_ax.grid(alpha=0.3)

@@ -62,3 +62,10 @@ def test_bad_logs_name_the_file_line_and_field(tmp_path):
         read_log(tmp_path / "missing")
     with pytest.raises(ValueError, match="1 labels for 2 runs"):
         plot_runs([str(write_log(tmp_path / "x", PRETRAIN))] * 2, str(tmp_path / "p.png"), labels=["x"])
+
+
+def test_dev_loss_is_drawn_beside_the_training_losses(tmp_path):
+    run = write_log(tmp_path / "ft", FINETUNE[:2] + [{"step": 2, "eval": {"bleu4": 0.1, "dev_loss": 4.5}}])
+    losses, metrics = run_series(run)
+    assert losses == {"loss": ([1, 2], [6.0, 4.0]), "dev_loss": ([2], [4.5])}
+    assert metrics == {"bleu4": ([2], [0.1])}

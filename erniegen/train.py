@@ -134,11 +134,11 @@ def _barrier(world: int) -> None:
 
 
 def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
-    """Reject settings that cannot work; recipes call it before any model or data is touched."""
+    """Reject settings that cannot work; recipes call it before any model or data is touched.
+
+    A value that is wrong is named before a length that is missing (recipes fill that one in)."""
     positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "log_every": cfg.log_every}
-    if cfg.max_steps is None:
-        if cfg.epochs is None:
-            raise ValueError("neither epochs nor max_steps is set: the run has no length")
+    if cfg.max_steps is None and cfg.epochs is not None:
         positive["epochs"] = cfg.epochs
     for name in ("max_steps", "eval_every", "save_every"):
         if getattr(cfg, name) is not None:
@@ -161,11 +161,15 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
         raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1]")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r} must be one of {PRECISIONS}")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("precision='fp16' needs CUDA, and there is no CUDA device; use 'bf16' or 'fp32'")
     if not has_evaluate and cfg.metric_for_best != "loss":
         raise ValueError(f"metric_for_best={cfg.metric_for_best!r} needs an evaluate() function, "
                          "but none was given (no dev set?)")
     if not cfg.output_dir:
         raise ValueError("output_dir must be set")
+    if cfg.max_steps is None and cfg.epochs is None:
+        raise ValueError("neither epochs nor max_steps is set: the run has no length")
 
 
 def native_bf16(device: torch.device) -> bool:

@@ -30,17 +30,12 @@ import torch
 import torch.distributed as dist
 
 from .batch import collate_pairs
+from .corpus import CorpusSpec, SequenceStream, StreamState
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
 from .model import Transformer
 from .network import Layer
+from .pretrain_data import FragmentConfig, iter_pretrain_examples
 from .registry import ERNIE_GEN
-from .pretrain_data import (
-    CorpusSpec,
-    FragmentConfig,
-    SequenceStream,
-    StreamState,
-    iter_pretrain_examples,
-)
 from .spans import SpanVocab, build_span_vocab, punctuation_ids
 from .train import (
     TrainConfig,

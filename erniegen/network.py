@@ -83,7 +83,7 @@ class GenerationSettings:
     """What erniegen needs beside the weights; saved as ``erniegen_config.json``."""
 
     attn_token: str = "[unused0]"  # ERNIE-GEN's [ATTN]: a reserved vocabulary slot, no resize needed
-    method: str = "ernie-gen"  # ernie-gen | typical | nat | mist
+    method: str = "ernie-gen"  # the --method it was trained with (erniegen.registry.METHODS)
     task: str = "default"
     max_source_len: int = 512
     max_decode_len: int = 64

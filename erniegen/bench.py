@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .decoding import DecodeOptions, generate_ids
+from .decoding import generate_ids
+from .search import DecodeOptions
 
 
 def write_results(path: str, rows: list[dict], **meta) -> None:

@@ -60,9 +60,10 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
+    from . import registry
     g = p.add_argument_group("decoding (defaults: the task preset saved with the model)")
-    g.add_argument("--decoder", default=None,
-                   help="infilling | typical | nar | mist-iter | mask-predict (default: the training method's)")
+    g.add_argument("--decoder", default=None, choices=list(registry.DECODERS),
+                   help=f"{' | '.join(registry.DECODERS)} (default: the training method's)")
     g.add_argument("--num-beams", type=int, default=None)
     g.add_argument("--max-length", type=int, default=None, help="maximum generated tokens, end token included")
     g.add_argument("--min-length", type=int, default=None)
@@ -158,7 +159,9 @@ def cmd_evaluate(args) -> None:
 def cmd_bench(args) -> None:
     from .bench import bench_decoder, bench_hf_baseline, hf_gpt2_like
     from .data import read_examples
-    from .decoding import METHOD_DECODERS, encode_sources, options_from_settings
+    from .decoding import encode_sources
+    from .registry import default_decoder
+    from .search import default_banned_ids, options_from_settings
     from . import load
     import torch
     torch.manual_seed(0)
@@ -169,9 +172,8 @@ def cmd_bench(args) -> None:
     opts = options_from_settings(model, **_decode_options(args))
     if args.fixed_length:
         opts.max_length = opts.min_length = args.fixed_length
-    from .decoding import default_banned_ids
     opts.banned_ids = default_banned_ids(model)
-    decoder = args.decoder or METHOD_DECODERS.get(model.settings.method, "infilling")
+    decoder = args.decoder or default_decoder(model.settings.method)
     timed = sources[2 * args.batch_size:][: args.num_samples]
     warm = sources[: 2 * args.batch_size]
     result = bench_decoder(model, warm + timed, decoder, opts, args.batch_size,
@@ -216,6 +218,7 @@ def cmd_plot(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import registry
     p = argparse.ArgumentParser(prog="erniegen", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -225,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dev")
     f.add_argument("--task", default="squad_qg")
     f.add_argument("--output", required=True)
-    f.add_argument("--method", default="ernie-gen", choices=["ernie-gen", "typical", "nat", "mist"])
+    f.add_argument("--method", default="ernie-gen", choices=list(registry.METHODS),
+                   help="ernie-gen (infilling + noise, the default), typical (previous-token teacher forcing), "
+                        "nat (non-autoregressive), mist (NAR with mixup self-training)")
     f.add_argument("--epochs", type=int, help="default: the task preset's")
     f.add_argument("--max-steps", type=int)
     f.add_argument("--batch-size", type=int, default=32)
@@ -314,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--noise-rate", type=float, default=0.05, help="ρ_p, target noise (paper: 0.05; 0 = ablation)")
     pt.add_argument("--word-weight", type=float, default=None,
                     help="λ in λ·L_word + (1-λ)·L_span (paper: 0.5; 1 = no span flow; typical: 1)")
-    pt.add_argument("--method", default="ernie-gen", choices=["ernie-gen", "typical"],
+    pt.add_argument("--method", default="ernie-gen", choices=list(registry.ERNIE_GEN.methods),
                     help="ernie-gen = infilling flows; typical = teacher-forcing ablation")
     pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     pt.add_argument("--fsdp", action="store_true",

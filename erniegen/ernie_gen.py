@@ -1,6 +1,6 @@
-"""ERNIE-GEN's training objective (Xiao et al., IJCAI 2020, §3) and the typical-generation baseline.
+"""ERNIE-GEN (Xiao et al., IJCAI 2020) and the typical-generation baseline: objective and decoding.
 
-Multi-flow attention, as three calls of the shared Transformer:
+Multi-flow attention, as three calls of the shared Network:
 
 1. contextual flow over ``[S ; T']`` (source bidirectional, noised target causal) -> per-layer K/V;
 2. word-by-word flow: one [ATTN] per target position i, at i's position id, attending to S, t'<i
@@ -11,17 +11,26 @@ Multi-flow attention, as three calls of the shared Transformer:
 Only the placeholders' hidden states reach the vocabulary projection, so the softmax runs on the
 predicted positions alone. ``typical`` replaces flows 2-3 by teacher forcing from the previous token
 of the contextual flow (UniLM-style), for the paper's Table 8 comparison.
+
+Infilling decoding (§3.3): the source is encoded once into a key/value cache; step i feeds
+``[t_{i-1}, [ATTN]_i]``, reads the next-token distribution at [ATTN], appends only t_{i-1}'s keys and
+values to the cache and drops the placeholder's. Both steppers run under the shared greedy and beam
+searches of search.py.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, source_roles, target_roles
-from .model import Transformer
+from .data import TaskPreset
+from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
+from .network import Network
+from .passes import KVCache, encode_context, placeholder_pass, target_positions
+from .search import AutoregressiveDecoder, Decoder
 
 
 @dataclass
@@ -80,47 +89,10 @@ def replacement_vocab(tokenizer, vocab_size: int, reserved: list[int]) -> torch.
     return torch.tensor([i for i in range(vocab_size) if i not in banned], dtype=torch.long)
 
 
-def target_positions(src_len: torch.Tensor, width: int) -> torch.Tensor:
-    """Target token i sits at position ``len(source) + i`` of its own row (padding-independent)."""
-    return src_len[:, None] + torch.arange(width, device=src_len.device)[None, :]
-
-
-def encode_context(model: Transformer, src_ids: torch.Tensor, src_len: torch.Tensor,
-                   tgt_in: torch.Tensor | None = None, tgt_len: torch.Tensor | None = None):
-    """Run the source (and optionally a target prefix) through the contextual flow.
-
-    Returns hidden states, per-layer K/V and the key roles, ready to be ``past`` of later calls.
-    """
-    b, ls = src_ids.shape
-    roles = source_roles(src_len, ls)
-    ids, pos = src_ids, torch.arange(ls, device=src_ids.device).expand(b, ls)
-    types = torch.zeros_like(src_ids)
-    if tgt_in is not None:
-        lt = tgt_in.shape[1]
-        roles = roles.cat(target_roles(CONTEXT, tgt_len, lt))
-        ids = torch.cat([ids, tgt_in], 1)
-        pos = torch.cat([pos, target_positions(src_len, lt)], 1)
-        types = torch.cat([types, torch.full_like(tgt_in, model.target_type_id)], 1)
-    hidden, kv = model(ids, pos, types, attention_mask(roles, roles))
-    return hidden, kv, roles
-
-
-def placeholder_pass(model: Transformer, attn_id: int, src_len: torch.Tensor, query: Roles,
-                     past_kv, past_roles: Roles) -> torch.Tensor:
-    """Hidden states of [ATTN] placeholders described by ``query`` roles, against a past."""
-    b, t = query.code.shape
-    ids = torch.full((b, t), attn_id, dtype=torch.long, device=src_len.device)
-    pos = src_len[:, None] + query.index.clamp(min=0)
-    types = torch.full_like(ids, model.target_type_id)
-    mask = attention_mask(query, past_roles.cat(query))
-    hidden, _ = model(ids, pos, types, mask, past=past_kv)
-    return hidden
-
-
 class ErnieGenObjective(nn.Module):
     """``forward(**batch)`` -> named losses; wraps the model so DDP sees a single forward."""
 
-    def __init__(self, model: Transformer, cfg: ErnieGenConfig, attn_id: int, replacements: torch.Tensor):
+    def __init__(self, model: Network, cfg: ErnieGenConfig, attn_id: int, replacements: torch.Tensor):
         super().__init__()
         self.model = model
         self.cfg = cfg
@@ -170,3 +142,95 @@ class ErnieGenObjective(nn.Module):
     def _loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model.logits(h).float()
         return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+
+
+def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ErnieGenObjective:
+    """The objective of ``--method ernie-gen|typical``: noise and label smoothing from the task preset,
+    ``method_options`` (e.g. ``word_weight``) on top."""
+    cfg = ErnieGenConfig(method=method, noise_rate=preset.noise_rate, label_smoothing=preset.label_smoothing,
+                         noise_ramp=preset.noise_ramp, **options)
+    repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
+    return ErnieGenObjective(model, cfg, model.attn_id, repl)
+
+
+def pretrain_word_weight(method: str) -> float:
+    """λ of pre-training: the paper's 0.5 (span flow on); the typical baseline has no span flow."""
+    return 0.5 if method == "ernie-gen" else 1.0
+
+
+# ---- decoding ----------------------------------------------------------------------------------
+
+
+class InfillingStepper:
+    """ERNIE-GEN's infilling decoding over a key/value cache."""
+
+    def __init__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, max_length: int):
+        self.model, self.src_len = model, src_len
+        self.attn_id = model.attn_id
+        _, kv, roles = encode_context(model, src_ids, src_len)
+        self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
+        self.step_no = 0
+
+    def expand(self, k: int) -> None:
+        self.src_len = self.src_len.repeat_interleave(k)
+        self.cache.reorder(torch.arange(len(self.cache.k[0]), device=self.src_len.device).repeat_interleave(k))
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        self.cache.reorder(rows)
+        self.src_len = self.src_len[rows]
+
+    def step(self, prev: torch.Tensor | None) -> torch.Tensor:
+        """Log-probabilities (N, V) of target token ``step_no`` given the previous one."""
+        i, n, dev = self.step_no, len(self.src_len), self.src_len.device
+        tokens = [torch.full((n, 1), self.attn_id, device=dev)]
+        code = [torch.full((n, 1), WORD, device=dev)]
+        index = [torch.full((n, 1), i, device=dev)]
+        if prev is not None:
+            tokens.insert(0, prev[:, None])
+            code.insert(0, torch.full((n, 1), CONTEXT, device=dev))
+            index.insert(0, torch.full((n, 1), i - 1, device=dev))
+        ids, new = torch.cat(tokens, 1), Roles(torch.cat(code, 1), torch.cat(index, 1))
+        past, past_roles = self.cache.past(ids.shape[1])
+        pos = self.src_len[:, None] + new.index
+        types = torch.full_like(ids, self.model.target_type_id)
+        hidden, _ = self.model(ids, pos, types, attention_mask(new, past_roles.cat(new)), past=past)
+        if prev is not None:
+            self.cache.commit(new, keep=1)
+        self.step_no += 1
+        return torch.log_softmax(self.model.logits(hidden[:, -1]).float(), -1)
+
+
+class TypicalStepper(InfillingStepper):
+    """Previous-token decoding for the typical-generation baseline: t_i read off t_{i-1}'s state."""
+
+    def __init__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, max_length: int):
+        self.model, self.src_len = model, src_len
+        hidden, kv, roles = encode_context(model, src_ids, src_len)
+        self.first = hidden[torch.arange(len(src_len)), src_len - 1]  # the source's [SEP]
+        self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
+        self.step_no = 0
+
+    def expand(self, k: int) -> None:
+        super().expand(k)
+        self.first = self.first.repeat_interleave(k, 0)
+
+    def step(self, prev: torch.Tensor | None) -> torch.Tensor:
+        i, n, dev = self.step_no, len(self.src_len), self.src_len.device
+        if prev is None:
+            h = self.first
+        else:
+            new = Roles(torch.full((n, 1), CONTEXT, device=dev), torch.full((n, 1), i - 1, device=dev))
+            past, past_roles = self.cache.past(1)
+            pos = target_positions(self.src_len, 1) + i - 1
+            types = torch.full((n, 1), self.model.target_type_id, device=dev)
+            hidden, _ = self.model(prev[:, None], pos, types, attention_mask(new, past_roles.cat(new)), past=past)
+            self.cache.commit(new, keep=1)
+            h = hidden[:, -1]
+        self.step_no += 1
+        return torch.log_softmax(self.model.logits(h).float(), -1)
+
+
+DECODERS: dict[str, Callable[[], Decoder]] = {
+    "infilling": lambda: AutoregressiveDecoder(InfillingStepper, "infilling"),
+    "typical": lambda: AutoregressiveDecoder(TypicalStepper, "typical"),
+}

@@ -2,6 +2,8 @@
 
 Read top to bottom: settings are checked, the model and data are built, the objective for the
 chosen method is built, dev evaluation is wired for best-checkpoint selection, then ``train`` runs.
+Everything that depends on the method (its options, features, objective and dev decoder) comes from
+its family's record in :mod:`erniegen.registry`.
 """
 from __future__ import annotations
 
@@ -12,13 +14,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import registry
 from .batch import collate_pairs
 from .data import TaskPreset, encode_examples, get_task, read_examples
-from .decoding import DecodeOptions, default_banned_ids, generate_ids, ids_to_text, METHOD_DECODERS
-from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
+from .decoding import generate_ids, ids_to_text
 from .head_warmup import HEAD_WARMUP_STEPS, init_attn_embedding, warm_up_head
 from .metrics import compute_metrics, qg_scores
-from .model import DEFAULT_MODEL, Transformer
+from .model import Transformer
+from .network import DEFAULT_MODEL
+from .search import DecodeOptions, default_banned_ids
 from .train import TrainConfig, check_config, check_output_dir, is_main_process, train
 
 
@@ -31,7 +35,7 @@ class FinetuneConfig:
     model: str = DEFAULT_MODEL
     dev: str | None = None
     task: str = "squad_qg"
-    method: str = "ernie-gen"  # ernie-gen | typical | nat | mist
+    method: str = "ernie-gen"  # a --method of erniegen.registry.METHODS
     noise_rate: float | None = None
     noise_ramp: float | None = None  # fraction of the run over which ρ rises from 0 to ρ_f; None: the preset's
     head_warmup_steps: int | None = None  # masked-LM steps for a missing head; None: HEAD_WARMUP_STEPS if missing
@@ -47,25 +51,11 @@ class FinetuneConfig:
     method_options: dict = field(default_factory=dict)
 
 
-def build_objective(method: str, model: Transformer, preset: TaskPreset, noise_rate: float,
-                    options: dict, noise_ramp: float = 0.0) -> torch.nn.Module:
-    """The training objective of one method (a module whose forward returns named losses)."""
-    if method in ("ernie-gen", "typical"):
-        cfg = ErnieGenConfig(method=method, noise_rate=noise_rate, label_smoothing=preset.label_smoothing,
-                             noise_ramp=noise_ramp, **options)
-        repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
-        return ErnieGenObjective(model, cfg, model.attn_id, repl)
-    if method in ("nat", "mist"):
-        from .mist import build_mist_objective
-        return build_mist_objective(method, model, preset, options)
-    raise ValueError(f"unknown method {method!r}; choose ernie-gen, typical, nat or mist")
-
-
 def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
     """The task preset with the user's overrides, fitted to the model's position table."""
     preset = get_task(cfg.task)
-    over = {k: getattr(cfg, k) for k in ("max_source_len", "max_target_len", "source_field", "target_field")
-            if getattr(cfg, k) is not None}
+    over = {k: getattr(cfg, k) for k in ("max_source_len", "max_target_len", "source_field", "target_field",
+                                         "noise_rate", "noise_ramp") if getattr(cfg, k) is not None}
     preset = dataclasses.replace(preset, **over)
     if preset.max_source_len + preset.max_target_len > max_positions:
         fitted = max_positions - preset.max_target_len
@@ -158,19 +148,21 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    family = registry.family(cfg.method)
+    registry.check_options(cfg.method, cfg.method_options)
     recipe = get_task(cfg.task)  # the preset's lr and epochs where the trainer leaves them unset
     tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output,
                                lr=recipe.lr if cfg.trainer.lr is None else cfg.trainer.lr,
                                epochs=recipe.epochs if cfg.trainer.epochs is None else cfg.trainer.epochs)
     check_config(tcfg, has_evaluate=False)  # before the model loads and the data is tokenized
     resume_from = check_output_dir(cfg.output, tcfg.resume)
+    if not family.uses_noise and (cfg.noise_rate is not None or cfg.noise_ramp is not None) and is_main_process():
+        print(f"note: --method {cfg.method} trains without target noise; the noise settings are ignored",
+              file=sys.stderr)
     torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
     model = Transformer.from_pretrained(resume_from or cfg.model)
     preset = resolve_preset(cfg, model.config.max_position_embeddings - model.config.position_offset)
     resolve_attention_dropout(model, cfg.attention_dropout)
-    noise = preset.noise_rate if cfg.noise_rate is None else cfg.noise_rate
-    if cfg.method in ("nat", "mist"):
-        noise = 0.0
     model.settings = dataclasses.replace(
         model.settings, method=cfg.method, task=preset.name, max_source_len=preset.max_source_len,
         max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),
@@ -179,24 +171,21 @@ def finetune(cfg: FinetuneConfig) -> dict:
         extra=model.settings.extra | {"max_target_len": preset.max_target_len})
 
     _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
-    if cfg.method == "mist":
-        from .mist import add_static_pseudo_targets
-        train_feats = add_static_pseudo_targets(train_feats, cfg.method_options)
+    train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
     if not tcfg.resume:
         prepare_untrained_checkpoint(model, cfg, train_feats, tcfg.seed)
-    ramp = preset.noise_ramp if cfg.noise_ramp is None else cfg.noise_ramp
-    objective = build_objective(cfg.method, model, preset, noise, cfg.method_options, ramp)
+    objective = family.build_objective(cfg.method, model, preset, cfg.method_options)
     pad_id = model.config.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
     evaluate = None
     if cfg.dev:
         dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples)
-        decoder = METHOD_DECODERS[cfg.method]
         opts = DecodeOptions(num_beams=cfg.eval_beams, max_length=preset.max_decode_len,
                              min_length=max(preset.min_decode_len, 1), length_penalty=preset.length_penalty,
                              no_repeat_ngram_size=preset.no_repeat_ngram_size,
                              banned_ids=default_banned_ids(model))
-        evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, decoder, opts, objective, collate)
+        evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, registry.default_decoder(cfg.method), opts,
+                                 objective, collate)
         # at a small budget BLEU-4 is ~1e-9 everywhere: ROUGE-L then breaks the tie (train.selection_score)
         tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4,rougeL" if preset.metric == "qg" else "rougeL",
                                    greater_is_better=True)

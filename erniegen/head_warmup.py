@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .masks import attention_mask, source_roles
-from .model import Transformer
+from .network import Network
 from .train import resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
@@ -36,13 +36,13 @@ HEAD_WARMUP_LR = 1e-3
 MASK_PROB = 0.15
 
 
-def head_parameters(model: Transformer) -> list[torch.nn.Parameter]:
+def head_parameters(model: Network) -> list[torch.nn.Parameter]:
     """The LM head's own parameters: its transform and output bias, not the tied word embeddings."""
     return [model.head.dense.weight, model.head.dense.bias, model.head.norm.weight, model.head.norm.bias,
             model.head.bias]
 
 
-def init_attn_embedding(model: Transformer) -> bool:
+def init_attn_embedding(model: Network) -> bool:
     """Copy the [MASK] embedding into the [ATTN] row when [ATTN] is a reserved ``[unused*]`` slot.
 
     Returns whether the row was written. Called only for checkpoints erniegen never trained: an
@@ -70,7 +70,7 @@ def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, mask_id: int, prob: floa
     return pick
 
 
-def warm_up_head(model: Transformer, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
+def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
                  lr: float = HEAD_WARMUP_LR, seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Train the head's transform and bias for ``steps`` masked-LM steps over ``texts`` (token ids
     with [CLS]/[SEP]); everything else is frozen. Returns the first and last losses and the time.

@@ -30,15 +30,12 @@ import torch
 import torch.distributed as dist
 
 from .batch import collate_pairs
-from .ernie_gen import ErnieGenConfig, ErnieGenObjective, replacement_vocab
-from .model import Layer, Transformer
-from .pretrain_data import (
-    CorpusSpec,
-    FragmentConfig,
-    SequenceStream,
-    StreamState,
-    iter_pretrain_examples,
-)
+from .corpus import CorpusSpec, SequenceStream, StreamState
+from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
+from .model import Transformer
+from .network import Layer
+from .pretrain_data import FragmentConfig, iter_pretrain_examples
+from .registry import ERNIE_GEN
 from .spans import SpanVocab, build_span_vocab, punctuation_ids
 from .train import (
     TrainConfig,
@@ -71,7 +68,7 @@ class PretrainConfig:
     corpus: str                        # comma-separated text/JSONL files, or a datasets name[:config]
     output: str
     span_vocab: str | None = None      # TSV from `erniegen span-vocab`; None = build from the corpus first
-    method: str = "ernie-gen"          # "ernie-gen" (infilling) | "typical" (ablation: teacher forcing)
+    method: str = "ernie-gen"          # of the ERNIE-GEN family: "ernie-gen" (infilling) | "typical" (ablation)
     word_weight: float | None = None   # λ; None = 0.5 for ernie-gen (paper), 1.0 for typical; 1.0 = no span flow
     noise_rate: float = 0.05           # ρ_p, pre-training noise (paper); 0 = the no-noise ablation
     label_smoothing: float = 0.1       # as in fine-tuning (ErnieGenConfig)
@@ -86,11 +83,10 @@ class PretrainConfig:
     trainer: TrainConfig = field(default_factory=default_trainer)
 
     def resolved_word_weight(self) -> float:
-        if self.method not in ("ernie-gen", "typical"):
-            raise ValueError(f"method={self.method!r} must be 'ernie-gen' or 'typical'")
-        if self.word_weight is None:
-            return 0.5 if self.method == "ernie-gen" else 1.0
-        return self.word_weight
+        if self.method not in ERNIE_GEN.methods:
+            raise ValueError(f"method={self.method!r} must be one of {list(ERNIE_GEN.methods)}: pre-training "
+                             f"trains ERNIE-GEN's flows")
+        return pretrain_word_weight(self.method) if self.word_weight is None else self.word_weight
 
 
 def pretrain_features(example: dict, cls_id: int, sep_id: int) -> dict[str, list[int]]:

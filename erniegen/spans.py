@@ -339,12 +339,12 @@ def span_vocab_main(
     """Build a span vocabulary from a corpus, save it as TSV and print time, memory and top n-grams.
 
     The corpus is read and split exactly as for pre-training
-    (:class:`erniegen.pretrain_data.SequenceStream`), so counts match what
+    (:class:`erniegen.corpus.SequenceStream`), so counts match what
     the model sees. ``max_items_in_memory`` 0 or None counts exactly.
     """
     from transformers import AutoTokenizer
 
-    from erniegen.pretrain_data import CorpusSpec, SequenceStream
+    from erniegen.corpus import CorpusSpec, SequenceStream
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or default_tokenizer_dir())
     spec = CorpusSpec.from_arg(corpus, text_field=text_field, paragraphs=paragraphs, split=split)

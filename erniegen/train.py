@@ -134,11 +134,11 @@ def _barrier(world: int) -> None:
 
 
 def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
-    """Reject settings that cannot work; recipes call it before any model or data is touched."""
+    """Reject settings that cannot work; recipes call it before any model or data is touched.
+
+    A value that is wrong is named before a length that is missing (recipes fill that one in)."""
     positive = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "log_every": cfg.log_every}
-    if cfg.max_steps is None:
-        if cfg.epochs is None:
-            raise ValueError("neither epochs nor max_steps is set: the run has no length")
+    if cfg.max_steps is None and cfg.epochs is not None:
         positive["epochs"] = cfg.epochs
     for name in ("max_steps", "eval_every", "save_every"):
         if getattr(cfg, name) is not None:
@@ -161,11 +161,15 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
         raise ValueError(f"warmup_ratio={cfg.warmup_ratio} must be in [0, 1]")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision={cfg.precision!r} must be one of {PRECISIONS}")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("precision='fp16' needs CUDA, and there is no CUDA device; use 'bf16' or 'fp32'")
     if not has_evaluate and cfg.metric_for_best != "loss":
         raise ValueError(f"metric_for_best={cfg.metric_for_best!r} needs an evaluate() function, "
                          "but none was given (no dev set?)")
     if not cfg.output_dir:
         raise ValueError("output_dir must be set")
+    if cfg.max_steps is None and cfg.epochs is None:
+        raise ValueError("neither epochs nor max_steps is set: the run has no length")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -581,8 +585,11 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed()
     try:
-        return _train(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device,
-                      lengths, fsdp_units)
+        run = _Run(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device,
+                   lengths, fsdp_units)
+        if cfg.resume:
+            run.resume()
+        return run.run()
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -604,266 +611,315 @@ def _check_data_and_sharding(cfg: TrainConfig, train_data: Any, lengths: Sequenc
                          "every rank; train without a dev set or without fsdp")
 
 
-def _train(objective: torch.nn.Module, train_data: Sequence | ResumableStream, collate: Callable[[list], dict],
-           cfg: TrainConfig, evaluate: Callable[[], dict[str, float]] | None, save_model: Callable[[str], None],
-           extra_state: dict | None, rank: int, world: int, device: torch.device,
-           lengths: Sequence[int] | None, fsdp_units: tuple[type[torch.nn.Module], ...]) -> dict:
-    t_begin = time.time()
-    main = rank == 0
-    out_dir = Path(cfg.output_dir)
-    dtype = resolve_precision(cfg.precision, device)
-    streaming = isinstance(train_data, ResumableStream)
-    if cfg.fsdp and world < 2:
-        raise ValueError(f"fsdp=True shards the model over processes, but world_size={world}: launch with "
-                         "torchrun --nproc_per_node=N (N >= 2), or drop fsdp")
-    num_examples = None if streaming else len(train_data)  # a stream's size is unknown
-    if not streaming:
-        if len(train_data) < world:
-            raise ValueError(f"{len(train_data)} training examples cannot be shared by world_size={world} processes")
-        micro_per_epoch = math.ceil(len(train_data) // world / cfg.batch_size)
-        steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-    # rounded half up, not ceil: 0.1 * 30 is 3.0000000000000004 in floating point
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total_steps + 0.5)
-    if warmup > total_steps:
-        raise ValueError(f"warmup_steps={warmup} exceeds the {total_steps} optimizer steps of the run")
+class _Run:
+    """One call of :func:`train`: the state a run carries from step to step, and its named steps.
 
-    # -- output directory: refuse to mix runs, then repair interrupted saves
-    check_output_dir(out_dir, cfg.resume)
-    _barrier(world)
-    if main:
-        _recover_interrupted_saves(out_dir)
-    _barrier(world)
-    ckpt = last_checkpoint(out_dir)
+    In the order :meth:`run` takes them: ``__init__`` (sizes, schedule, output folder, seeds,
+    optimizer, DDP/FSDP), :meth:`resume`, then per micro-batch :meth:`forward_backward` and, on the
+    last micro-batch of an optimizer step, :meth:`optimizer_step`, :meth:`log`, :meth:`evaluate` and
+    :meth:`save`; :meth:`summary` at the end. Every step runs in the same order as an uninterrupted
+    run's, which keeps resumed runs bit-identical.
+    """
 
-    # -- model, optimizer, schedule
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    np.random.seed(cfg.seed + rank)
-    raw = objective.to(device).train()
-    optimizer = make_optimizer(raw, cfg.lr, cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps))
-    if cfg.fsdp:
-        loaded_checksum = _param_checksum(raw)      # before sharding: the weights the caller loaded
-        model = _wrap_fsdp(raw, optimizer, device, fsdp_units)
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-        scaler = ShardedGradScaler(device.type, enabled=dtype == torch.float16)
-    else:
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        # Objectives may leave some parameters unused (heads of other methods), hence find_unused_parameters.
-        model = (DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None,
-                                         find_unused_parameters=True) if world > 1 else raw)
+    def __init__(self, objective: torch.nn.Module, train_data: Sequence | ResumableStream,
+                 collate: Callable[[list], dict], cfg: TrainConfig, evaluate: Callable[[], dict[str, float]] | None,
+                 save_model: Callable[[str], None], extra_state: dict | None, rank: int, world: int,
+                 device: torch.device, lengths: Sequence[int] | None,
+                 fsdp_units: tuple[type[torch.nn.Module], ...]):
+        self.t_begin = time.time()
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.data, self.collate, self.lengths = train_data, collate, lengths
+        self.evaluate_fn, self.save_model, self.extra_state = evaluate, save_model, extra_state
+        self.main = rank == 0
+        self.out_dir = Path(cfg.output_dir)
+        self.dtype = resolve_precision(cfg.precision, device)
+        self.streaming = isinstance(train_data, ResumableStream)
+        if cfg.fsdp and world < 2:
+            raise ValueError(f"fsdp=True shards the model over processes, but world_size={world}: launch with "
+                             "torchrun --nproc_per_node=N (N >= 2), or drop fsdp")
+        self.num_examples = None if self.streaming else len(train_data)  # a stream's size is unknown
+        if not self.streaming:
+            if len(train_data) < world:
+                raise ValueError(f"{len(train_data)} training examples cannot be shared by world_size={world} "
+                                 "processes")
+            self.micro_per_epoch = math.ceil(len(train_data) // world / cfg.batch_size)
+            steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        # rounded half up, not ceil: 0.1 * 30 is 3.0000000000000004 in floating point
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps + 0.5)
+        if warmup > self.total_steps:
+            raise ValueError(f"warmup_steps={warmup} exceeds the {self.total_steps} optimizer steps of the run")
 
-    step, epoch, micro_start = 0, 0, 0
-    stream_epoch = 0                   # streams: this rank's pass over its shard
-    best_metric: float | None = None      # the first key's value at the best step
-    best_score: list[float] | None = None  # the compared values (every key, rounded)
-    best_step: int | None = None
-    sums: dict[str, torch.Tensor] = {}   # per-key sums of the current log window (rank-local)
-    counts: dict[str, int] = {}
-    if cfg.resume:
+        # -- output directory: refuse to mix runs, then repair interrupted saves
+        check_output_dir(self.out_dir, cfg.resume)
+        _barrier(world)
+        if self.main:
+            _recover_interrupted_saves(self.out_dir)
+        _barrier(world)
+
+        # -- model, optimizer, schedule
+        torch.manual_seed(cfg.seed + rank)
+        random.seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)
+        self.raw = objective.to(device).train()
+        self.optimizer = make_optimizer(self.raw, cfg.lr, cfg.weight_decay)
+        total = self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+        if cfg.fsdp:
+            self.loaded_checksum = _param_checksum(self.raw)  # before sharding: the weights the caller loaded
+            self.model = _wrap_fsdp(self.raw, self.optimizer, device, fsdp_units)
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler(device.type, enabled=self.dtype == torch.float16)
+        else:
+            self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+            # Objectives may leave some parameters unused (heads of other methods), hence find_unused_parameters.
+            self.model = (DistributedDataParallel(self.raw, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  find_unused_parameters=True) if world > 1 else self.raw)
+
+        # -- where the run stands (resume moves it on)
+        self.step, self.epoch, self.micro_start = 0, 0, 0
+        self.stream_epoch = 0                   # streams: this rank's pass over its shard
+        self.best_metric: float | None = None      # the first key's value at the best step
+        self.best_score: list[float] | None = None  # the compared values (every key, rounded)
+        self.best_step: int | None = None
+        self.sums: dict[str, torch.Tensor] = {}   # per-key sums of the current log window (rank-local)
+        self.counts: dict[str, int] = {}
+        self.run_counts = torch.zeros(2, dtype=torch.float64, device=device)      # [tokens, examples]
+        self.window_counts = torch.zeros(2, dtype=torch.float64, device=device)
+        self.last_log: dict[str, Any] = {}
+
+    def resume(self) -> None:
+        """Restore optimizer, schedule, scaler, position, best so far, RNGs and log window from checkpoint-last."""
+        cfg, rank, device = self.cfg, self.rank, self.device
+        ckpt = last_checkpoint(self.out_dir)
         state = load_checkpoint_file(Path(ckpt) / TRAINER_STATE)
         saved = state["config"] | {"world_size": state["world_size"], "num_examples": state["num_examples"]}
-        now = {k: getattr(cfg, k) for k in _ORDER_KEYS} | {"world_size": world, "num_examples": num_examples}
+        now = {k: getattr(cfg, k) for k in _ORDER_KEYS} | {"world_size": self.world,
+                                                           "num_examples": self.num_examples}
         changed = {k: (saved[k], now[k]) for k in now if saved[k] != now[k]}
         if changed:
             raise ValueError(f"cannot resume {ckpt} exactly: settings changed (saved, now): {changed}")
         if cfg.fsdp != (state["optimizer"] is None):
             raise ValueError(f"cannot resume {ckpt}: it was saved with fsdp={not cfg.fsdp}, now fsdp={cfg.fsdp}")
         if cfg.fsdp:                   # each rank restores its own optimizer shard
-            optimizer.load_state_dict(load_checkpoint_file(Path(ckpt) / f"optimizer_{rank}.pt"))
+            self.optimizer.load_state_dict(load_checkpoint_file(Path(ckpt) / f"optimizer_{rank}.pt"))
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, micro_start = state["global_step"], state["epoch"], state["micro_step"]
-        best_metric, best_score, best_step = state["best_metric"], state["best_score"], state["best_step"]
-        if streaming:
-            stream_epoch = state["streams"][rank]["epoch"]
-            train_data.load_state_dict(state["streams"][rank]["data"])
-            micro_start = step * cfg.grad_accum      # every step took exactly grad_accum micro-batches
-        elif micro_start >= micro_per_epoch:
-            epoch, micro_start = epoch + 1, 0
-        if extra_state is not None:
-            extra_state.clear()
-            extra_state.update(state["extra_state"] or {})
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.micro_start = state["global_step"], state["epoch"], state["micro_step"]
+        self.best_metric, self.best_score, self.best_step = state["best_metric"], state["best_score"], state["best_step"]
+        if self.streaming:
+            self.stream_epoch = state["streams"][rank]["epoch"]
+            self.data.load_state_dict(state["streams"][rank]["data"])
+            self.micro_start = self.step * cfg.grad_accum      # every step took exactly grad_accum micro-batches
+        elif self.micro_start >= self.micro_per_epoch:
+            self.epoch, self.micro_start = self.epoch + 1, 0
+        if self.extra_state is not None:
+            self.extra_state.clear()
+            self.extra_state.update(state["extra_state"] or {})
         rank_state = load_checkpoint_file(Path(ckpt) / f"rng_state_{rank}.pt")
         _set_rng_state(rank_state["rng"], device)
-        sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in rank_state["log_sums"].items()}
-        counts = dict(rank_state["log_counts"])
-        checksum = loaded_checksum if cfg.fsdp else _param_checksum(raw)
+        self.sums = {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in rank_state["log_sums"].items()}
+        self.counts = dict(rank_state["log_counts"])
+        checksum = self.loaded_checksum if cfg.fsdp else _param_checksum(self.raw)
         if not math.isclose(checksum, state["param_checksum"], rel_tol=1e-9, abs_tol=1e-9):
             warnings.warn(f"the objective's weights differ from those saved in {ckpt}: load the model from "
                           "last_checkpoint(output_dir) before train(resume=True), or the resume is not exact")
-        if main:
-            _truncate_log(out_dir / LOG_FILE, step)
-            where = (f"stream pass {stream_epoch}, {train_data.state_dict()}" if streaming
-                     else f"epoch {epoch}, micro-batch {micro_start}")
-            tqdm.write(f"resumed from {ckpt} at step {step} ({where})")
+        if self.main:
+            _truncate_log(self.out_dir / LOG_FILE, self.step)
+            where = (f"stream pass {self.stream_epoch}, {self.data.state_dict()}" if self.streaming
+                     else f"epoch {self.epoch}, micro-batch {self.micro_start}")
+            tqdm.write(f"resumed from {ckpt} at step {self.step} ({where})")
 
-    pbar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, disable=not main)
-    paused = 0.0                       # seconds spent evaluating and saving, excluded from tokens/s
-    run_counts = torch.zeros(2, dtype=torch.float64, device=device)      # [tokens, examples]
-    window_counts = torch.zeros(2, dtype=torch.float64, device=device)
-    window_start = time.time()
-    last_log: dict[str, Any] = {}
-    t_train = time.time()
+    def run(self) -> dict:
+        """The loop: micro-batches until ``total_steps`` optimizer steps are done; returns the summary."""
+        cfg = self.cfg
+        self.pbar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                         disable=not self.main)
+        paused = 0.0                       # seconds spent evaluating and saving, excluded from tokens/s
+        self.window_start = time.time()
+        t_train = time.time()
+        if self.streaming:
+            micro_batches = _stream_micro_batches(self.data, self.collate, cfg.seed, self.rank, self.world,
+                                                  self.stream_epoch, self.micro_start)
+        else:
+            micro_batches = _list_micro_batches(self.data, self.collate, cfg, self.rank, self.world, self.device,
+                                                self.lengths, self.epoch, self.micro_start)
+        # n_micro: micro-batches in this epoch; None for a stream, whose groups are always grad_accum long
+        for epoch, micro, n_micro, batch in (micro_batches if self.step < self.total_steps else ()):
+            group_start = micro - micro % cfg.grad_accum
+            group_size = cfg.grad_accum if n_micro is None else min(cfg.grad_accum, n_micro - group_start)
+            sync_now = micro == group_start + group_size - 1
+            self.forward_backward(batch, group_size, sync_now)
+            if not sync_now:
+                continue
+            lr, grad_norm = self.optimizer_step()
+            done = self.step >= self.total_steps
+            if self.step % cfg.log_every == 0 or done:
+                epoch_pos = epoch if n_micro is None else round(epoch + (micro + 1) / n_micro, 4)
+                self.log(epoch_pos, lr, grad_norm)
+            epoch_end = n_micro is not None and micro + 1 == n_micro
+            do_eval = done or (epoch_end if cfg.eval_every is None else self.step % cfg.eval_every == 0)
+            do_save = done or (do_eval if cfg.save_every is None else self.step % cfg.save_every == 0)
+            t_pause = time.time()
+            if do_eval and self.main and self.evaluate_fn is not None:
+                self.evaluate()
+            # FSDP: rank 0 sees the full weights while it saves (every rank takes part in gathering them)
+            with _full_weights_on_rank0(self.model, self.device) if cfg.fsdp and do_save else nullcontext():
+                if done and self.evaluate_fn is None:
+                    self.keep_last_as_best()
+                if do_eval:
+                    _barrier(self.world)
+                if do_save:
+                    self.save(epoch, micro)
+            paused += time.time() - t_pause
+            if done:
+                break
+        micro_batches.close()
+        self.pbar.close()
+        return self.summary(time.time() - t_train - paused)
 
-    if streaming:
-        micro_batches = _stream_micro_batches(train_data, collate, cfg.seed, rank, world, stream_epoch, micro_start)
-    else:
-        micro_batches = _list_micro_batches(train_data, collate, cfg, rank, world, device, lengths, epoch,
-                                            micro_start)
-    # n_micro: micro-batches in this epoch; None for a stream, whose groups are always grad_accum long
-    for epoch, micro, n_micro, batch in (micro_batches if step < total_steps else ()):
-        # -- one micro-batch: forward/backward; DDP syncs gradients on the group's last one only
-        group_start = micro - micro % cfg.grad_accum
-        group_size = cfg.grad_accum if n_micro is None else min(cfg.grad_accum, n_micro - group_start)
-        sync_now = micro == group_start + group_size - 1
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
-        if hasattr(raw, "set_progress"):  # objectives with a schedule (e.g. ERNIE-GEN's noise ramp)
-            raw.set_progress(step, total_steps)
+    def forward_backward(self, batch: dict, group_size: int, sync_now: bool) -> None:
+        """One micro-batch: forward and backward; DDP syncs gradients on the group's last one only.
+        Its losses and token/example counts join the log window."""
+        cfg, device = self.cfg, self.device
+        batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        if hasattr(self.raw, "set_progress"):  # objectives with a schedule (e.g. ERNIE-GEN's noise ramp)
+            self.raw.set_progress(self.step, self.total_steps)
         # FSDP reduce-scatters every micro-batch (its no_sync would keep full-size gradients)
-        with nullcontext() if sync_now or world == 1 or cfg.fsdp else model.no_sync():
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                out = model(**batch)
+        with nullcontext() if sync_now or self.world == 1 or cfg.fsdp else self.model.no_sync():
+            with torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                out = self.model(**batch)
             if not isinstance(out, dict) or "loss" not in out:
                 raise ValueError(f"the objective must return a dict with a 'loss' key, got "
                                  f"{sorted(out) if isinstance(out, dict) else type(out).__name__}")
-            scaler.scale(out["loss"] / group_size).backward()
+            self.scaler.scale(out["loss"] / group_size).backward()
         for k, v in out.items():
             if k != "num_tokens" and isinstance(v, torch.Tensor) and v.numel() == 1:
-                sums[k] = sums.get(k, 0.0) + v.detach().double()
-                counts[k] = counts.get(k, 0) + 1
+                self.sums[k] = self.sums.get(k, 0.0) + v.detach().double()
+                self.counts[k] = self.counts.get(k, 0) + 1
         counted = torch.tensor([float(_count_tokens(out, batch)), _count_examples(batch)], dtype=torch.float64,
                                device=device)
-        window_counts += counted
-        run_counts += counted
-        if not sync_now:
-            continue
+        self.window_counts += counted
+        self.run_counts += counted
 
-        # -- optimizer step
-        scaler.unscale_(optimizer)
-        if cfg.fsdp:                   # the norm over all ranks' shards
-            grad_norm = model.clip_grad_norm_(cfg.clip_norm or math.inf)
+    def optimizer_step(self) -> tuple[float, torch.Tensor]:
+        """Clip, step the optimizer and the schedule; returns the lr used and the gradient norm."""
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.fsdp:              # the norm over all ranks' shards
+            grad_norm = self.model.clip_grad_norm_(self.cfg.clip_norm or math.inf)
         else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.clip_norm or math.inf)
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pbar.update(1)
-        done = step >= total_steps
-        epoch_pos = epoch if n_micro is None else round(epoch + (micro + 1) / n_micro, 4)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.clip_norm or math.inf)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.pbar.update(1)
+        return lr, grad_norm
 
-        # -- log: average the window over micro-batches and ranks
-        if step % cfg.log_every == 0 or done:
-            keys = sorted(sums)
-            packed = torch.stack([sums[k] for k in keys]
-                                 + [torch.tensor(float(counts[k]), dtype=torch.float64, device=device)
-                                    for k in keys] + list(window_counts))
-            if world > 1:
-                dist.all_reduce(packed)
-            avg = {k: float(packed[i] / packed[len(keys) + i]) for i, k in enumerate(keys)}
-            elapsed = max(time.time() - window_start, 1e-9)
-            tok_s, ex_s = float(packed[-2]) / elapsed, float(packed[-1]) / elapsed
-            last_log = {"step": step, "epoch": epoch_pos, **avg, "lr": lr, "grad_norm": float(grad_norm),
-                        "tokens_per_s": round(tok_s, 1), "examples_per_s": round(ex_s, 2)}
-            if main:
-                _append_jsonl(out_dir / LOG_FILE, last_log)
-                pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", ex_s=f"{ex_s:.1f}")
-            sums, counts = {}, {}
-            window_counts = torch.zeros(2, dtype=torch.float64, device=device)
-            window_start = time.time()
+    def log(self, epoch_pos: float, lr: float, grad_norm: torch.Tensor) -> None:
+        """Average the log window over micro-batches and ranks; rank 0 appends it to log.jsonl."""
+        device = self.device
+        keys = sorted(self.sums)
+        packed = torch.stack([self.sums[k] for k in keys]
+                             + [torch.tensor(float(self.counts[k]), dtype=torch.float64, device=device)
+                                for k in keys] + list(self.window_counts))
+        if self.world > 1:
+            dist.all_reduce(packed)
+        avg = {k: float(packed[i] / packed[len(keys) + i]) for i, k in enumerate(keys)}
+        elapsed = max(time.time() - self.window_start, 1e-9)
+        tok_s, ex_s = float(packed[-2]) / elapsed, float(packed[-1]) / elapsed
+        self.last_log = {"step": self.step, "epoch": epoch_pos, **avg, "lr": lr, "grad_norm": float(grad_norm),
+                         "tokens_per_s": round(tok_s, 1), "examples_per_s": round(ex_s, 2)}
+        if self.main:
+            _append_jsonl(self.out_dir / LOG_FILE, self.last_log)
+            self.pbar.set_postfix(loss=f"{avg['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", ex_s=f"{ex_s:.1f}")
+        self.sums, self.counts = {}, {}
+        self.window_counts = torch.zeros(2, dtype=torch.float64, device=device)
+        self.window_start = time.time()
 
-        # -- evaluate (rank 0) and keep the best model
-        epoch_end = n_micro is not None and micro + 1 == n_micro
-        do_eval = done or (epoch_end if cfg.eval_every is None else step % cfg.eval_every == 0)
-        do_save = done or (do_eval if cfg.save_every is None else step % cfg.save_every == 0)
-        t_pause = time.time()
-        if do_eval and main and evaluate is not None:
-            raw.eval()
-            with _rng_scope(device=device), torch.no_grad():
-                metrics = {k: float(v) for k, v in evaluate().items()}
-            raw.train()
-            score = selection_score(metrics, cfg.metric_for_best)
-            _append_jsonl(out_dir / LOG_FILE, {"step": step, "eval": metrics})
-            tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-            value = metrics[cfg.metric_for_best.split(",")[0]]
-            if best_score is None or (score > best_score if cfg.greater_is_better else score < best_score):
-                best_metric, best_score, best_step = value, score, step
+    def evaluate(self) -> None:
+        """Rank 0: run ``evaluate()`` in eval mode on its own RNG stream; a better score replaces best/."""
+        cfg, step, device = self.cfg, self.step, self.device
+        self.raw.eval()
+        with _rng_scope(device=device), torch.no_grad():
+            metrics = {k: float(v) for k, v in self.evaluate_fn().items()}
+        self.raw.train()
+        score = selection_score(metrics, cfg.metric_for_best)
+        _append_jsonl(self.out_dir / LOG_FILE, {"step": step, "eval": metrics})
+        tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        value = metrics[cfg.metric_for_best.split(",")[0]]
+        best = self.best_score
+        if best is None or (score > best if cfg.greater_is_better else score < best):
+            self.best_metric, self.best_score, self.best_step = value, score, step
 
-                def write_best(d: str) -> None:
-                    save_model(d)
-                    Path(d, "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-                with _rng_scope(device=device):
-                    _atomic_write_dir(out_dir / BEST, write_best)
-                tqdm.write(f"saved {out_dir / BEST} (step {step}, {cfg.metric_for_best}={score})")
-        # FSDP: rank 0 sees the full weights while it saves (every rank takes part in gathering them)
-        with _full_weights_on_rank0(model, device) if cfg.fsdp and do_save else nullcontext():
-            if done and evaluate is None:
-                if main:
-                    with _rng_scope(device=device):
-                        _atomic_write_dir(out_dir / BEST, save_model)
-                    tqdm.write(f"saved {out_dir / BEST} (last model, step {step}; no evaluate())")
-                best_step = step
-            if do_eval:
-                _barrier(world)
+            def write_best(d: str) -> None:
+                self.save_model(d)
+                Path(d, "eval_results.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+            with _rng_scope(device=device):
+                _atomic_write_dir(self.out_dir / BEST, write_best)
+            tqdm.write(f"saved {self.out_dir / BEST} (step {step}, {cfg.metric_for_best}={score})")
 
-            # -- resumable checkpoint: model + trainer state (rank 0) + every rank's RNG and log window
-            if do_save:
-                rank_state = {"rng": _get_rng_state(device), "log_counts": counts,
-                              "log_sums": {k: float(v) for k, v in sums.items()}}
-                if streaming:          # the position just past this rank's last consumed example
-                    rank_state["stream"] = {"epoch": epoch, "data": train_data.state_dict()}
-                rank_states: list[Any] = [rank_state] * world
-                if world > 1:
-                    dist.all_gather_object(rank_states, rank_state)
-                if cfg.fsdp:           # each rank stages its optimizer shard; rank 0 moves them in
-                    shard_dir = out_dir / f"{CHECKPOINT_LAST}.tmp-shards-{step}"
-                    shard_dir.mkdir(parents=True, exist_ok=True)
-                    torch.save(optimizer.state_dict(), shard_dir / f"optimizer_{rank}.pt")
-                    _barrier(world)
-                if main:
-                    streams = [s.pop("stream") for s in rank_states] if streaming else None
-                    trainer_state = {
-                        "optimizer": None if cfg.fsdp else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "global_step": step, "epoch": epoch,
-                        "micro_step": micro + 1, "best_metric": best_metric, "best_score": best_score,
-                        "best_step": best_step,
-                        "extra_state": extra_state, "world_size": world, "num_examples": num_examples,
-                        "streams": streams,
-                        "param_checksum": _param_checksum(raw), "config": dataclass_to_dict(cfg)}
+    def keep_last_as_best(self) -> None:
+        """Without ``evaluate()``, the model after the last step is the best one."""
+        if self.main:
+            with _rng_scope(device=self.device):
+                _atomic_write_dir(self.out_dir / BEST, self.save_model)
+            tqdm.write(f"saved {self.out_dir / BEST} (last model, step {self.step}; no evaluate())")
+        self.best_step = self.step
 
-                    def write_last(d: str) -> None:
-                        save_model(d)
-                        torch.save(trainer_state, Path(d) / TRAINER_STATE)
-                        for r, s in enumerate(rank_states):
-                            torch.save(s, Path(d) / f"rng_state_{r}.pt")
-                        if cfg.fsdp:
-                            for r in range(world):
-                                os.replace(shard_dir / f"optimizer_{r}.pt", Path(d) / f"optimizer_{r}.pt")
-                    with _rng_scope(device=device):
-                        _atomic_write_dir(out_dir / CHECKPOINT_LAST, write_last)
-                    if cfg.fsdp:
-                        shard_dir.rmdir()
-                    tqdm.write(f"saved {out_dir / CHECKPOINT_LAST} (step {step})")
-                _barrier(world)
-        paused += time.time() - t_pause
-        if done:
-            break
-    micro_batches.close()
-    pbar.close()
+    def save(self, epoch: int, micro: int) -> None:
+        """The resumable checkpoint: model + trainer state (rank 0) + every rank's RNG and log window."""
+        cfg, rank, world, step = self.cfg, self.rank, self.world, self.step
+        rank_state = {"rng": _get_rng_state(self.device), "log_counts": self.counts,
+                      "log_sums": {k: float(v) for k, v in self.sums.items()}}
+        if self.streaming:          # the position just past this rank's last consumed example
+            rank_state["stream"] = {"epoch": epoch, "data": self.data.state_dict()}
+        rank_states: list[Any] = [rank_state] * world
+        if world > 1:
+            dist.all_gather_object(rank_states, rank_state)
+        if cfg.fsdp:           # each rank stages its optimizer shard; rank 0 moves them in
+            shard_dir = self.out_dir / f"{CHECKPOINT_LAST}.tmp-shards-{step}"
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(self.optimizer.state_dict(), shard_dir / f"optimizer_{rank}.pt")
+            _barrier(world)
+        if self.main:
+            streams = [s.pop("stream") for s in rank_states] if self.streaming else None
+            trainer_state = {
+                "optimizer": None if cfg.fsdp else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "global_step": step, "epoch": epoch,
+                "micro_step": micro + 1, "best_metric": self.best_metric, "best_score": self.best_score,
+                "best_step": self.best_step,
+                "extra_state": self.extra_state, "world_size": world, "num_examples": self.num_examples,
+                "streams": streams,
+                "param_checksum": _param_checksum(self.raw), "config": dataclass_to_dict(cfg)}
 
-    train_time = time.time() - t_train - paused
-    if world > 1:
-        dist.all_reduce(run_counts)
-    return {"global_step": step, "epoch": last_log.get("epoch"), "train_loss": last_log.get("loss"),
-            "best_metric": best_metric, "best_step": best_step, "metric_for_best": cfg.metric_for_best,
-            "train_tokens_per_s": float(run_counts[0]) / max(train_time, 1e-9),
-            "train_examples_per_s": float(run_counts[1]) / max(train_time, 1e-9),
-            "wall_time_s": time.time() - t_begin}
+            def write_last(d: str) -> None:
+                self.save_model(d)
+                torch.save(trainer_state, Path(d) / TRAINER_STATE)
+                for r, s in enumerate(rank_states):
+                    torch.save(s, Path(d) / f"rng_state_{r}.pt")
+                if cfg.fsdp:
+                    for r in range(world):
+                        os.replace(shard_dir / f"optimizer_{r}.pt", Path(d) / f"optimizer_{r}.pt")
+            with _rng_scope(device=self.device):
+                _atomic_write_dir(self.out_dir / CHECKPOINT_LAST, write_last)
+            if cfg.fsdp:
+                shard_dir.rmdir()
+            tqdm.write(f"saved {self.out_dir / CHECKPOINT_LAST} (step {step})")
+        _barrier(world)
+
+    def summary(self, train_time: float) -> dict:
+        """What :func:`train` returns; tokens/s and examples/s over every rank, pauses excluded."""
+        if self.world > 1:
+            dist.all_reduce(self.run_counts)
+        return {"global_step": self.step, "epoch": self.last_log.get("epoch"), "train_loss": self.last_log.get("loss"),
+                "best_metric": self.best_metric, "best_step": self.best_step,
+                "metric_for_best": self.cfg.metric_for_best,
+                "train_tokens_per_s": float(self.run_counts[0]) / max(train_time, 1e-9),
+                "train_examples_per_s": float(self.run_counts[1]) / max(train_time, 1e-9),
+                "wall_time_s": time.time() - self.t_begin}

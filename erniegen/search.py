@@ -1,0 +1,239 @@
+"""Decoding's building blocks, shared by every method: options, the decoder interface, the searches.
+
+A :class:`Decoder` turns a padded batch of source ids into lists of generated ids. Autoregressive
+decoders split into a *stepper* (how one token's distribution is computed: ERNIE-GEN infilling, or
+typical previous-token feeding, both in ernie_gen.py) and a *search* (greedy or beam) that only sees
+log-probabilities, so both searches serve every stepper. Non-autoregressive decoders (nar.py and
+the methods' own modules) implement the interface directly. :func:`decode_in_batches` runs any
+decoder over many sources; decoders are looked up by name in :mod:`erniegen.registry`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .batch import pad
+from .network import Network
+
+
+@dataclass
+class DecodeOptions:
+    """Search settings; defaults come from the task preset saved with the model."""
+
+    num_beams: int = 1
+    max_length: int = 64  # generated tokens, the end token included
+    min_length: int = 1  # the end token is banned before this many tokens
+    length_penalty: float = 1.0  # GNMT: score / ((5 + len) / 6) ** alpha (ERNIE-GEN, UniLM)
+    no_repeat_ngram_size: int = 0
+    banned_ids: list[int] = field(default_factory=list)
+    # Non-autoregressive decoders
+    iterations: int = 1
+    length_beam: int = 1
+    dedup: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("num_beams", "iterations", "length_beam"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_length < 1 or not 0 <= self.min_length <= self.max_length:
+            raise ValueError(f"need 0 <= min_length <= max_length and max_length >= 1, got {self.min_length} and "
+                             f"{self.max_length}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
+
+
+class Stepper(Protocol):
+    """What a search needs of an autoregressive method: one step's log-probabilities, and its
+    per-hypothesis state copied (``expand``: each row k times) or reordered (beam search)."""
+
+    src_len: torch.Tensor
+
+    def step(self, prev: torch.Tensor | None) -> torch.Tensor: ...
+
+    def expand(self, k: int) -> None: ...
+
+    def reorder(self, rows: torch.Tensor) -> None: ...
+
+
+def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
+    """Ban (in place, -inf) every token that would repeat an n-gram already in ``tokens`` (N, t)."""
+    if n <= 0 or tokens.shape[1] < n:
+        return
+    windows = tokens.unfold(1, n, 1)  # (N, t-n+1, n)
+    last = tokens[:, -(n - 1):] if n > 1 else tokens[:, :0]
+    hit = (windows[:, :, : n - 1] == last[:, None, :]).all(-1)  # (N, t-n+1)
+    rows, cols = hit.nonzero(as_tuple=True)
+    logp[rows, windows[rows, cols, n - 1]] = float("-inf")
+
+
+def _constrain(logp: torch.Tensor, tokens: torch.Tensor, step: int, eos: int, opts: DecodeOptions) -> torch.Tensor:
+    if opts.banned_ids:
+        logp[:, opts.banned_ids] = float("-inf")
+    if step + 1 < opts.min_length:
+        logp[:, eos] = float("-inf")
+    block_ngrams(logp, tokens, opts.no_repeat_ngram_size)
+    return logp
+
+
+def gnmt_penalty(length: int, alpha: float) -> float:
+    """Wu et al. (2016) length penalty, as ERNIE-GEN and UniLM use it."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
+    dev = stepper.src_len.device
+    tokens = torch.zeros(n, 0, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    prev = None
+    for step in range(opts.max_length):
+        logp = _constrain(stepper.step(prev), tokens, step, eos, opts)
+        if step == opts.max_length - 1:
+            logp[:, :] = torch.where(torch.arange(logp.shape[1], device=dev) == eos, 0.0, float("-inf"))
+        nxt = torch.where(done, eos, logp.argmax(-1))
+        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        done |= nxt == eos
+        if bool(done.all()):
+            break
+        prev = nxt
+    return [until_end(row, eos) for row in tokens.tolist()]
+
+
+def beam_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
+    """Batched beam search; a batch item stops once it holds ``num_beams`` finished hypotheses."""
+    k, dev = opts.num_beams, stepper.src_len.device
+    stepper.expand(k)
+    scores = torch.full((n, k), float("-inf"), device=dev)
+    scores[:, 0] = 0.0
+    tokens = torch.zeros(n * k, 0, dtype=torch.long, device=dev)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
+    active = [True] * n
+    prev = None
+    for step in range(opts.max_length):
+        logp = _constrain(stepper.step(prev), tokens, step, eos, opts)
+        if step == opts.max_length - 1:  # out of room: every live beam must end here
+            logp = torch.where(torch.arange(logp.shape[1], device=dev) == eos, logp[:, eos:eos + 1], float("-inf"))
+        v = logp.shape[1]
+        cand = (scores[:, :, None] + logp.view(n, k, v)).view(n, k * v)
+        top, idx = cand.topk(2 * k, dim=1)
+        top_l, idx_l = top.tolist(), idx.tolist()
+        rows, next_tok, next_score = [], [], []
+        for b in range(n):
+            beams_b: list[tuple[int, int, float]] = []
+            if active[b]:
+                for s, j in zip(top_l[b], idx_l[b]):
+                    if s == float("-inf"):
+                        break
+                    beam, tok = divmod(j, v)
+                    if tok == eos:
+                        seq = tokens[b * k + beam].tolist()
+                        finished[b].append((s / gnmt_penalty(len(seq) + 1, opts.length_penalty), seq))
+                    else:
+                        beams_b.append((beam, tok, s))
+                    if len(beams_b) == k:
+                        break
+                if len(finished[b]) >= k:
+                    active[b] = False
+            while len(beams_b) < k:  # finished or exhausted rows keep dummy beams that never win
+                beams_b.append((0, eos, float("-inf")))
+            for beam, tok, s in beams_b:
+                rows.append(b * k + beam)
+                next_tok.append(tok)
+                next_score.append(s)
+        if not any(active):
+            break
+        rows_t = torch.tensor(rows, device=dev)
+        prev = torch.tensor(next_tok, device=dev)
+        scores = torch.tensor(next_score, device=dev).view(n, k)
+        tokens = torch.cat([tokens[rows_t], prev[:, None]], 1)
+        stepper.reorder(rows_t)
+    return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
+
+
+def until_end(row: list[int], eos: int) -> list[int]:
+    """The ids before the first end token."""
+    return row[: row.index(eos)] if eos in row else row
+
+
+class Decoder:
+    """Interface: ``decoder(model, src_ids, src_len, opts) -> list of token-id lists``."""
+
+    name = "base"
+
+    def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
+                 opts: DecodeOptions) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class AutoregressiveDecoder(Decoder):
+    """A stepper (built per batch) driven by greedy search, or beam search when ``num_beams`` > 1."""
+
+    def __init__(self, stepper_cls: Callable[[Network, torch.Tensor, torch.Tensor, int], Stepper], name: str):
+        self.stepper_cls, self.name = stepper_cls, name
+
+    def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
+                 opts: DecodeOptions) -> list[list[int]]:
+        eos = model.tokenizer.sep_token_id
+        stepper = self.stepper_cls(model, src_ids, src_len, opts.max_length)
+        search = greedy_search if opts.num_beams == 1 else beam_search
+        return search(stepper, len(src_len), eos, opts)
+
+
+def default_banned_ids(model: Network) -> list[int]:
+    """Tokens a generator must never emit: padding, [CLS], [MASK], [UNK], the [ATTN] slot."""
+    tok = model.tokenizer
+    ids = {tok.pad_token_id, tok.cls_token_id, tok.mask_token_id, tok.unk_token_id,
+           tok.convert_tokens_to_ids(model.settings.attn_token)}
+    return sorted(i for i in ids if i is not None and i != tok.sep_token_id)
+
+
+def options_from_settings(model: Network, **overrides) -> DecodeOptions:
+    """Decoding options: the model's saved task defaults, then the caller's overrides."""
+    s = model.settings
+    base = {"num_beams": s.num_beams, "max_length": s.max_decode_len, "min_length": s.min_decode_len,
+            "length_penalty": s.length_penalty, "no_repeat_ngram_size": s.no_repeat_ngram_size}
+    unknown = set(overrides) - {f for f in DecodeOptions.__dataclass_fields__}
+    if unknown:
+        raise TypeError(f"unknown decoding options {sorted(unknown)}; known: {sorted(DecodeOptions.__dataclass_fields__)}")
+    return DecodeOptions(**(base | {k: v for k, v in overrides.items() if v is not None}))
+
+
+@torch.no_grad()
+def decode_in_batches(model: Network, sources: Sequence[Sequence[int]], decoder: Decoder, batch_size: int = 32,
+                      opts: DecodeOptions | None = None, progress: bool = False,
+                      skip: Collection[int] = ()) -> Iterator[tuple[list[int], list[list[int]]]]:
+    """Decode token-id sources in length-sorted batches, yielding (input rows, ids) as each batch ends.
+
+    The batches depend only on the source lengths and ``batch_size``; a batch whose rows are all in
+    ``skip`` (finished by an interrupted run) is left out, so every other batch is decoded exactly as
+    in an uninterrupted run.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    opts = opts or DecodeOptions()
+    if not opts.banned_ids:
+        opts.banned_ids = default_banned_ids(model)
+    model.eval()
+    order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [c for c in chunks if not all(i in skip for i in c)]
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc=f"generate ({decoder.name})", unit="batch")
+    for chunk in chunks:
+        src, src_len = pad([sources[i] for i in chunk], model.config.pad_token_id)
+        yield chunk, decoder(model, src.to(model.device), src_len.to(model.device), opts)
+
+
+def in_input_order(batches: Iterator[tuple[list[int], list[list[int]]]], n: int) -> list[list[int]]:
+    """The ids of :func:`decode_in_batches`' batches put back in the order of its ``n`` sources."""
+    out: list[list[int]] = [[] for _ in range(n)]
+    for rows, ids in batches:
+        for i, x in zip(rows, ids):
+            out[i] = x
+    return out

@@ -214,10 +214,10 @@ TASKS: dict[str, TaskPreset] = {
         max_target_len=96,
         max_decode_len=48,
         min_decode_len=0,
-        noise_rate=0.7,
+        noise_rate=0.0,
         num_beams=5,
         length_penalty=1.0,
-        no_repeat_ngram_size=0,
+        no_repeat_ngram_size=3,
         label_smoothing=0.1,
         metric="qg",
         citation=(
@@ -225,6 +225,16 @@ TASKS: dict[str, TaskPreset] = {
             "max_src_len 512, max_tgt_len 96, max_dec_len 48, noise_prob 0.7, beam_size 5, "
             "length_penalty 1.0, label_smooth 0.1. Source is 'passage [SEP] answer'; scored with "
             "BLEU-4/METEOR/ROUGE-L in the nqg (Du et al. 2017) convention."
+        ),
+        lr=4e-4,
+        epochs=10,
+        noise_ramp=0.0,
+        recipe_note=(
+            "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 beat 2e-4; "
+            "target noise rho_f = 0.7 (the paper's), from the first step or ramped in over 30% of the run, "
+            "trailed rho_f = 0 on dev loss, BLEU-4 and ROUGE-L at every evaluation, so the default is 0 "
+            "(--noise-rate 0.7 gives the paper's setting); 10 epochs fit the hour on two CPU cores; "
+            "trigram blocking kept BLEU-4 and raised ROUGE-L and Distinct in beam search."
         ),
     ),
     "xsum": TaskPreset(

@@ -27,9 +27,9 @@ Point DATA at any of:
   - a Hugging Face `datasets` name with source/target fields (needs the Hub or a local cache):
       make demo DATA=some_org/some_dataset"""
 
-# ~1.1 epochs of squad_qg_sent at batch 32: with set-up, the head warm-up and scoring, about ten minutes
+# ~1.5 epochs of squad_qg_sent at batch 32: with set-up, the head warm-up and scoring, about ten minutes
 # on two CPU cores (BENCHMARKS.md section 1, "make demo").
-DEMO_STEPS = 300
+DEMO_STEPS = 400
 
 
 def _split(data: str, workdir: Path) -> tuple[str, str]:

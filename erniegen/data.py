@@ -230,7 +230,8 @@ TASKS: dict[str, TaskPreset] = {
         epochs=10,
         noise_ramp=0.0,
         recipe_note=(
-            "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 beat 2e-4; "
+            "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 as in the "
+            "best earlier probe (not yet isolated against other rates); "
             "target noise rho_f = 0.7 (the paper's), from the first step or ramped in over 30% of the run, "
             "trailed rho_f = 0 on dev loss, BLEU-4 and ROUGE-L at every evaluation, so the default is 0 "
             "(--noise-rate 0.7 gives the paper's setting); 10 epochs fit the hour on two CPU cores; "

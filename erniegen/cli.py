@@ -45,7 +45,7 @@ OPTION_RANGES: dict[str, Range] = {
     "log_every": AT_LEAST_1, "max_train_examples": AT_LEAST_1, "shuffle_window": AT_LEAST_1,
     "seed": Range(0, 2**32, high_open=True), "smooth": AT_LEAST_1,
     "top_bigrams": AT_LEAST_0, "top_trigrams": AT_LEAST_0, "max_items_in_memory": AT_LEAST_0,
-    "min_count": AT_LEAST_1,
+    "min_count": AT_LEAST_1, "exit_threshold": AT_LEAST_0,
 }
 
 
@@ -73,12 +73,15 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-beam", type=int, default=None, help="NAR: candidate lengths decoded in parallel")
     g.add_argument("--dedup", action="store_true", default=None,
                    help="NAR post-processing: drop consecutive duplicate tokens (changes scores; reported apart)")
+    g.add_argument("--exit-threshold", type=float, default=None,
+                   help="ELMER hard exit: a slot exits once its prediction entropy (nats) is below this "
+                        "(default 0.5, the paper's)")
     g.add_argument("--batch-size", type=int, default=32)
 
 
 def _decode_options(args) -> dict:
     keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "iterations",
-            "length_beam", "dedup")
+            "length_beam", "dedup", "exit_threshold")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

@@ -303,3 +303,43 @@ def test_tiny_model_learns_to_reverse_its_source(tiny_tokenizer, method, decoder
     model.eval()
     for decoder, opts in decoders:
         assert exact_match(model, decoder, **opts) >= 0.9, (method, decoder, opts)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_path, capsys):
+    import json
+
+    from erniegen.cli import main
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    model.tokenizer = tiny_tokenizer
+    model.save_pretrained(tmp_path / "tiny")
+    rows = [{"source": "the city river", "target": "what city"}, {"source": "the king war", "target": "who was"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows) * 2)
+    (tmp_path / "heads.yaml").write_text("method_options: {layer_heads: true}\n")
+    main(["finetune", "--model", str(tmp_path / "tiny"), "--train", str(pairs), "--dev", str(pairs), "--task",
+          "default", "--output", str(tmp_path / "run"), "--method", "elmer", "--config", str(tmp_path / "heads.yaml"),
+          "--max-steps", "2", "--batch-size", "2", "--max-source-len", "16", "--max-target-len", "5",
+          "--precision", "fp32", "--eval-samples", "2"])
+    best = tmp_path / "run" / "best"
+    from safetensors.torch import load_file
+    assert any(k.startswith(f"erniegen.{HEADS}.") for k in load_file(str(best / "model.safetensors")))
+    loaded = Transformer.from_pretrained(str(best))
+    assert (loaded.settings.method, loaded.settings.extra["max_target_len"]) == ("elmer", 5)
+    for threshold in ("0", "1e9"):
+        out = tmp_path / f"pred-{threshold}.jsonl"
+        main(["generate", "--model", str(best), "--input", str(pairs), "--output", str(out), "--exit-threshold",
+              threshold])
+        preds = [json.loads(x)["prediction"] for x in out.read_text().splitlines()]
+        texts = loaded.generate([r["source"] for r in rows] * 2, exit_threshold=float(threshold))
+        assert preds == texts
+    capsys.readouterr()
+    main(["bench", "--model", str(best), "--input", str(pairs), "--decoder", "elmer-hard", "--num-samples", "2",
+          "--batch-size", "1", "--exit-threshold", "0.25"])
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 2
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(best), "--input", str(pairs), "--output", str(tmp_path / "x.jsonl"),
+              "--decoder", "elmer-soft"])

@@ -33,7 +33,9 @@ released code's detaching of copied states has nothing to act on here.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -354,6 +356,123 @@ def build_objective(method: str, model: Network, preset: TaskPreset, options: di
     cfg = ElmerConfig(**(options | {"method": method, "label_smoothing": preset.label_smoothing}))
     model.settings.extra = model.settings.extra | {"max_target_len": int(preset.max_target_len)}
     return ElmerObjective(model, cfg, int(preset.max_target_len))
+
+
+# ---- Layer Permutation LM pre-training (§3.4) --------------------------------------------------
+
+INFILL_RATE = 0.15  # text infilling masks this share of the tokens (BART's setting, which LPLM corrupts with)
+SPAN_LAMBDA = 3.0  # λ of the Poisson span lengths (BART, LPLM)
+SENTENCE_ENDS = (".", "?", "!")  # tokens that end a sentence, for sentence shuffling
+
+
+@dataclass
+class Corruption:
+    """LPLM's noisy input: the shuffled sentences, the infilling spans on them and the result."""
+
+    shuffled: list[int]  # the sequence after sentence shuffling
+    spans: list[tuple[int, int]]  # (start, length) in ``shuffled``, left to right, never touching
+    source: list[int]  # ``shuffled`` with each span replaced by one [MASK]
+
+
+def split_sentences(ids: Sequence[int], end_ids: set[int]) -> list[list[int]]:
+    """Sentences of a token sequence, each ending after a sentence-final token (the tail is one too)."""
+    sentences, current = [], []
+    for t in ids:
+        current.append(t)
+        if t in end_ids:
+            sentences.append(current)
+            current = []
+    return sentences + ([current] if current else [])
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    """A Poisson(λ) draw (Knuth's product of uniforms; fine for small λ)."""
+    limit, k, p = math.exp(-lam), 0, rng.random()
+    while p > limit:
+        k, p = k + 1, p * rng.random()
+    return k
+
+
+def corrupt(ids: Sequence[int], end_ids: set[int], mask_id: int, rng: random.Random, rate: float = INFILL_RATE,
+            lam: float = SPAN_LAMBDA) -> Corruption:
+    """Sentence shuffling, then text infilling (§3.4, after BART): spans of Poisson(λ) length cover
+    round(rate · n) tokens and each becomes one [MASK].
+
+    Zero-length draws are drawn again (BART's zero-length spans insert a [MASK]; here every [MASK]
+    stands for at least one token), the last span is cut to the budget, and a span that would overlap
+    or touch an earlier one is drawn again, so spans and [MASK]s stay one to one. Placement gives up
+    after 100 failed draws in a row, leaving a short sequence with fewer masked tokens.
+    """
+    sentences = split_sentences(ids, end_ids)
+    rng.shuffle(sentences)
+    shuffled = [t for s in sentences for t in s]
+    n, left, taken, failures = len(shuffled), round(rate * len(shuffled)), [False] * (len(shuffled) + 2), 0
+    spans: list[tuple[int, int]] = []
+    while left > 0 and failures < 100:
+        length = 0
+        while length == 0:
+            length = poisson(rng, lam)
+        length = min(length, left, n)
+        start = rng.randrange(n - length + 1)
+        if any(taken[start:start + length + 2]):  # taken is offset by one: neighbours included
+            failures += 1
+            continue
+        failures = 0
+        taken[start + 1:start + length + 1] = [True] * length
+        spans.append((start, length))
+        left -= length
+    spans.sort()
+    source, at = [], 0
+    for start, length in spans:
+        source += [*shuffled[at:start], mask_id]
+        at = start + length
+    return Corruption(shuffled, spans, source + shuffled[at:])
+
+
+def lplm_features(ids: Sequence[int], tokenizer, rng: random.Random) -> dict[str, list[int]]:
+    """One LPLM example: source ``[CLS] corrupted [SEP]``, target the original ``ids [SEP]``."""
+    ends = {i for i in tokenizer.convert_tokens_to_ids(list(SENTENCE_ENDS)) if i != tokenizer.unk_token_id}
+    noisy = corrupt(ids, ends, tokenizer.mask_token_id, rng)
+    return {"source_ids": [tokenizer.cls_token_id, *noisy.source, tokenizer.sep_token_id],
+            "target_ids": [*ids, tokenizer.sep_token_id]}
+
+
+def draw_exit_layers(shape: tuple[int, ...], n_layers: int, device: torch.device | None = None) -> torch.Tensor:
+    """LPLM: each target token's exit layer, uniform over 1..L."""
+    return torch.randint(1, n_layers + 1, shape, device=device)
+
+
+class LplmObjective(nn.Module):
+    """Layer Permutation LM: each slot runs up to its drawn exit layer, is predicted by that layer's
+    off-ramp and is copied unchanged above it; the loss is the mean over labelled slots.
+
+    As in the released code, copied states are detached: a slot's prediction trains the layers up to
+    its exit, not the layers above through the keys/values it offers there.
+    """
+
+    def __init__(self, model: Network, width: int, label_smoothing: float = 0.1, layer_heads: bool = False):
+        super().__init__()
+        if model.tokenizer is None:
+            raise ValueError("LPLM training needs the model's tokenizer (for [MASK] and [SEP])")
+        self.model, self.width, self.label_smoothing = model, width, label_smoothing
+        attach(model, layer_heads)
+
+    def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
+                **ignored) -> dict[str, torch.Tensor]:
+        model = self.model
+        source, _ = encode_source(model, src_ids, src_len)
+        labels = slot_labels(tgt_ids, tgt_len, self.width)
+        exits = draw_exit_layers(labels.shape, len(model.layers), labels.device)
+        slots = make_slots(model, source, self.width)
+        x, logits, gold = slots.x, [], []
+        for layer in range(len(model.layers)):
+            out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+            x = torch.where((exits > layer)[:, :, None], out, x.detach())
+            here = (exits == layer + 1) & (labels != IGNORE)
+            logits.append(layer_logits(model, layer, x[here]))
+            gold.append(labels[here])
+        loss = F.cross_entropy(torch.cat(logits).float(), torch.cat(gold), label_smoothing=self.label_smoothing)
+        return {"loss": loss, "num_tokens": src_len.sum() + len(src_len) * self.width}
 
 
 DECODERS: dict[str, Callable[[], Decoder]] = {"elmer-hard": HardExitDecoder, "elmer-soft": SoftExitDecoder}

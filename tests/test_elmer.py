@@ -343,3 +343,65 @@ def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_p
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(best), "--input", str(pairs), "--output", str(tmp_path / "x.jsonl"),
               "--decoder", "elmer-soft"])
+
+
+# ---- LPLM pre-training -------------------------------------------------------------------------
+
+
+def test_exit_layers_are_uniform():
+    from erniegen.elmer import draw_exit_layers
+    torch.manual_seed(0)
+    draws = draw_exit_layers((600, 100), 6)
+    counts = torch.bincount(draws.flatten(), minlength=7).tolist()
+    assert counts[0] == 0 and len(counts) == 7
+    assert all(abs(c / draws.numel() - 1 / 6) < 0.005 for c in counts[1:]), counts  # 60,000 draws: sd 0.0015
+
+
+def test_corruption_keeps_the_sentences_and_puts_one_mask_per_span():
+    import random
+
+    from erniegen.elmer import corrupt, split_sentences
+    end, mask = {90}, 6
+    sentences = [[10, 11, 12, 90], [20, 21, 90], [30, 31, 32, 33, 34, 90], [40, 41, 42, 43, 90], [50, 51, 90]]
+    ids = [t for s in sentences for t in s] * 3
+    masked_total = 0
+    for seed in range(200):
+        c = corrupt(ids, end, mask, random.Random(seed))
+        assert sorted(split_sentences(c.shuffled, end)) == sorted(split_sentences(ids, end))
+        assert sum(length for _, length in c.spans) == round(0.15 * len(ids))
+        rebuilt, at = [], 0
+        for start, length in c.spans:
+            assert start > at or at == 0 and start == 0  # spans never touch: each keeps its own [MASK]
+            rebuilt += c.shuffled[at:start] + [mask]
+            at = start + length
+        assert c.source == rebuilt + c.shuffled[at:]
+        assert c.source.count(mask) == len(c.spans) >= 1
+        masked_total += len(c.spans)
+    assert 2.0 < len(ids) * 0.15 * 200 / masked_total < 4.0  # mean span length near λ = 3 (cut by the budget)
+    assert split_sentences([1, 90, 2, 3], end) == [[1, 90], [2, 3]]
+
+
+def test_lplm_loss_falls_at_each_slots_exit_layer(tiny_tokenizer, monkeypatch):
+    import erniegen.elmer as elmer
+    model = _model(tiny_tokenizer)
+    obj = elmer.LplmObjective(model, T, label_smoothing=0.0)
+    batch = collate_pairs(ITEMS)
+    monkeypatch.setattr(elmer, "draw_exit_layers", lambda shape, n, device=None: torch.ones(shape, dtype=torch.long))
+    obj(**batch)["loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.layers[1:].parameters())  # nothing above layer 1
+    assert any(p.grad is not None and p.grad.any() for p in model.layers[0].parameters())
+    with torch.no_grad():  # every slot exiting at the last layer is the plain all-layers pass's last off-ramp
+        monkeypatch.setattr(elmer, "draw_exit_layers", lambda shape, n, device=None: torch.full(shape, n))
+        last = obj(**batch)["loss"]
+        plain = build_objective("elmer", model, PRESET, {}).eval()(**batch)
+        assert torch.allclose(last, plain["loss_last"], atol=1e-5)
+
+
+def test_lplm_features(tiny_tokenizer):
+    import random
+
+    from erniegen.elmer import lplm_features
+    ids = tiny_tokenizer.convert_tokens_to_ids("the city river . who was born ? the king".split())
+    f = lplm_features(ids, tiny_tokenizer, random.Random(0))
+    assert f["target_ids"] == ids + [SEP]
+    assert f["source_ids"][0] == 4 and f["source_ids"][-1] == SEP and f["source_ids"].count(MASK) == 1

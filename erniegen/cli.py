@@ -206,8 +206,8 @@ def cmd_pretrain(args) -> None:
         lr=args.lr, warmup_steps=args.warmup_steps, save_every=args.save_every, log_every=args.log_every,
         precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed)
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
-                         method=args.method, word_weight=args.word_weight, noise_rate=args.noise_rate,
-                         max_len=args.max_len, text_field=args.text_field, paragraphs=args.paragraphs,
+                         objective=args.objective, method=args.method, word_weight=args.word_weight,
+                         noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field, paragraphs=args.paragraphs,
                          shuffle_window=args.shuffle_window, trainer=trainer)
     summary = pretrain(cfg)
     if is_main_process():
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_span_vocab)
 
     pt = sub.add_parser(
-        "pretrain", help="ERNIE-GEN pre-training on a streamed corpus (word + span flows, noise)",
+        "pretrain", help="ERNIE-GEN (word + span flows, noise) or ELMER LPLM pre-training on a streamed corpus",
         description="ERNIE-GEN pre-training (Xiao et al., 2020, §3). The pre-trained model is written to "
                     "OUTPUT/best at the end (OUTPUT/checkpoint-last holds the latest resumable checkpoint); "
                     "both are Hugging Face model folders: `erniegen finetune --model OUTPUT/best`. "
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--noise-rate", type=float, default=0.05, help="ρ_p, target noise (paper: 0.05; 0 = ablation)")
     pt.add_argument("--word-weight", type=float, default=None,
                     help="λ in λ·L_word + (1-λ)·L_span (paper: 0.5; 1 = no span flow; typical: 1)")
+    pt.add_argument("--objective", default="ernie-gen", choices=["ernie-gen", "lplm"],
+                    help="ernie-gen = ERNIE-GEN's word and span flows; lplm = ELMER's Layer Permutation LM "
+                         "(sentence shuffling + text infilling, exit layers drawn uniformly; no span vocabulary)")
     pt.add_argument("--method", default="ernie-gen", choices=list(registry.ERNIE_GEN.methods),
                     help="ernie-gen = infilling flows; typical = teacher-forcing ablation")
     pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

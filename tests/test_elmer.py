@@ -405,3 +405,57 @@ def test_lplm_features(tiny_tokenizer):
     f = lplm_features(ids, tiny_tokenizer, random.Random(0))
     assert f["target_ids"] == ids + [SEP]
     assert f["source_ids"][0] == 4 and f["source_ids"][-1] == SEP and f["source_ids"].count(MASK) == 1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_lplm_pretraining_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch):
+    """--objective lplm through erniegen pretrain: the run dies writing its second checkpoint; the
+    resumed run ends with the uninterrupted run's weights."""
+    import json
+    from pathlib import Path
+
+    import erniegen.pretrain as pt
+    from erniegen.cli import build_parser
+    from erniegen.train import TrainConfig
+    from conftest import WORDS
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    model.tokenizer = tiny_tokenizer
+    model.save_pretrained(tmp_path / "tiny")
+    docs = [" ".join(WORDS[(5 * i + j) % 60] for j in range(6 + i % 5)) + " . " +
+            " ".join(WORDS[(7 * i + j) % 60] for j in range(4)) + " ?" for i in range(7)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def cfg(out, **kw):
+        trainer = TrainConfig(output_dir="", max_steps=6, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1,
+                              save_every=2, log_every=1, precision="fp32", seed=3, **kw)
+        return pt.PretrainConfig(model=str(tmp_path / "tiny"), corpus=str(corpus), output=str(out), max_len=40,
+                                 objective="lplm", trainer=trainer)
+
+    pt.pretrain(cfg(tmp_path / "a"))
+    assert not (tmp_path / "a" / "span_vocab.tsv").exists()
+    real_save, calls = Transformer.save_pretrained, []
+
+    def dying_save(self, d):
+        if Path(d).name.startswith("checkpoint-last"):
+            calls.append(d)
+            if len(calls) == 2:
+                raise Killed
+        real_save(self, d)
+    monkeypatch.setattr(Transformer, "save_pretrained", dying_save)
+    with pytest.raises(Killed):
+        pt.pretrain(cfg(tmp_path / "b"))
+    monkeypatch.setattr(Transformer, "save_pretrained", real_save)
+    pt.pretrain(cfg(tmp_path / "b", resume=True))
+    a = Transformer.from_pretrained(str(tmp_path / "a" / "best"))
+    b = Transformer.from_pretrained(str(tmp_path / "b" / "best"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert a.settings.method == "elmer" and a.settings.extra["max_target_len"] == (40 - 3) // 2 + 1
+    with pytest.raises(ValueError, match="--objective lplm takes neither"):
+        pt.pretrain(dataclasses.replace(cfg(tmp_path / "c"), word_weight=0.5))
+    args = build_parser().parse_args(["pretrain", "--corpus", "x", "--output", "y", "--objective", "lplm"])
+    assert args.objective == "lplm"

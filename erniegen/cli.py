@@ -207,7 +207,8 @@ def cmd_pretrain(args) -> None:
         precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed)
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
                          objective=args.objective, method=args.method, word_weight=args.word_weight,
-                         noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field, paragraphs=args.paragraphs,
+                         noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field,
+                         paragraphs=args.paragraphs,
                          shuffle_window=args.shuffle_window, trainer=trainer)
     summary = pretrain(cfg)
     if is_main_process():

@@ -47,11 +47,12 @@ from .masks import NAR, PAD, Roles, attention_mask
 from .nar import position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
-from .search import EXIT_THRESHOLD, DecodeOptions, Decoder, until_end
+from .search import DecodeOptions, Decoder, until_end
 
 GOLD_RATE = 0.3  # soft exit: the released code feeds the gold token's embedding with this probability
 HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
 IGNORE = -100
+SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
 
 
 @dataclass
@@ -73,8 +74,6 @@ class ElmerConfig:
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
 
-
-SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
 
 
 # ---- off-ramps and fusion ----------------------------------------------------------------------
@@ -239,7 +238,8 @@ def _active_layer(model: Network, layer: int, x: torch.Tensor, active: torch.Ten
 
 class HardExitDecoder(Decoder):
     """``elmer-hard``: T = the model's ``max_target_len`` slots with hard early exit at
-    ``opts.exit_threshold`` (default EXIT_THRESHOLD, the paper's δ = 0.5). Only sources reach it; no reference length exists to read."""
+    ``opts.exit_threshold`` (default search.EXIT_THRESHOLD, the paper's δ = 0.5). Only sources reach it; no
+    reference length exists to read."""
 
     name = "elmer-hard"
 

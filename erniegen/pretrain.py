@@ -104,9 +104,10 @@ class PretrainConfig:
     def resolved_word_weight(self) -> float:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective={self.objective!r} must be one of {list(OBJECTIVES)}")
-        if self.objective == "lplm" and (self.method != DEFAULT_METHOD or self.word_weight is not None):
-            raise ValueError("--method and --word-weight choose between ERNIE-GEN's flows; --objective lplm takes "
-                             "neither")
+        if self.objective == "lplm" and (self.method != DEFAULT_METHOD or self.word_weight is not None
+                                         or self.span_vocab is not None):
+            raise ValueError("--method, --word-weight and --span-vocab set ERNIE-GEN's flows; --objective lplm takes "
+                             "none of them")
         if self.method not in ERNIE_GEN.methods:
             raise ValueError(f"method={self.method!r} must be one of {list(ERNIE_GEN.methods)}: pre-training "
                              f"trains ERNIE-GEN's flows")

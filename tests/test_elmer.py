@@ -1,21 +1,31 @@
 """ELMER: the slot mask, hard early exit (freezing, thresholds, the active-only path), soft exit, the
-objective, the saved extras, and a tiny model that learns to reverse its source."""
+objective, the saved extras, the command line, LPLM pre-training (corruption, exit draws, resume), and
+a tiny model that learns to reverse its source."""
 import dataclasses
+import json
+import random
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import WORDS, tiny_config
+from safetensors.torch import load_file
 
+import erniegen.elmer as elmer
+import erniegen.pretrain as pt
 from erniegen import registry
 from erniegen.batch import collate_pairs
+from erniegen.cli import build_parser, main
 from erniegen.data import get_task
 from erniegen.decoding import DECODERS, DecodeOptions, generate_ids
-from erniegen.elmer import (FUSION, HEADS, IGNORE, ElmerConfig, attach, build_objective, hard_exit, layer_logits,
-                            make_slots, pick, slot_labels, soft_exit_layers)
-from erniegen.masks import attention_mask, source_roles
+from erniegen.elmer import (FUSION, HEADS, IGNORE, ElmerConfig, attach, build_objective, corrupt, draw_exit_layers,
+                            hard_exit, layer_logits, lplm_features, make_slots, pick, slot_labels, soft_exit_layers,
+                            split_sentences)
+from erniegen.masks import attention_mask
 from erniegen.model import Transformer
 from erniegen.nar import masked_slots
 from erniegen.passes import encode_source, slot_pass, slot_roles
+from erniegen.train import TrainConfig
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 ITEMS = [{"source_ids": [4, 10, 11, 12, 5], "target_ids": [20, 21, 22, 5]},
@@ -268,7 +278,6 @@ def test_extras_are_saved_and_restored(tiny_tokenizer, tmp_path):
         name = "elmer-soft" if soft else "elmer-hard"
         before = generate_ids(model, SOURCES, name, opts=OPTS)
         model.save_pretrained(tmp_path / name)
-        from safetensors.torch import load_file
         saved = load_file(str(tmp_path / name / "model.safetensors"))
         prefix = f"erniegen.{FUSION if soft else HEADS}."
         assert any(k.startswith(prefix) for k in saved)
@@ -309,9 +318,6 @@ def test_tiny_model_learns_to_reverse_its_source(tiny_tokenizer, method, decoder
 
 
 def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_path, capsys):
-    import json
-
-    from erniegen.cli import main
     torch.manual_seed(0)
     model = Transformer(tiny_config())
     model.tokenizer = tiny_tokenizer
@@ -325,7 +331,6 @@ def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_p
           "--max-steps", "2", "--batch-size", "2", "--max-source-len", "16", "--max-target-len", "5",
           "--precision", "fp32", "--eval-samples", "2"])
     best = tmp_path / "run" / "best"
-    from safetensors.torch import load_file
     assert any(k.startswith(f"erniegen.{HEADS}.") for k in load_file(str(best / "model.safetensors")))
     loaded = Transformer.from_pretrained(str(best))
     assert (loaded.settings.method, loaded.settings.extra["max_target_len"]) == ("elmer", 5)
@@ -349,7 +354,6 @@ def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_p
 
 
 def test_exit_layers_are_uniform():
-    from erniegen.elmer import draw_exit_layers
     torch.manual_seed(0)
     draws = draw_exit_layers((600, 100), 6)
     counts = torch.bincount(draws.flatten(), minlength=7).tolist()
@@ -358,9 +362,6 @@ def test_exit_layers_are_uniform():
 
 
 def test_corruption_keeps_the_sentences_and_puts_one_mask_per_span():
-    import random
-
-    from erniegen.elmer import corrupt, split_sentences
     end, mask = {90}, 6
     sentences = [[10, 11, 12, 90], [20, 21, 90], [30, 31, 32, 33, 34, 90], [40, 41, 42, 43, 90], [50, 51, 90]]
     ids = [t for s in sentences for t in s] * 3
@@ -382,7 +383,6 @@ def test_corruption_keeps_the_sentences_and_puts_one_mask_per_span():
 
 
 def test_lplm_loss_falls_at_each_slots_exit_layer(tiny_tokenizer, monkeypatch):
-    import erniegen.elmer as elmer
     model = _model(tiny_tokenizer)
     obj = elmer.LplmObjective(model, T, label_smoothing=0.0)
     batch = collate_pairs(ITEMS)
@@ -398,9 +398,6 @@ def test_lplm_loss_falls_at_each_slots_exit_layer(tiny_tokenizer, monkeypatch):
 
 
 def test_lplm_features(tiny_tokenizer):
-    import random
-
-    from erniegen.elmer import lplm_features
     ids = tiny_tokenizer.convert_tokens_to_ids("the city river . who was born ? the king".split())
     f = lplm_features(ids, tiny_tokenizer, random.Random(0))
     assert f["target_ids"] == ids + [SEP]
@@ -414,13 +411,6 @@ class Killed(Exception):
 def test_lplm_pretraining_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch):
     """--objective lplm through erniegen pretrain: the run dies writing its second checkpoint; the
     resumed run ends with the uninterrupted run's weights."""
-    import json
-    from pathlib import Path
-
-    import erniegen.pretrain as pt
-    from erniegen.cli import build_parser
-    from erniegen.train import TrainConfig
-    from conftest import WORDS
     torch.manual_seed(0)
     model = Transformer(tiny_config())
     model.tokenizer = tiny_tokenizer
@@ -455,7 +445,7 @@ def test_lplm_pretraining_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch)
     b = Transformer.from_pretrained(str(tmp_path / "b" / "best"))
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     assert a.settings.method == "elmer" and a.settings.extra["max_target_len"] == (40 - 3) // 2 + 1
-    with pytest.raises(ValueError, match="--objective lplm takes neither"):
+    with pytest.raises(ValueError, match="--objective lplm takes none of them"):
         pt.pretrain(dataclasses.replace(cfg(tmp_path / "c"), word_weight=0.5))
     args = build_parser().parse_args(["pretrain", "--corpus", "x", "--output", "y", "--objective", "lplm"])
     assert args.objective == "lplm"

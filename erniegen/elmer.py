@@ -53,6 +53,7 @@ GOLD_RATE = 0.3  # soft exit: the released code feeds the gold token's embedding
 HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
 IGNORE = -100
 SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
+EXIT_TRAINING = ("all", "drawn")
 
 
 @dataclass
@@ -62,6 +63,9 @@ class ElmerConfig:
     method: str = "elmer"
     layer_heads: bool = False  # one off-ramp transform per layer instead of the shared LM head (§3.2)
     gold_rate: float | None = None  # elmer-soft: probability of the gold embedding in training; None: GOLD_RATE
+    # hard exit: all = a loss at every off-ramp for every slot (the released code; module docstring);
+    # drawn = each slot's loss at one exit layer drawn uniformly, as LPLM pre-trains (the ablation)
+    exits: str = "all"
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
@@ -71,6 +75,10 @@ class ElmerConfig:
             raise ValueError("gold_rate is only used with --method elmer-soft")
         if SOFT[self.method] and self.gold_rate is None:
             self.gold_rate = GOLD_RATE
+        if self.exits not in EXIT_TRAINING:
+            raise ValueError(f"exits must be one of {EXIT_TRAINING}, got {self.exits!r}")
+        if self.exits == "drawn" and SOFT[self.method]:
+            raise ValueError("exits: drawn trains hard exits; --method elmer-soft runs every layer for every slot")
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
 
@@ -314,8 +322,34 @@ def slot_labels(tgt_ids: torch.Tensor, tgt_len: torch.Tensor, width: int) -> tor
     return labels
 
 
+def draw_exit_layers(shape: tuple[int, ...], n_layers: int, device: torch.device | None = None) -> torch.Tensor:
+    """LPLM: each target token's exit layer, uniform over 1..L."""
+    return torch.randint(1, n_layers + 1, shape, device=device)
+
+
+def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
+                    label_smoothing: float) -> torch.Tensor:
+    """Each slot runs up to an exit layer drawn uniformly (:func:`draw_exit_layers`), is predicted by
+    that layer's off-ramp and is copied unchanged above it; the mean cross-entropy of the labelled slots.
+
+    As in the released code, copied states are detached: a slot's prediction trains the layers up to
+    its exit, not the layers above through the keys/values it offers there.
+    """
+    exits = draw_exit_layers(labels.shape, len(model.layers), labels.device)
+    slots = make_slots(model, source, labels.shape[1])
+    x, logits, gold = slots.x, [], []
+    for layer in range(len(model.layers)):
+        out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+        x = torch.where((exits > layer)[:, :, None], out, x.detach())
+        here = (exits == layer + 1) & (labels != IGNORE)
+        logits.append(layer_logits(model, layer, x[here]))
+        gold.append(labels[here])
+    return F.cross_entropy(torch.cat(logits).float(), torch.cat(gold), label_smoothing=label_smoothing)
+
+
 class ElmerObjective(nn.Module):
-    """``forward(**batch)`` -> the mean over layers of each off-ramp's cross-entropy."""
+    """``forward(**batch)`` -> the mean over layers of each off-ramp's cross-entropy (``exits: all``), or
+    each slot's loss at an exit layer drawn as LPLM draws it (``exits: drawn``, hard exit only)."""
 
     def __init__(self, model: Network, cfg: ElmerConfig, width: int):
         super().__init__()
@@ -330,6 +364,10 @@ class ElmerObjective(nn.Module):
         source, _ = encode_source(self.model, src_ids, src_len)
         labels = slot_labels(tgt_ids, tgt_len, self.width)
         where = labels != IGNORE
+        n_tokens = src_len.sum() + len(src_len) * self.width
+        if self.cfg.exits == "drawn":
+            return {"loss": drawn_exit_loss(self.model, source, labels, self.cfg.label_smoothing),
+                    "num_tokens": n_tokens}
         if self.soft:
             gold_rate = self.cfg.gold_rate if self.training else 0.0
             logits = [lg[where] for lg in soft_exit_layers(self.model, source, self.width, labels, gold_rate)]
@@ -337,7 +375,6 @@ class ElmerObjective(nn.Module):
             logits = list(self._layer_logits(source, where))
         losses = torch.stack([F.cross_entropy(lg.float(), labels[where], label_smoothing=self.cfg.label_smoothing)
                               for lg in logits])
-        n_tokens = src_len.sum() + len(src_len) * self.width
         return {"loss": losses.mean(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
                 "num_tokens": n_tokens}
 
@@ -437,17 +474,11 @@ def lplm_features(ids: Sequence[int], tokenizer, rng: random.Random) -> dict[str
             "target_ids": [*ids, tokenizer.sep_token_id]}
 
 
-def draw_exit_layers(shape: tuple[int, ...], n_layers: int, device: torch.device | None = None) -> torch.Tensor:
-    """LPLM: each target token's exit layer, uniform over 1..L."""
-    return torch.randint(1, n_layers + 1, shape, device=device)
-
-
 class LplmObjective(nn.Module):
     """Layer Permutation LM: each slot runs up to its drawn exit layer, is predicted by that layer's
     off-ramp and is copied unchanged above it; the loss is the mean over labelled slots.
 
-    As in the released code, copied states are detached: a slot's prediction trains the layers up to
-    its exit, not the layers above through the keys/values it offers there.
+    See :func:`drawn_exit_loss`.
     """
 
     def __init__(self, model: Network, width: int, label_smoothing: float = 0.1, layer_heads: bool = False):
@@ -459,19 +490,9 @@ class LplmObjective(nn.Module):
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:
-        model = self.model
-        source, _ = encode_source(model, src_ids, src_len)
+        source, _ = encode_source(self.model, src_ids, src_len)
         labels = slot_labels(tgt_ids, tgt_len, self.width)
-        exits = draw_exit_layers(labels.shape, len(model.layers), labels.device)
-        slots = make_slots(model, source, self.width)
-        x, logits, gold = slots.x, [], []
-        for layer in range(len(model.layers)):
-            out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
-            x = torch.where((exits > layer)[:, :, None], out, x.detach())
-            here = (exits == layer + 1) & (labels != IGNORE)
-            logits.append(layer_logits(model, layer, x[here]))
-            gold.append(labels[here])
-        loss = F.cross_entropy(torch.cat(logits).float(), torch.cat(gold), label_smoothing=self.label_smoothing)
+        loss = drawn_exit_loss(self.model, source, labels, self.label_smoothing)
         return {"loss": loss, "num_tokens": src_len.sum() + len(src_len) * self.width}
 
 

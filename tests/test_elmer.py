@@ -220,11 +220,15 @@ def test_hard_and_soft_models_are_not_mixed_up(elmer_model, soft_model, tiny_mod
 def test_records_and_options():
     assert registry.default_decoder("elmer") == "elmer-hard"
     assert registry.default_decoder("elmer-soft") == "elmer-soft"
-    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate"]
+    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits"]
     assert ElmerConfig(method="elmer-soft").gold_rate == 0.3
     assert ElmerConfig(method="elmer").gold_rate is None
     with pytest.raises(ValueError, match="gold_rate is only used with --method elmer-soft"):
         ElmerConfig(method="elmer", gold_rate=0.5)
+    with pytest.raises(ValueError, match="exits: drawn trains hard exits"):
+        ElmerConfig(method="elmer-soft", exits="drawn")
+    with pytest.raises(ValueError, match="exits must be one of"):
+        ElmerConfig(method="elmer", exits="entropy")
     assert DecodeOptions().exit_threshold == 0.5
     with pytest.raises(ValueError, match="exit_threshold"):
         DecodeOptions(exit_threshold=-1.0)
@@ -251,7 +255,8 @@ def test_loss_is_the_mean_of_the_off_ramps(tiny_tokenizer):
     assert len(model.extras[HEADS]) == 2  # the last layer reads the model's own head
 
 
-@pytest.mark.parametrize("method,options", [("elmer", {}), ("elmer", {"layer_heads": True}), ("elmer-soft", {})])
+@pytest.mark.parametrize("method,options", [("elmer", {}), ("elmer", {"layer_heads": True}), ("elmer-soft", {}),
+                                            ("elmer", {"exits": "drawn"})])
 def test_training_steps_reduce_the_loss(tiny_model, method, options):
     obj = build_objective(method, tiny_model, PRESET, options).train()
     batch = collate_pairs(ITEMS)

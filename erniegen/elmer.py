@@ -27,9 +27,19 @@ trained exactly so, every slot running every layer with a loss at every off-ramp
 code does). That makes every off-ramp a predictor of the whole target, so its entropy is a
 meaningful exit signal at every layer whatever δ is chosen after training; training with exits
 drawn per token (as LPLM pre-training does) would tie each layer to the exit pattern of the draw.
-Soft-exit training follows the released code in feeding the gold token's embedding instead of the
-predicted one with probability 0.3 (``gold_rate``). No state is ever copied in training, so the
-released code's detaching of copied states has nothing to act on here.
+``exits: drawn`` trains the other way instead, each slot's loss at one exit layer drawn uniformly
+(:func:`drawn_exit_loss`, LPLM's draw), for comparison (benchmarks/elmer_exit_training.py); there,
+as in the released code, copied states are detached. Soft-exit training follows the released code
+in feeding the gold token's embedding instead of the predicted one with probability 0.3
+(``gold_rate``); with ``exits: all`` no state is copied, so there is nothing to detach.
+
+What comes from elsewhere: the slot roles and positions of passes.py (ELMER's slots are NAR slots
+that all count as real), masks from masks.attention_mask, the layers stepped through
+``Network.embed`` / ``run_layer`` / ``Attention.keys_values``. nar.py's NarDecoder is built around a
+length head, which ELMER does not have, so the decoders here implement the interface directly.
+
+Layer Permutation LM pre-training (§3.4): :func:`corrupt`, :class:`LplmObjective`, run by
+``erniegen pretrain --objective lplm`` (pretrain.py).
 """
 from __future__ import annotations
 
@@ -104,8 +114,9 @@ class OffRamp(nn.Module):
 def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> None:
     """Attach the per-layer heads and the fusion layer that training asks for or the checkpoint holds.
 
-    Fresh per-layer heads start as copies of the shared head, so training starts from the
-    pre-trained masked-LM prediction at every layer.
+    Fresh per-layer heads start as copies of the shared head, and a fresh fusion layer passes the
+    hidden state through (W = [0 I]), so training starts from the pre-trained network's own
+    predictions and layer inputs instead of inputs a random fusion would scale down.
     """
     cfg = model.config
     if layer_heads or model.has_saved_extra(HEADS):
@@ -115,7 +126,12 @@ def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> Non
             for head in heads:
                 head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "word.weight"})
     if soft or model.has_saved_extra(FUSION):
-        model.add_extra(FUSION, nn.Linear(2 * cfg.hidden_size, cfg.hidden_size))
+        fresh = FUSION not in model.extras and not model.has_saved_extra(FUSION)
+        fusion = model.add_extra(FUSION, nn.Linear(2 * cfg.hidden_size, cfg.hidden_size))
+        if fresh:
+            with torch.no_grad():
+                fusion.weight.zero_()
+                fusion.weight[:, cfg.hidden_size:] = torch.eye(cfg.hidden_size)
 
 
 def layer_logits(model: Network, layer: int, hidden: torch.Tensor) -> torch.Tensor:

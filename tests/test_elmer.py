@@ -195,6 +195,7 @@ def test_soft_exit_fuses_the_predicted_embedding(soft_model):
     source = _source(soft_model)
     fusion = soft_model.extras[FUSION]
     with torch.no_grad():
+        fusion.weight.add_(0.1 * torch.randn_like(fusion.weight))  # away from the pass-through start
         layers = list(soft_exit_layers(soft_model, source, T))
         slots = make_slots(soft_model, source, T)
         x, _ = soft_model.run_layer(0, slots.x, slots.mask, source.kv[0])
@@ -203,6 +204,11 @@ def test_soft_exit_fuses_the_predicted_embedding(soft_model):
         x = fusion(torch.cat([soft_model.embeddings.word(ids), x], -1))
         x, _ = soft_model.run_layer(1, x, slots.mask, source.kv[1])
         assert torch.allclose(layers[1], soft_model.logits(x), atol=1e-5)
+        # a fresh fusion layer passes the hidden state through: the plain pass's predictions
+        fresh = _model(soft_model.tokenizer, soft=True)
+        *_, last = soft_exit_layers(fresh, _source(fresh), T)
+        plain = slot_pass(fresh, _source(fresh), masked_slots(torch.full((3,), T), MASK), torch.full((3,), T))
+        assert torch.allclose(last, fresh.logits(plain), atol=1e-5)
 
 
 def test_hard_and_soft_models_are_not_mixed_up(elmer_model, soft_model, tiny_model):

@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser(
         "pretrain", help="ERNIE-GEN (word + span flows, noise) or ELMER LPLM pre-training on a streamed corpus",
-        description="ERNIE-GEN pre-training (Xiao et al., 2020, §3). The pre-trained model is written to "
+        description="ERNIE-GEN pre-training (Xiao et al., 2020, §3), or with --objective lplm ELMER's Layer "
+                    "Permutation LM (Li et al., 2022, §3.4). The pre-trained model is written to "
                     "OUTPUT/best at the end (OUTPUT/checkpoint-last holds the latest resumable checkpoint); "
                     "both are Hugging Face model folders: `erniegen finetune --model OUTPUT/best`. "
                     "Tokens per optimizer step <= batch-size x grad-accum x processes x max-len; the paper's "

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import random
 
 import numpy as np
 import torch

@@ -45,7 +45,7 @@ OPTION_RANGES: dict[str, Range] = {
     "log_every": AT_LEAST_1, "max_train_examples": AT_LEAST_1, "shuffle_window": AT_LEAST_1,
     "seed": Range(0, 2**32, high_open=True), "smooth": AT_LEAST_1,
     "top_bigrams": AT_LEAST_0, "top_trigrams": AT_LEAST_0, "max_items_in_memory": AT_LEAST_0,
-    "min_count": AT_LEAST_1,
+    "min_count": AT_LEAST_1, "exit_threshold": AT_LEAST_0,
 }
 
 
@@ -73,12 +73,15 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-beam", type=int, default=None, help="NAR: candidate lengths decoded in parallel")
     g.add_argument("--dedup", action="store_true", default=None,
                    help="NAR post-processing: drop consecutive duplicate tokens (changes scores; reported apart)")
+    g.add_argument("--exit-threshold", type=float, default=None,
+                   help="ELMER hard exit: a slot exits once its prediction entropy (nats) is below this "
+                        "(default 0.5, the paper's)")
     g.add_argument("--batch-size", type=int, default=32)
 
 
 def _decode_options(args) -> dict:
     keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "iterations",
-            "length_beam", "dedup")
+            "length_beam", "dedup", "exit_threshold")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
@@ -203,8 +206,9 @@ def cmd_pretrain(args) -> None:
         lr=args.lr, warmup_steps=args.warmup_steps, save_every=args.save_every, log_every=args.log_every,
         precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed)
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
-                         method=args.method, word_weight=args.word_weight, noise_rate=args.noise_rate,
-                         max_len=args.max_len, text_field=args.text_field, paragraphs=args.paragraphs,
+                         objective=args.objective, method=args.method, word_weight=args.word_weight,
+                         noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field,
+                         paragraphs=args.paragraphs,
                          shuffle_window=args.shuffle_window, trainer=trainer)
     summary = pretrain(cfg)
     if is_main_process():
@@ -296,8 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_span_vocab)
 
     pt = sub.add_parser(
-        "pretrain", help="ERNIE-GEN pre-training on a streamed corpus (word + span flows, noise)",
-        description="ERNIE-GEN pre-training (Xiao et al., 2020, §3). The pre-trained model is written to "
+        "pretrain", help="ERNIE-GEN (word + span flows, noise) or ELMER LPLM pre-training on a streamed corpus",
+        description="ERNIE-GEN pre-training (Xiao et al., 2020, §3), or with --objective lplm ELMER's Layer "
+                    "Permutation LM (Li et al., 2022, §3.4). The pre-trained model is written to "
                     "OUTPUT/best at the end (OUTPUT/checkpoint-last holds the latest resumable checkpoint); "
                     "both are Hugging Face model folders: `erniegen finetune --model OUTPUT/best`. "
                     "Tokens per optimizer step <= batch-size x grad-accum x processes x max-len; the paper's "
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--noise-rate", type=float, default=0.05, help="ρ_p, target noise (paper: 0.05; 0 = ablation)")
     pt.add_argument("--word-weight", type=float, default=None,
                     help="λ in λ·L_word + (1-λ)·L_span (paper: 0.5; 1 = no span flow; typical: 1)")
+    pt.add_argument("--objective", default="ernie-gen", choices=["ernie-gen", "lplm"],
+                    help="ernie-gen = ERNIE-GEN's word and span flows; lplm = ELMER's Layer Permutation LM "
+                         "(sentence shuffling + text infilling, exit layers drawn uniformly; no span vocabulary)")
     pt.add_argument("--method", default="ernie-gen", choices=list(registry.ERNIE_GEN.methods),
                     help="ernie-gen = infilling flows; typical = teacher-forcing ablation")
     pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

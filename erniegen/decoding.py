@@ -2,8 +2,8 @@
 line and fine-tuning's evaluation call.
 
 Decoders are looked up by name in :mod:`erniegen.registry` (``infilling``, ``typical``, ``nar``,
-``mist-iter``, ``mask-predict``); a model's default is the one of the method saved with it. The
-decoders themselves and the searches live with their methods and in search.py.
+``mist-iter``, ``mask-predict``, ``elmer-hard``, ``elmer-soft``); a model's default is the one of the
+method saved with it. The decoders themselves and the searches live with their methods and in search.py.
 """
 from __future__ import annotations
 

@@ -10,6 +10,13 @@ Example layout: source ``[CLS] S' [SEP]``, target ``T [SEP]``. ``T``'s spans com
 t-test span vocabulary (each fragment segmented on its own) and the end ``[SEP]`` is a span of
 its own, so the span flow never has to predict it together with the last fragment's tokens.
 
+``objective: lplm`` (``--objective lplm``) pre-trains for ELMER instead (Li et al., 2022, §3.4):
+each sequence X becomes source ``[CLS] corrupt(X) [SEP]`` (sentence shuffling, then text infilling)
+and target ``X [SEP]`` over T fixed slots, every slot predicted at an exit layer drawn uniformly
+from 1..L (:class:`erniegen.elmer.LplmObjective`). It reads the same corpus stream, with sequences of
+at most ``(max_len - 3) // 2`` tokens so that source and slots share the ``max_len`` positions, and
+resumes exactly in the same way; it needs no span vocabulary.
+
 Batch size in tokens (the paper's batch is 24,576 tokens): one optimizer step reads
 ``batch_size × grad_accum × processes`` sequences of at most ``max_len`` tokens, e.g.
 8 × 6 × 1 × 512 = 24,576 (the defaults, one process) or 8 × 3 × 2 × 512 under two processes.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,6 +39,7 @@ import torch.distributed as dist
 
 from .batch import collate_pairs
 from .corpus import CorpusSpec, SequenceStream, StreamState
+from .elmer import LplmObjective, lplm_features
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
 from .model import Transformer
 from .network import Layer
@@ -47,6 +56,8 @@ from .train import (
 )
 
 SPAN_VOCAB_FILE = "span_vocab.tsv"
+OBJECTIVES = ("ernie-gen", "lplm")  # ERNIE-GEN's word and span flows | ELMER's Layer Permutation LM
+DEFAULT_METHOD = "ernie-gen"
 PAPER_BATCH_TOKENS = 24_576
 
 
@@ -68,7 +79,8 @@ class PretrainConfig:
     corpus: str                        # comma-separated text/JSONL files, or a datasets name[:config]
     output: str
     span_vocab: str | None = None      # TSV from `erniegen span-vocab`; None = build from the corpus first
-    method: str = "ernie-gen"          # of the ERNIE-GEN family: "ernie-gen" (infilling) | "typical" (ablation)
+    objective: str = "ernie-gen"       # ernie-gen (the flows below) | lplm (ELMER's, §3.4; no span vocabulary)
+    method: str = DEFAULT_METHOD       # of the ERNIE-GEN family: "ernie-gen" (infilling) | "typical" (ablation)
     word_weight: float | None = None   # λ; None = 0.5 for ernie-gen (paper), 1.0 for typical; 1.0 = no span flow
     noise_rate: float = 0.05           # ρ_p, pre-training noise (paper); 0 = the no-noise ablation
     label_smoothing: float = 0.1       # as in fine-tuning (ErnieGenConfig)
@@ -82,7 +94,19 @@ class PretrainConfig:
     shuffle_window: int = 10_000
     trainer: TrainConfig = field(default_factory=default_trainer)
 
+    @property
+    def sequence_len(self) -> int:
+        """Longest corpus sequence: all of ``max_len`` is S' + T for ERNIE-GEN; LPLM's source and T slots
+        each hold the whole sequence plus its special tokens."""
+        return (self.max_len - 3) // 2 if self.objective == "lplm" else self.max_len - 3
+
     def resolved_word_weight(self) -> float:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective={self.objective!r} must be one of {list(OBJECTIVES)}")
+        if self.objective == "lplm" and (self.method != DEFAULT_METHOD or self.word_weight is not None
+                                         or self.span_vocab is not None):
+            raise ValueError("--method, --word-weight and --span-vocab set ERNIE-GEN's flows; --objective lplm takes "
+                             "none of them")
         if self.method not in ERNIE_GEN.methods:
             raise ValueError(f"method={self.method!r} must be one of {list(ERNIE_GEN.methods)}: pre-training "
                              f"trains ERNIE-GEN's flows")
@@ -133,8 +157,8 @@ class PretrainStream:
         stream = SequenceStream(self.spec, self.tokenizer, max_len=self.max_len, rank=rank, world_size=world,
                                 state=start, shuffle_window=self.shuffle_window, seed=seed)
         batch: list[dict] = []
-        for example in iter_pretrain_examples(stream, self.span_vocab, self.fragments, seed):
-            batch.append(pretrain_features(example, self.cls_id, self.sep_id))
+        for features in self.examples(stream, seed):
+            batch.append(features)
             if len(batch) == self.batch_size:
                 self._position = stream.state
                 yield batch
@@ -142,6 +166,11 @@ class PretrainStream:
         if batch:   # the end of the shard: a smaller last micro-batch rather than dropped sequences
             self._position = stream.state
             yield batch
+
+    def examples(self, stream: SequenceStream, seed: int) -> Iterator[dict[str, list[int]]]:
+        """Model features of each sequence of ``stream``, seeded by ``seed`` and the sequence's position."""
+        for example in iter_pretrain_examples(stream, self.span_vocab, self.fragments, seed):
+            yield pretrain_features(example, self.cls_id, self.sep_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "stream": None if self._position is None else self._position.to_dict()}
@@ -151,8 +180,20 @@ class PretrainStream:
         self._position = None if state["stream"] is None else StreamState.from_dict(state["stream"])
 
 
-def build_objective(model: Transformer, cfg: PretrainConfig) -> ErnieGenObjective:
-    """ERNIE-GEN's multi-flow objective with the pre-training λ and ρ_p (or an ablation of them)."""
+class LplmStream(PretrainStream):
+    """LPLM examples of the same stream: each sequence corrupted with its own seeded generator, so a
+    resumed run sees the same examples as an uninterrupted one."""
+
+    def examples(self, stream: SequenceStream, seed: int) -> Iterator[dict[str, list[int]]]:
+        for ids in stream:
+            state = stream.state
+            yield lplm_features(ids, self.tokenizer, random.Random(f"{seed}:{state.doc_index}:{state.seq_offset}"))
+
+
+def build_objective(model: Transformer, cfg: PretrainConfig) -> ErnieGenObjective | LplmObjective:
+    """ERNIE-GEN's multi-flow objective with the pre-training λ and ρ_p (or an ablation of them), or LPLM's."""
+    if cfg.objective == "lplm":
+        return LplmObjective(model, cfg.sequence_len + 1, cfg.label_smoothing)
     ecfg = ErnieGenConfig(method=cfg.method, noise_rate=cfg.noise_rate, word_weight=cfg.resolved_word_weight(),
                           label_smoothing=cfg.label_smoothing)
     repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
@@ -206,8 +247,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     word_weight = cfg.resolved_word_weight()
     tcfg = fit_warmup(dataclasses.replace(cfg.trainer, output_dir=cfg.output))
     check_config(tcfg, has_evaluate=False)  # before the span vocabulary build and the model load
-    if cfg.max_len < 4:
-        raise ValueError(f"max_len={cfg.max_len} leaves no room for [CLS] S' [SEP] T [SEP]")
+    if cfg.max_len < 4 or cfg.sequence_len < 1:
+        raise ValueError(f"max_len={cfg.max_len} leaves no room for [CLS] S' [SEP] T [SEP]"
+                         + (" (LPLM: [CLS] X' [SEP] and X [SEP])" if cfg.objective == "lplm" else ""))
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, _ = setup_distributed()     # the span-vocabulary build needs the group's barrier
     try:
@@ -219,15 +261,25 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if cfg.max_len > positions:
             raise ValueError(f"max_len={cfg.max_len} exceeds the {positions} positions of {cfg.model}")
         spec = CorpusSpec.from_arg(cfg.corpus, text_field=cfg.text_field, paragraphs=cfg.paragraphs)
-        span_vocab = load_or_build_span_vocab(cfg, spec, model.tokenizer, rank, world)
-        model.settings = dataclasses.replace(
-            model.settings, method=cfg.method,
-            extra=model.settings.extra | {"pretrain": {"word_weight": word_weight, "noise_rate": cfg.noise_rate,
-                                                       "max_len": cfg.max_len, "method": cfg.method}})
-        data = PretrainStream(spec, model.tokenizer, span_vocab, tcfg.batch_size, cfg.max_len, tcfg.seed,
-                              cfg.fragments, cfg.shuffle_window)
+        if cfg.objective == "lplm":
+            model.settings = dataclasses.replace(
+                model.settings, method="elmer", extra=model.settings.extra | {
+                    "max_target_len": cfg.sequence_len + 1, "pretrain": {"objective": "lplm", "max_len": cfg.max_len}})
+            data = LplmStream(spec, model.tokenizer, None, tcfg.batch_size, cfg.sequence_len + 3, tcfg.seed,
+                              shuffle_window=cfg.shuffle_window)
+        else:
+            span_vocab = load_or_build_span_vocab(cfg, spec, model.tokenizer, rank, world)
+            model.settings = dataclasses.replace(
+                model.settings, method=cfg.method,
+                extra=model.settings.extra | {"pretrain": {"word_weight": word_weight, "noise_rate": cfg.noise_rate,
+                                                           "max_len": cfg.max_len, "method": cfg.method}})
+            data = PretrainStream(spec, model.tokenizer, span_vocab, tcfg.batch_size, cfg.max_len, tcfg.seed,
+                                  cfg.fragments, cfg.shuffle_window)
         objective = build_objective(model, cfg)
-        if rank == 0:
+        if cfg.objective == "lplm" and rank == 0:
+            print(f"pre-training: LPLM; {world} process(es); step = {tcfg.batch_size}×{tcfg.grad_accum}×{world} "
+                  f"sequences of <= {cfg.sequence_len} tokens", file=sys.stderr)
+        elif rank == 0:
             nominal = tcfg.batch_size * tcfg.grad_accum * world * cfg.max_len
             print(f"pre-training: λ={word_weight}, ρ_p={cfg.noise_rate}, method={cfg.method}; {world} process(es); "
                   f"step = {tcfg.batch_size}×{tcfg.grad_accum}×{world} sequences of <= {cfg.max_len} tokens "

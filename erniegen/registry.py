@@ -1,8 +1,8 @@
 """The method families, one record each: what the command line, fine-tuning and decoding read.
 
-A method is a ``--method`` value (``ernie-gen``, ``typical``, ``nat``, ``mist``); methods that share
-an objective, options and decoders form a family, described once by a :class:`Family` record. Every
-caller asks this module instead of branching on method names:
+A method is a ``--method`` value (``ernie-gen``, ``typical``, ``nat``, ``mist``, ``elmer``,
+``elmer-soft``); methods that share an objective, options and decoders form a family, described once
+by a :class:`Family` record. Every caller asks this module instead of branching on method names:
 
 * the command line takes its ``--method`` and ``--decoder`` choices from :data:`METHODS` and
   :data:`DECODERS`;
@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 
 from torch import nn
 
-from . import ernie_gen, mist
+from . import elmer, ernie_gen, mist
 from .data import TaskPreset
 from .network import Network
 from .search import Decoder
@@ -55,7 +55,10 @@ MIST = Family(
     name="MIST", methods={"nat": "nar", "mist": "nar"}, options=mist.MistConfig,
     build_objective=mist.build_mist_objective, decoders=mist.DECODERS, uses_noise=False,
     prepare_features=mist.prepare_features)
-FAMILIES: tuple[Family, ...] = (ERNIE_GEN, MIST)
+ELMER = Family(
+    name="ELMER", methods={"elmer": "elmer-hard", "elmer-soft": "elmer-soft"}, options=elmer.ElmerConfig,
+    build_objective=elmer.build_objective, decoders=elmer.DECODERS, uses_noise=False)
+FAMILIES: tuple[Family, ...] = (ERNIE_GEN, MIST, ELMER)
 
 
 def _index(pairs: list[tuple[str, object]], what: str) -> dict:

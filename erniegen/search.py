@@ -20,6 +20,11 @@ from .batch import pad
 from .network import Network
 
 
+# ELMER's hard-exit entropy threshold δ (nats): the paper tries {0, 0.25, 0.5, 0.75, 1.0} and picks
+# 0.5 on validation (Li et al., 2022, §4)
+EXIT_THRESHOLD = 0.5
+
+
 @dataclass
 class DecodeOptions:
     """Search settings; defaults come from the task preset saved with the model."""
@@ -34,6 +39,7 @@ class DecodeOptions:
     iterations: int = 1
     length_beam: int = 1
     dedup: bool = False
+    exit_threshold: float = EXIT_THRESHOLD  # ELMER hard exit: a slot exits once its entropy is below this
 
     def __post_init__(self) -> None:
         for name in ("num_beams", "iterations", "length_beam"):
@@ -44,6 +50,8 @@ class DecodeOptions:
                              f"{self.max_length}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if not self.exit_threshold >= 0:
+            raise ValueError(f"exit_threshold must be >= 0, got {self.exit_threshold}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 

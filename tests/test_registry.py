@@ -35,29 +35,31 @@ def _choices(parser, command: str, option: str) -> list[str]:
 def test_cli_choices_come_from_the_registry():
     parser = build_parser()
     assert _choices(parser, "finetune", "--method") == list(registry.METHODS) == ["ernie-gen", "typical", "nat",
-                                                                                  "mist"]
+                                                                                  "mist", "elmer", "elmer-soft"]
     assert _choices(parser, "pretrain", "--method") == list(registry.ERNIE_GEN.methods)
     for command in ("generate", "bench"):
         assert _choices(parser, command, "--decoder") == list(registry.DECODERS)
     assert DECODERS is registry.DECODERS
-    assert sorted(DECODERS) == ["infilling", "mask-predict", "mist-iter", "nar", "typical"]
+    assert sorted(DECODERS) == ["elmer-hard", "elmer-soft", "infilling", "mask-predict", "mist-iter", "nar",
+                                "typical"]
 
 
 def test_records_of_today():
     assert {m: registry.default_decoder(m) for m in registry.METHODS} == {
-        "ernie-gen": "infilling", "typical": "typical", "nat": "nar", "mist": "nar"}
-    assert [registry.family(m).uses_noise for m in registry.METHODS] == [True, True, False, False]
+        "ernie-gen": "infilling", "typical": "typical", "nat": "nar", "mist": "nar", "elmer": "elmer-hard",
+        "elmer-soft": "elmer-soft"}
+    assert [registry.family(m).uses_noise for m in registry.METHODS] == [True, True, False, False, False, False]
     assert registry.option_keys("ernie-gen") == ["word_weight"]
     assert set(registry.option_keys("mist")) == {"mask_mode", "f_ratio", "length_weight", "mixing", "pseudo_from"}
-    with pytest.raises(ValueError, match="unknown method 'elmer'"):
-        registry.family("elmer")
+    with pytest.raises(ValueError, match="unknown method 'lplm'"):
+        registry.family("lplm")
     with pytest.raises(ValueError, match=r"unknown nat method_options \['mixingg'\]"):
         registry.check_options("nat", {"mixingg": "none"})
 
 
 METHOD_NAMES = set(registry.METHODS)
 # modules of a family may tell their own methods apart; everything else asks the registry
-FAMILY_MODULES = {"registry.py", "ernie_gen.py", "mist.py", "nar.py"}
+FAMILY_MODULES = {"registry.py", "ernie_gen.py", "mist.py", "nar.py", "elmer.py"}
 
 
 def _compares_a_method_name(node: ast.Compare) -> bool:

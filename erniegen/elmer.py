@@ -1,0 +1,515 @@
+"""ELMER (Li et al., EMNLP 2022): non-autoregressive generation with an off-ramp after every layer.
+
+Layout (nar.py's, with a fixed slot count): the source ``[CLS] X [SEP]`` is encoded once
+(:func:`erniegen.passes.encode_source`); T = the task's ``max_target_len`` target slots, all [MASK],
+attend to the source and to every slot -- slots past a row's end included, as visible slots, since
+ELMER has no length predictor. The output is what precedes the first end [SEP] (ELMER §3.1).
+
+Off-ramps: after layer l, Pr(y_t | h^l_t) = softmax(W^l_c h^l_t) (§3.2). By default every layer reads
+the model's own tied LM head; ``layer_heads: true`` gives each layer but the last its own transform
+(dense, LayerNorm, bias) in front of the tied word-embedding matrix -- a full V x H matrix per layer
+would add tens of millions of weights to a MiniLM -- while the last layer keeps the model's head, so
+the checkpoint stays a valid BERT masked-LM.
+
+Two exits, two methods:
+
+* ``--method elmer``, decoder ``elmer-hard`` (§3.2, hard early exit): at each off-ramp a slot whose
+  prediction entropy (in nats) is below δ exits with its argmax; its state is copied unchanged to
+  every higher layer, where the active slots still attend to it. Only active slots are computed
+  (exited ones give keys/values, not queries), and decoding stops when none is active.
+* ``--method elmer-soft``, decoder ``elmer-soft`` (§3.2, soft early exit): every slot runs every
+  layer; between layers the argmax token's word embedding is joined to the hidden state and fused,
+  W [Embed(ŷ^l_t); h^l_t], into the next layer's input. The output is the last layer's argmax.
+
+Training (§3.3): the loss is the mean over layers of each off-ramp's cross-entropy, labels past a
+row's end [SEP] ignored. The paper does not say how hard-exit models are trained; here they are
+trained exactly so, every slot running every layer with a loss at every off-ramp (what the released
+code does). That makes every off-ramp a predictor of the whole target, so its entropy is a
+meaningful exit signal at every layer whatever δ is chosen after training; training with exits
+drawn per token (as LPLM pre-training does) would tie each layer to the exit pattern of the draw.
+``exits: drawn`` trains the other way instead, each slot's loss at one exit layer drawn uniformly
+(:func:`drawn_exit_loss`, LPLM's draw), for comparison (benchmarks/elmer_exit_training.py); there,
+as in the released code, copied states are detached. Soft-exit training follows the released code
+in feeding the gold token's embedding instead of the predicted one with probability 0.3
+(``gold_rate``); with ``exits: all`` no state is copied, so there is nothing to detach.
+
+What comes from elsewhere: the slot roles and positions of passes.py (ELMER's slots are NAR slots
+that all count as real), masks from masks.attention_mask, the layers stepped through
+``Network.embed`` / ``run_layer`` / ``Attention.keys_values``. nar.py's NarDecoder is built around a
+length head, which ELMER does not have, so the decoders here implement the interface directly.
+
+Layer Permutation LM pre-training (§3.4): :func:`corrupt`, :class:`LplmObjective`, run by
+``erniegen pretrain --objective lplm`` (pretrain.py).
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import TaskPreset
+from .masks import NAR, PAD, Roles, attention_mask
+from .nar import position_limit
+from .network import ModelConfig, Network, _ACTIVATIONS
+from .passes import EncodedSource, encode_source, slot_roles, target_positions
+from .search import DecodeOptions, Decoder, until_end
+
+GOLD_RATE = 0.3  # soft exit: the released code feeds the gold token's embedding with this probability
+HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
+IGNORE = -100
+SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
+EXIT_TRAINING = ("all", "drawn")
+
+
+@dataclass
+class ElmerConfig:
+    """``method_options`` of ``--method elmer|elmer-soft`` (label smoothing comes from the task preset)."""
+
+    method: str = "elmer"
+    layer_heads: bool = False  # one off-ramp transform per layer instead of the shared LM head (§3.2)
+    gold_rate: float | None = None  # elmer-soft: probability of the gold embedding in training; None: GOLD_RATE
+    # hard exit: all = a loss at every off-ramp for every slot (the released code; module docstring);
+    # drawn = each slot's loss at one exit layer drawn uniformly, as LPLM pre-trains (the ablation)
+    exits: str = "all"
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.method not in SOFT:
+            raise ValueError(f"ElmerConfig handles {list(SOFT)}, not {self.method!r}")
+        if self.gold_rate is not None and not SOFT[self.method]:
+            raise ValueError("gold_rate is only used with --method elmer-soft")
+        if SOFT[self.method] and self.gold_rate is None:
+            self.gold_rate = GOLD_RATE
+        if self.exits not in EXIT_TRAINING:
+            raise ValueError(f"exits must be one of {EXIT_TRAINING}, got {self.exits!r}")
+        if self.exits == "drawn" and SOFT[self.method]:
+            raise ValueError("exits: drawn trains hard exits; --method elmer-soft runs every layer for every slot")
+        if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
+            raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
+
+
+
+# ---- off-ramps and fusion ----------------------------------------------------------------------
+
+
+class OffRamp(nn.Module):
+    """A layer's own masked-LM transform; its output matrix is the tied word embeddings."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, h: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(self.act(self.dense(h))), word, self.bias)
+
+
+def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> None:
+    """Attach the per-layer heads and the fusion layer that training asks for or the checkpoint holds.
+
+    Fresh per-layer heads start as copies of the shared head, and a fresh fusion layer passes the
+    hidden state through (W = [0 I]), so training starts from the pre-trained network's own
+    predictions and layer inputs instead of inputs a random fusion would scale down.
+    """
+    cfg = model.config
+    if layer_heads or model.has_saved_extra(HEADS):
+        fresh = HEADS not in model.extras and not model.has_saved_extra(HEADS)
+        heads = model.add_extra(HEADS, nn.ModuleList(OffRamp(cfg) for _ in range(cfg.num_hidden_layers - 1)))
+        if fresh:
+            for head in heads:
+                head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "word.weight"})
+    if soft or model.has_saved_extra(FUSION):
+        fresh = FUSION not in model.extras and not model.has_saved_extra(FUSION)
+        fusion = model.add_extra(FUSION, nn.Linear(2 * cfg.hidden_size, cfg.hidden_size))
+        if fresh:
+            with torch.no_grad():
+                fusion.weight.zero_()
+                fusion.weight[:, cfg.hidden_size:] = torch.eye(cfg.hidden_size)
+
+
+def layer_logits(model: Network, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Off-ramp ``layer`` (0-based): vocabulary scores of ``hidden`` (..., H)."""
+    if HEADS in model.extras and layer < len(model.layers) - 1:
+        return model.extras[HEADS][layer](hidden, model.embeddings.word.weight)
+    return model.logits(hidden)
+
+
+def fuse(model: Network, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Soft exit: the next layer's input W [Embed(ŷ); h] from the predicted ids and the hidden states."""
+    return model.extras[FUSION](torch.cat([model.embeddings.word(ids), hidden], -1))
+
+
+# ---- slots -------------------------------------------------------------------------------------
+
+
+def slot_count(model: Network) -> int:
+    """T, the slots of every row: the ``max_target_len`` the model was fine-tuned with."""
+    n = model.settings.extra.get("max_target_len")
+    if n is None:
+        raise ValueError("this model has no max_target_len in its settings; ELMER decoders need a model "
+                         "fine-tuned with --method elmer or elmer-soft")
+    return int(n)
+
+
+@dataclass
+class Slots:
+    """T all-[MASK] target slots of each row against an encoded source."""
+
+    x: torch.Tensor  # (N,T,H) the input of layer 0
+    roles: Roles  # NAR for every slot
+    mask: torch.Tensor  # (N,T,S+T): the source's real tokens and every slot
+
+
+def make_slots(model: Network, source: EncodedSource, width: int) -> Slots:
+    """Every slot is a visible NAR slot: ELMER has no length, so a row has no padding slots."""
+    n = len(source.length)
+    if int(source.length.max()) + width > position_limit(model):
+        raise ValueError(f"a source of {int(source.length.max())} tokens leaves no room for {width} target "
+                         f"slots in {position_limit(model)} positions")
+    roles = slot_roles(torch.full((n,), width, device=source.length.device), width)
+    ids = torch.full((n, width), model.tokenizer.mask_token_id, device=source.length.device)
+    x = model.embed(ids, target_positions(source.length, width), torch.full_like(ids, model.target_type_id))
+    return Slots(x, roles, attention_mask(roles, source.roles.cat(roles)))
+
+
+def pick(logp: torch.Tensor, slot: torch.Tensor, eos: int, opts: DecodeOptions) -> torch.Tensor:
+    """Argmax ids of log-probs (M,V) at slot indices ``slot`` (M,): banned ids never, the end token
+    not before ``opts.min_length`` (which counts the end token, as the autoregressive decoders do)."""
+    logp = logp.clone()
+    if opts.banned_ids:
+        logp[:, list(opts.banned_ids)] = float("-inf")
+    logp[:, eos] = torch.where(slot + 1 < opts.min_length, float("-inf"), logp[:, eos])
+    return logp.argmax(-1)
+
+
+def outputs(tokens: torch.Tensor, eos: int, max_length: int) -> list[list[int]]:
+    """What precedes each row's first end token, at most ``max_length - 1`` ids (the end token counts)."""
+    return [until_end(row, eos)[: max_length - 1] for row in tokens.tolist()]
+
+
+# ---- hard exit ---------------------------------------------------------------------------------
+
+
+@dataclass
+class HardExit:
+    """A hard-exit pass: each slot's id, the layer (1-based) it exited at, and every layer's states."""
+
+    tokens: torch.Tensor  # (N,T)
+    exit_layer: torch.Tensor  # (N,T)
+    states: list[torch.Tensor]  # L x (N,T,H): after layer l, exited slots hold their copied state
+
+
+def hard_exit(model: Network, source: EncodedSource, width: int, threshold: float, opts: DecodeOptions,
+              active_only: bool = True) -> HardExit:
+    """Run T slots with hard early exit at entropy threshold ``threshold`` (nats).
+
+    ``active_only`` computes each layer for the active slots only, with the exited ones' keys/values
+    as ``past``; ``False`` computes every slot and keeps the exited ones' old states, the plain
+    reference the fast path is tested against.
+    """
+    slots, eos = make_slots(model, source, width), model.tokenizer.sep_token_id
+    n, t, _ = slots.x.shape
+    x, n_layers = slots.x, len(model.layers)
+    active = torch.ones(n, t, dtype=torch.bool, device=x.device)
+    tokens = torch.zeros(n, t, dtype=torch.long, device=x.device)
+    exit_layer = torch.zeros_like(tokens)
+    states: list[torch.Tensor] = []
+    for layer in range(n_layers):
+        if active_only:
+            x = _active_layer(model, layer, x, active, slots.roles, source)
+        else:
+            out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+            x = torch.where(active[:, :, None], out, x)
+        states.append(x)
+        rows, cols = active.nonzero(as_tuple=True)
+        logp = torch.log_softmax(layer_logits(model, layer, x[rows, cols]).float(), -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        leaving = entropy < threshold if layer < n_layers - 1 else torch.ones_like(entropy, dtype=torch.bool)
+        rows, cols = rows[leaving], cols[leaving]
+        tokens[rows, cols] = pick(logp[leaving], cols, eos, opts)
+        exit_layer[rows, cols] = layer + 1
+        active[rows, cols] = False
+        if not bool(active.any()):
+            break
+    states += [x] * (n_layers - len(states))  # layers never run: every slot's state is copied up
+    return HardExit(tokens, exit_layer, states)
+
+
+def _active_layer(model: Network, layer: int, x: torch.Tensor, active: torch.Tensor, roles: Roles,
+                  source: EncodedSource) -> torch.Tensor:
+    """Layer ``layer`` for the active slots only, packed to the left of each row; exited slots offer
+    the keys/values of their copied states as past, after the source's."""
+    n, t, h = x.shape
+    take = torch.sort(active.long(), dim=1, descending=True, stable=True).indices[:, : int(active.sum(1).max())]
+    live = active.gather(1, take)
+    gather = take[:, :, None].expand(-1, -1, h)
+    queries = x.gather(1, gather)
+    k, v = model.layers[layer].attn.keys_values(x)
+    past = (torch.cat([source.kv[layer][0], k], 2), torch.cat([source.kv[layer][1], v], 2))
+    exited = Roles(torch.where(active, PAD, NAR), torch.where(active, -1, roles.index))
+    new = Roles(torch.where(live, NAR, PAD), torch.where(live, roles.index.gather(1, take), -1))
+    mask = attention_mask(new, source.roles.cat(exited).cat(new))
+    out, _ = model.run_layer(layer, queries, mask, past)
+    return x.scatter(1, gather, torch.where(live[:, :, None], out, queries))
+
+
+class HardExitDecoder(Decoder):
+    """``elmer-hard``: T = the model's ``max_target_len`` slots with hard early exit at
+    ``opts.exit_threshold`` (default search.EXIT_THRESHOLD, the paper's δ = 0.5). Only sources reach it; no
+    reference length exists to read."""
+
+    name = "elmer-hard"
+
+    @torch.no_grad()
+    def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
+                 opts: DecodeOptions) -> list[list[int]]:
+        check_soft(model, soft=False)
+        source, _ = encode_source(model, src_ids, src_len)
+        out = hard_exit(model, source, slot_count(model), opts.exit_threshold, opts)
+        return outputs(out.tokens, model.tokenizer.sep_token_id, opts.max_length)
+
+
+# ---- soft exit ---------------------------------------------------------------------------------
+
+
+def soft_exit_layers(model: Network, source: EncodedSource, width: int, gold: torch.Tensor | None = None,
+                     gold_rate: float = 0.0) -> Iterator[torch.Tensor]:
+    """Each layer's off-ramp logits (N,T,V) of a soft-exit pass; between layers the argmax (or, with
+    probability ``gold_rate``, the ``gold`` id where it is not IGNORE) is fused into the next input."""
+    slots = make_slots(model, source, width)
+    x, n_layers = slots.x, len(model.layers)
+    for layer in range(n_layers):
+        x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+        logits = layer_logits(model, layer, x)
+        yield logits
+        if layer < n_layers - 1:
+            ids = logits.detach().argmax(-1)
+            if gold is not None and gold_rate > 0:
+                swap = (torch.rand(ids.shape, device=ids.device) < gold_rate) & (gold != IGNORE)
+                ids = torch.where(swap, gold, ids)
+            x = fuse(model, x, ids)
+
+
+class SoftExitDecoder(Decoder):
+    """``elmer-soft``: every slot runs every layer with fused predictions; the last layer's argmax."""
+
+    name = "elmer-soft"
+
+    @torch.no_grad()
+    def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
+                 opts: DecodeOptions) -> list[list[int]]:
+        check_soft(model, soft=True)
+        source, _ = encode_source(model, src_ids, src_len)
+        width, eos = slot_count(model), model.tokenizer.sep_token_id
+        *_, logits = soft_exit_layers(model, source, width)
+        slot = torch.arange(width, device=logits.device).repeat(len(src_len))
+        tokens = pick(torch.log_softmax(logits.flatten(0, 1).float(), -1), slot, eos, opts)
+        return outputs(tokens.view(-1, width), eos, opts.max_length)
+
+
+def check_soft(model: Network, soft: bool) -> None:
+    """A soft-exit model's layers expect fused inputs, a hard-exit model's plain ones: refuse to mix."""
+    attach(model)
+    if soft and FUSION not in model.extras:
+        raise ValueError("elmer-soft needs a model fine-tuned with --method elmer-soft (it has no fusion layer)")
+    if not soft and FUSION in model.extras:
+        raise ValueError("this model was fine-tuned with --method elmer-soft; decode it with --decoder elmer-soft")
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def slot_labels(tgt_ids: torch.Tensor, tgt_len: torch.Tensor, width: int) -> torch.Tensor:
+    """(N,T) labels: the target ids, end [SEP] included, then IGNORE."""
+    if int(tgt_len.max()) > width:
+        raise ValueError(f"a target has {int(tgt_len.max())} ids (end [SEP] included) but ELMER has {width} "
+                         f"slots; raise max_target_len")
+    labels = torch.full((len(tgt_len), width), IGNORE, dtype=torch.long, device=tgt_ids.device)
+    w = min(width, tgt_ids.shape[1])
+    valid = torch.arange(w, device=tgt_ids.device)[None, :] < tgt_len[:, None]
+    labels[:, :w] = torch.where(valid, tgt_ids[:, :w], IGNORE)
+    return labels
+
+
+def draw_exit_layers(shape: tuple[int, ...], n_layers: int, device: torch.device | None = None) -> torch.Tensor:
+    """LPLM: each target token's exit layer, uniform over 1..L."""
+    return torch.randint(1, n_layers + 1, shape, device=device)
+
+
+def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
+                    label_smoothing: float) -> torch.Tensor:
+    """Each slot runs up to an exit layer drawn uniformly (:func:`draw_exit_layers`), is predicted by
+    that layer's off-ramp and is copied unchanged above it; the mean cross-entropy of the labelled slots.
+
+    As in the released code, copied states are detached: a slot's prediction trains the layers up to
+    its exit, not the layers above through the keys/values it offers there.
+    """
+    exits = draw_exit_layers(labels.shape, len(model.layers), labels.device)
+    slots = make_slots(model, source, labels.shape[1])
+    x, logits, gold = slots.x, [], []
+    for layer in range(len(model.layers)):
+        out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+        x = torch.where((exits > layer)[:, :, None], out, x.detach())
+        here = (exits == layer + 1) & (labels != IGNORE)
+        logits.append(layer_logits(model, layer, x[here]))
+        gold.append(labels[here])
+    return F.cross_entropy(torch.cat(logits).float(), torch.cat(gold), label_smoothing=label_smoothing)
+
+
+class ElmerObjective(nn.Module):
+    """``forward(**batch)`` -> the mean over layers of each off-ramp's cross-entropy (``exits: all``), or
+    each slot's loss at an exit layer drawn as LPLM draws it (``exits: drawn``, hard exit only)."""
+
+    def __init__(self, model: Network, cfg: ElmerConfig, width: int):
+        super().__init__()
+        if model.tokenizer is None:
+            raise ValueError("ELMER training needs the model's tokenizer (for [MASK] and [SEP])")
+        self.model, self.cfg, self.width = model, cfg, width
+        self.soft = SOFT[cfg.method]
+        attach(model, cfg.layer_heads, self.soft)
+
+    def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
+                **ignored) -> dict[str, torch.Tensor]:
+        source, _ = encode_source(self.model, src_ids, src_len)
+        labels = slot_labels(tgt_ids, tgt_len, self.width)
+        where = labels != IGNORE
+        n_tokens = src_len.sum() + len(src_len) * self.width
+        if self.cfg.exits == "drawn":
+            return {"loss": drawn_exit_loss(self.model, source, labels, self.cfg.label_smoothing),
+                    "num_tokens": n_tokens}
+        if self.soft:
+            gold_rate = self.cfg.gold_rate if self.training else 0.0
+            logits = [lg[where] for lg in soft_exit_layers(self.model, source, self.width, labels, gold_rate)]
+        else:
+            logits = list(self._layer_logits(source, where))
+        losses = torch.stack([F.cross_entropy(lg.float(), labels[where], label_smoothing=self.cfg.label_smoothing)
+                              for lg in logits])
+        return {"loss": losses.mean(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
+                "num_tokens": n_tokens}
+
+    def _layer_logits(self, source: EncodedSource, where: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Hard-exit training: every slot runs every layer; each off-ramp scores the labelled slots."""
+        model = self.model
+        slots = make_slots(model, source, self.width)
+        x = slots.x
+        for layer in range(len(model.layers)):
+            x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+            yield layer_logits(model, layer, x[where])
+
+
+def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ElmerObjective:
+    """The objective of ``--method elmer|elmer-soft``; T = the preset's ``max_target_len``."""
+    cfg = ElmerConfig(**(options | {"method": method, "label_smoothing": preset.label_smoothing}))
+    model.settings.extra = model.settings.extra | {"max_target_len": int(preset.max_target_len)}
+    return ElmerObjective(model, cfg, int(preset.max_target_len))
+
+
+# ---- Layer Permutation LM pre-training (§3.4) --------------------------------------------------
+
+INFILL_RATE = 0.15  # text infilling masks this share of the tokens (BART's setting, which LPLM corrupts with)
+SPAN_LAMBDA = 3.0  # λ of the Poisson span lengths (BART, LPLM)
+SENTENCE_ENDS = (".", "?", "!")  # tokens that end a sentence, for sentence shuffling
+
+
+@dataclass
+class Corruption:
+    """LPLM's noisy input: the shuffled sentences, the infilling spans on them and the result."""
+
+    shuffled: list[int]  # the sequence after sentence shuffling
+    spans: list[tuple[int, int]]  # (start, length) in ``shuffled``, left to right, never touching
+    source: list[int]  # ``shuffled`` with each span replaced by one [MASK]
+
+
+def split_sentences(ids: Sequence[int], end_ids: set[int]) -> list[list[int]]:
+    """Sentences of a token sequence, each ending after a sentence-final token (the tail is one too)."""
+    sentences, current = [], []
+    for t in ids:
+        current.append(t)
+        if t in end_ids:
+            sentences.append(current)
+            current = []
+    return sentences + ([current] if current else [])
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    """A Poisson(λ) draw (Knuth's product of uniforms; fine for small λ)."""
+    limit, k, p = math.exp(-lam), 0, rng.random()
+    while p > limit:
+        k, p = k + 1, p * rng.random()
+    return k
+
+
+def corrupt(ids: Sequence[int], end_ids: set[int], mask_id: int, rng: random.Random, rate: float = INFILL_RATE,
+            lam: float = SPAN_LAMBDA) -> Corruption:
+    """Sentence shuffling, then text infilling (§3.4, after BART): spans of Poisson(λ) length cover
+    round(rate · n) tokens and each becomes one [MASK].
+
+    Zero-length draws are drawn again (BART's zero-length spans insert a [MASK]; here every [MASK]
+    stands for at least one token), the last span is cut to the budget, and a span that would overlap
+    or touch an earlier one is drawn again, so spans and [MASK]s stay one to one. Placement gives up
+    after 100 failed draws in a row, leaving a short sequence with fewer masked tokens.
+    """
+    sentences = split_sentences(ids, end_ids)
+    rng.shuffle(sentences)
+    shuffled = [t for s in sentences for t in s]
+    n, left, taken, failures = len(shuffled), round(rate * len(shuffled)), [False] * (len(shuffled) + 2), 0
+    spans: list[tuple[int, int]] = []
+    while left > 0 and failures < 100:
+        length = 0
+        while length == 0:
+            length = poisson(rng, lam)
+        length = min(length, left, n)
+        start = rng.randrange(n - length + 1)
+        if any(taken[start:start + length + 2]):  # taken is offset by one: neighbours included
+            failures += 1
+            continue
+        failures = 0
+        taken[start + 1:start + length + 1] = [True] * length
+        spans.append((start, length))
+        left -= length
+    spans.sort()
+    source, at = [], 0
+    for start, length in spans:
+        source += [*shuffled[at:start], mask_id]
+        at = start + length
+    return Corruption(shuffled, spans, source + shuffled[at:])
+
+
+def lplm_features(ids: Sequence[int], tokenizer, rng: random.Random) -> dict[str, list[int]]:
+    """One LPLM example: source ``[CLS] corrupted [SEP]``, target the original ``ids [SEP]``."""
+    ends = {i for i in tokenizer.convert_tokens_to_ids(list(SENTENCE_ENDS)) if i != tokenizer.unk_token_id}
+    noisy = corrupt(ids, ends, tokenizer.mask_token_id, rng)
+    return {"source_ids": [tokenizer.cls_token_id, *noisy.source, tokenizer.sep_token_id],
+            "target_ids": [*ids, tokenizer.sep_token_id]}
+
+
+class LplmObjective(nn.Module):
+    """Layer Permutation LM: each slot runs up to its drawn exit layer, is predicted by that layer's
+    off-ramp and is copied unchanged above it; the loss is the mean over labelled slots.
+
+    See :func:`drawn_exit_loss`.
+    """
+
+    def __init__(self, model: Network, width: int, label_smoothing: float = 0.1, layer_heads: bool = False):
+        super().__init__()
+        if model.tokenizer is None:
+            raise ValueError("LPLM training needs the model's tokenizer (for [MASK] and [SEP])")
+        self.model, self.width, self.label_smoothing = model, width, label_smoothing
+        attach(model, layer_heads)
+
+    def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
+                **ignored) -> dict[str, torch.Tensor]:
+        source, _ = encode_source(self.model, src_ids, src_len)
+        labels = slot_labels(tgt_ids, tgt_len, self.width)
+        loss = drawn_exit_loss(self.model, source, labels, self.label_smoothing)
+        return {"loss": loss, "num_tokens": src_len.sum() + len(src_len) * self.width}
+
+
+DECODERS: dict[str, Callable[[], Decoder]] = {"elmer-hard": HardExitDecoder, "elmer-soft": SoftExitDecoder}

@@ -1,0 +1,462 @@
+"""ELMER: the slot mask, hard early exit (freezing, thresholds, the active-only path), soft exit, the
+objective, the saved extras, the command line, LPLM pre-training (corruption, exit draws, resume), and
+a tiny model that learns to reverse its source."""
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, tiny_config
+from safetensors.torch import load_file
+
+import erniegen.elmer as elmer
+import erniegen.pretrain as pt
+from erniegen import registry
+from erniegen.batch import collate_pairs
+from erniegen.cli import build_parser, main
+from erniegen.data import get_task
+from erniegen.decoding import DECODERS, DecodeOptions, generate_ids
+from erniegen.elmer import (FUSION, HEADS, IGNORE, ElmerConfig, attach, build_objective, corrupt, draw_exit_layers,
+                            hard_exit, layer_logits, lplm_features, make_slots, pick, slot_labels, soft_exit_layers,
+                            split_sentences)
+from erniegen.masks import attention_mask
+from erniegen.model import Transformer
+from erniegen.nar import masked_slots
+from erniegen.passes import encode_source, slot_pass, slot_roles
+from erniegen.train import TrainConfig
+
+SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
+ITEMS = [{"source_ids": [4, 10, 11, 12, 5], "target_ids": [20, 21, 22, 5]},
+         {"source_ids": [4, 30, 5], "target_ids": [40, 5]}]
+SEP, MASK = 5, 6
+T = 6
+PRESET = dataclasses.replace(get_task("squad_qg"), max_target_len=T, label_smoothing=0.0)
+OPTS = DecodeOptions(max_length=T, banned_ids=[0, 3, 4, 6])
+
+
+def _model(tokenizer, layers: int = 3, soft: bool = False, layer_heads: bool = False) -> Transformer:
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=layers))
+    model.tokenizer = tokenizer
+    model.settings.method = "elmer-soft" if soft else "elmer"
+    model.settings.extra = {"max_target_len": T}
+    attach(model, layer_heads=layer_heads, soft=soft)
+    return model.eval()
+
+
+@pytest.fixture
+def elmer_model(tiny_tokenizer):
+    return _model(tiny_tokenizer)
+
+
+def _source(model, rows=SOURCES):
+    batch = collate_pairs([{"source_ids": s, "target_ids": [SEP]} for s in rows])
+    return encode_source(model, batch["src_ids"], batch["src_len"])[0]
+
+
+@torch.no_grad()
+def _entropies(model, source) -> torch.Tensor:
+    """(L,N,T) entropies of every off-ramp when every slot runs every layer."""
+    slots = make_slots(model, source, T)
+    x, out = slots.x, []
+    for layer in range(len(model.layers)):
+        x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+        logp = torch.log_softmax(layer_logits(model, layer, x).float(), -1)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.stack(out)
+
+
+def _median_entropy(model, source) -> float:
+    """A threshold between the slots' first-layer entropies: some exit at layer 1, some do not."""
+    return float(_entropies(model, source)[0].median())
+
+
+# ---- layout ------------------------------------------------------------------------------------
+
+
+def test_mask_source_never_sees_slots_and_every_slot_sees_every_slot(elmer_model):
+    source = _source(elmer_model, SOURCES[:2])  # lengths 5 and 4: row 1 has one source padding key
+    slots = make_slots(elmer_model, source, 3)
+    row0 = [True] * 5 + [True] * 3
+    row1 = [True] * 4 + [False] + [True] * 3
+    assert slots.mask.tolist() == [[row0] * 3, [row1] * 3]
+    joint = source.roles.cat(slot_roles(torch.tensor([3, 3]), 3))
+    src_rows = attention_mask(source.roles, joint)
+    assert not src_rows[:, :, 5:].any()  # no source token attends to a slot
+    assert src_rows[0, :, :5].all() and src_rows[1, :4, :4].all() and not src_rows[1, :, 4].any()
+
+
+def test_labels_after_the_end_token_are_ignored():
+    batch = collate_pairs(ITEMS)
+    labels = slot_labels(batch["tgt_ids"], batch["tgt_len"], 5)
+    assert labels.tolist() == [[20, 21, 22, SEP, IGNORE], [40, SEP, IGNORE, IGNORE, IGNORE]]
+    with pytest.raises(ValueError, match="a target has 4 ids .* but ELMER has 3 slots"):
+        slot_labels(batch["tgt_ids"], batch["tgt_len"], 3)
+
+
+# ---- hard exit ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_exits_at_the_last_layer_equal_the_plain_slot_pass(elmer_model):
+    source = _source(elmer_model)
+    out = hard_exit(elmer_model, source, T, 0.0, OPTS)
+    assert (out.exit_layer == 3).all()  # δ = 0: no entropy is below 0, nothing exits early
+    full = torch.full((3,), T)
+    plain = slot_pass(elmer_model, source, masked_slots(full, MASK), full)
+    assert torch.allclose(out.states[-1], plain, atol=1e-5)
+    logp = torch.log_softmax(elmer_model.logits(plain).float(), -1).flatten(0, 1)
+    assert out.tokens.flatten().tolist() == pick(logp, torch.arange(T).repeat(3), SEP, OPTS).tolist()
+
+
+@torch.no_grad()
+def test_huge_threshold_exits_every_slot_at_layer_1(elmer_model):
+    out = hard_exit(elmer_model, _source(elmer_model), T, 1e9, OPTS)
+    assert (out.exit_layer == 1).all()
+    assert all(torch.equal(s, out.states[0]) for s in out.states)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("active_only", [True, False])
+def test_a_frozen_slot_keeps_its_state_and_prediction(tiny_tokenizer, active_only):
+    model = _model(tiny_tokenizer)
+    source = _source(model)
+    delta = _median_entropy(model, source)
+    out = hard_exit(model, source, T, delta, OPTS, active_only)
+    early = out.exit_layer == 1
+    assert early.any() and (~early).any(), out.exit_layer
+    for state in out.states[1:]:
+        assert torch.equal(state[early], out.states[0][early])
+    for layer in model.layers[1:]:  # perturb every layer above the exit
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p))
+    again = hard_exit(model, source, T, delta, OPTS, active_only)
+    assert torch.equal(again.states[0], out.states[0])
+    assert torch.equal(again.exit_layer[early], out.exit_layer[early])
+    assert torch.equal(again.tokens[early], out.tokens[early])
+    late = again.exit_layer > 1
+    assert not torch.allclose(again.states[-1][late], out.states[-1][late])  # the perturbation did act
+
+
+@torch.no_grad()
+def test_active_only_path_equals_computing_every_slot(tiny_tokenizer):
+    model = _model(tiny_tokenizer, layers=4)
+    source = _source(model)
+    delta = float(_entropies(model, source).flatten().quantile(0.3))
+    fast = hard_exit(model, source, T, delta, OPTS, active_only=True)
+    full = hard_exit(model, source, T, delta, OPTS, active_only=False)
+    assert {1, 4} < set(fast.exit_layer.flatten().tolist()), fast.exit_layer  # exits at 3 layers or more
+    assert torch.equal(fast.exit_layer, full.exit_layer) and torch.equal(fast.tokens, full.tokens)
+    for a, b in zip(fast.states, full.states):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+# ---- decoders ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def soft_model(tiny_tokenizer):
+    return _model(tiny_tokenizer, soft=True)
+
+
+def test_batched_equals_one_by_one(elmer_model, soft_model):
+    delta = _median_entropy(elmer_model, _source(elmer_model))
+    for model, name, opts in [(elmer_model, "elmer-hard", dataclasses.replace(OPTS, exit_threshold=delta)),
+                              (elmer_model, "elmer-hard", OPTS), (soft_model, "elmer-soft", OPTS)]:
+        batched = generate_ids(model, SOURCES, name, batch_size=3, opts=opts)
+        single = [generate_ids(model, [s], name, opts=opts)[0] for s in SOURCES]
+        assert batched == single, name
+        assert any(batched) and all(len(x) <= T - 1 for x in batched)
+
+
+def test_decoders_read_only_the_source(elmer_model, soft_model):
+    """Two batches that differ only in their references decode alike: nothing reads a target."""
+    short = collate_pairs([{"source_ids": SOURCES[0], "target_ids": [20, SEP]}])
+    long = collate_pairs([{"source_ids": SOURCES[0], "target_ids": [20, 21, 22, 23, 24, SEP]}])
+    for model, name in [(elmer_model, "elmer-hard"), (soft_model, "elmer-soft")]:
+        a = DECODERS[name]()(model, short["src_ids"], short["src_len"], OPTS)
+        b = DECODERS[name]()(model, long["src_ids"], long["src_len"], OPTS)
+        assert a == b == generate_ids(model, [SOURCES[0]], name, opts=OPTS)
+
+
+@torch.no_grad()
+def test_output_is_what_precedes_the_first_end_token(elmer_model):
+    head = elmer_model.head
+    head.bias.zero_()
+    head.bias[SEP] = 100.0  # every slot predicts [SEP] ...
+    assert generate_ids(elmer_model, SOURCES, "elmer-hard", opts=OPTS) == [[], [], []]
+    opts = dataclasses.replace(OPTS, min_length=3)  # ... unless min_length bans it from the first two
+    assert [len(x) for x in generate_ids(elmer_model, SOURCES, "elmer-hard", opts=opts)] == [2, 2, 2]
+
+
+def test_soft_exit_fuses_the_predicted_embedding(soft_model):
+    source = _source(soft_model)
+    fusion = soft_model.extras[FUSION]
+    with torch.no_grad():
+        fusion.weight.add_(0.1 * torch.randn_like(fusion.weight))  # away from the pass-through start
+        layers = list(soft_exit_layers(soft_model, source, T))
+        slots = make_slots(soft_model, source, T)
+        x, _ = soft_model.run_layer(0, slots.x, slots.mask, source.kv[0])
+        assert torch.allclose(layers[0], soft_model.logits(x), atol=1e-5)
+        ids = layers[0].argmax(-1)
+        x = fusion(torch.cat([soft_model.embeddings.word(ids), x], -1))
+        x, _ = soft_model.run_layer(1, x, slots.mask, source.kv[1])
+        assert torch.allclose(layers[1], soft_model.logits(x), atol=1e-5)
+        # a fresh fusion layer passes the hidden state through: the plain pass's predictions
+        fresh = _model(soft_model.tokenizer, soft=True)
+        *_, last = soft_exit_layers(fresh, _source(fresh), T)
+        plain = slot_pass(fresh, _source(fresh), masked_slots(torch.full((3,), T), MASK), torch.full((3,), T))
+        assert torch.allclose(last, fresh.logits(plain), atol=1e-5)
+
+
+def test_hard_and_soft_models_are_not_mixed_up(elmer_model, soft_model, tiny_model):
+    with pytest.raises(ValueError, match="decode it with --decoder elmer-soft"):
+        generate_ids(soft_model, SOURCES, "elmer-hard", opts=OPTS)
+    with pytest.raises(ValueError, match="no fusion layer"):
+        generate_ids(elmer_model, SOURCES, "elmer-soft", opts=OPTS)
+    with pytest.raises(ValueError, match="no max_target_len"):
+        generate_ids(tiny_model, SOURCES, "elmer-hard", opts=OPTS)
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def test_records_and_options():
+    assert registry.default_decoder("elmer") == "elmer-hard"
+    assert registry.default_decoder("elmer-soft") == "elmer-soft"
+    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits"]
+    assert ElmerConfig(method="elmer-soft").gold_rate == 0.3
+    assert ElmerConfig(method="elmer").gold_rate is None
+    with pytest.raises(ValueError, match="gold_rate is only used with --method elmer-soft"):
+        ElmerConfig(method="elmer", gold_rate=0.5)
+    with pytest.raises(ValueError, match="exits: drawn trains hard exits"):
+        ElmerConfig(method="elmer-soft", exits="drawn")
+    with pytest.raises(ValueError, match="exits must be one of"):
+        ElmerConfig(method="elmer", exits="entropy")
+    assert DecodeOptions().exit_threshold == 0.5
+    with pytest.raises(ValueError, match="exit_threshold"):
+        DecodeOptions(exit_threshold=-1.0)
+
+
+def test_loss_is_the_mean_of_the_off_ramps(tiny_tokenizer):
+    model = _model(tiny_tokenizer, layer_heads=True)
+    obj = build_objective("elmer", model, PRESET, {"layer_heads": True}).eval()
+    batch = collate_pairs(ITEMS)
+    with torch.no_grad():
+        out = obj(**batch)
+        source = encode_source(model, batch["src_ids"], batch["src_len"])[0]
+        labels = slot_labels(batch["tgt_ids"], batch["tgt_len"], T)
+        where = labels != IGNORE
+        slots = make_slots(model, source, T)
+        x, losses = slots.x, []
+        for layer in range(3):
+            x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+            losses.append(torch.nn.functional.cross_entropy(layer_logits(model, layer, x[where]), labels[where]))
+    assert torch.allclose(out["loss"], torch.stack(losses).mean(), atol=1e-5)
+    assert out["num_tokens"].item() == 5 + 3 + 2 * T
+    # fresh per-layer heads start as the shared head: the first layer's scores match the plain head's
+    assert torch.allclose(layer_logits(model, 0, x), model.logits(x), atol=1e-5)
+    assert len(model.extras[HEADS]) == 2  # the last layer reads the model's own head
+
+
+@pytest.mark.parametrize("method,options", [("elmer", {}), ("elmer", {"layer_heads": True}), ("elmer-soft", {}),
+                                            ("elmer", {"exits": "drawn"})])
+def test_training_steps_reduce_the_loss(tiny_model, method, options):
+    obj = build_objective(method, tiny_model, PRESET, options).train()
+    batch = collate_pairs(ITEMS)
+    opt = torch.optim.Adam(obj.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    first = obj(**batch)["loss"].item()
+    for _ in range(8):
+        out = obj(**batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        final = obj.eval()(**batch)["loss"].item()
+    assert final < 0.6 * first, (first, final)
+    assert tiny_model.settings.extra["max_target_len"] == T
+
+
+def test_extras_are_saved_and_restored(tiny_tokenizer, tmp_path):
+    for soft, heads in [(False, True), (True, False)]:
+        model = _model(tiny_tokenizer, soft=soft, layer_heads=heads)
+        with torch.no_grad():  # make the extras differ from their fresh initialisation
+            for p in model.extras.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        name = "elmer-soft" if soft else "elmer-hard"
+        before = generate_ids(model, SOURCES, name, opts=OPTS)
+        model.save_pretrained(tmp_path / name)
+        saved = load_file(str(tmp_path / name / "model.safetensors"))
+        prefix = f"erniegen.{FUSION if soft else HEADS}."
+        assert any(k.startswith(prefix) for k in saved)
+        loaded = Transformer.from_pretrained(str(tmp_path / name)).eval()
+        assert generate_ids(loaded, SOURCES, name, opts=OPTS) == before
+        assert loaded.generate(["the city river"], max_length=T) == model.generate(["the city river"], max_length=T)
+        for k, v in model.extras.state_dict().items():
+            assert torch.equal(loaded.extras.state_dict()[k], v), k
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,decoders", [
+    ("elmer", [("elmer-hard", {}), ("elmer-hard", {"exit_threshold": 0.0})]),
+    ("elmer-soft", [("elmer-soft", {})]),
+])
+def test_tiny_model_learns_to_reverse_its_source(tiny_tokenizer, method, decoders):
+    from test_learning import exact_match, reversal_pairs
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(hidden_size=64, intermediate_size=128))
+    model.tokenizer = tiny_tokenizer
+    objective = build_objective(method, model, dataclasses.replace(PRESET, max_target_len=8), {})
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3)
+    objective.train()
+    for step in range(500):
+        loss = objective(**collate_pairs(reversal_pairs(64, seed=step)))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for decoder, opts in decoders:
+        assert exact_match(model, decoder, **opts) >= 0.9, (method, decoder, opts)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    model.tokenizer = tiny_tokenizer
+    model.save_pretrained(tmp_path / "tiny")
+    rows = [{"source": "the city river", "target": "what city"}, {"source": "the king war", "target": "who was"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows) * 2)
+    (tmp_path / "heads.yaml").write_text("method_options: {layer_heads: true}\n")
+    main(["finetune", "--model", str(tmp_path / "tiny"), "--train", str(pairs), "--dev", str(pairs), "--task",
+          "default", "--output", str(tmp_path / "run"), "--method", "elmer", "--config", str(tmp_path / "heads.yaml"),
+          "--max-steps", "2", "--batch-size", "2", "--max-source-len", "16", "--max-target-len", "5",
+          "--precision", "fp32", "--eval-samples", "2"])
+    best = tmp_path / "run" / "best"
+    assert any(k.startswith(f"erniegen.{HEADS}.") for k in load_file(str(best / "model.safetensors")))
+    loaded = Transformer.from_pretrained(str(best))
+    assert (loaded.settings.method, loaded.settings.extra["max_target_len"]) == ("elmer", 5)
+    for threshold in ("0", "1e9"):
+        out = tmp_path / f"pred-{threshold}.jsonl"
+        main(["generate", "--model", str(best), "--input", str(pairs), "--output", str(out), "--exit-threshold",
+              threshold])
+        preds = [json.loads(x)["prediction"] for x in out.read_text().splitlines()]
+        texts = loaded.generate([r["source"] for r in rows] * 2, exit_threshold=float(threshold))
+        assert preds == texts
+    capsys.readouterr()
+    main(["bench", "--model", str(best), "--input", str(pairs), "--decoder", "elmer-hard", "--num-samples", "2",
+          "--batch-size", "1", "--exit-threshold", "0.25"])
+    assert json.loads(capsys.readouterr().out)["num_samples"] == 2
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(best), "--input", str(pairs), "--output", str(tmp_path / "x.jsonl"),
+              "--decoder", "elmer-soft"])
+
+
+# ---- LPLM pre-training -------------------------------------------------------------------------
+
+
+def test_exit_layers_are_uniform():
+    torch.manual_seed(0)
+    draws = draw_exit_layers((600, 100), 6)
+    counts = torch.bincount(draws.flatten(), minlength=7).tolist()
+    assert counts[0] == 0 and len(counts) == 7
+    assert all(abs(c / draws.numel() - 1 / 6) < 0.005 for c in counts[1:]), counts  # 60,000 draws: sd 0.0015
+
+
+def test_corruption_keeps_the_sentences_and_puts_one_mask_per_span():
+    end, mask = {90}, 6
+    sentences = [[10, 11, 12, 90], [20, 21, 90], [30, 31, 32, 33, 34, 90], [40, 41, 42, 43, 90], [50, 51, 90]]
+    ids = [t for s in sentences for t in s] * 3
+    masked_total = 0
+    for seed in range(200):
+        c = corrupt(ids, end, mask, random.Random(seed))
+        assert sorted(split_sentences(c.shuffled, end)) == sorted(split_sentences(ids, end))
+        assert sum(length for _, length in c.spans) == round(0.15 * len(ids))
+        rebuilt, at = [], 0
+        for start, length in c.spans:
+            assert start > at or at == 0 and start == 0  # spans never touch: each keeps its own [MASK]
+            rebuilt += c.shuffled[at:start] + [mask]
+            at = start + length
+        assert c.source == rebuilt + c.shuffled[at:]
+        assert c.source.count(mask) == len(c.spans) >= 1
+        masked_total += len(c.spans)
+    assert 2.0 < len(ids) * 0.15 * 200 / masked_total < 4.0  # mean span length near λ = 3 (cut by the budget)
+    assert split_sentences([1, 90, 2, 3], end) == [[1, 90], [2, 3]]
+
+
+def test_lplm_loss_falls_at_each_slots_exit_layer(tiny_tokenizer, monkeypatch):
+    model = _model(tiny_tokenizer)
+    obj = elmer.LplmObjective(model, T, label_smoothing=0.0)
+    batch = collate_pairs(ITEMS)
+    monkeypatch.setattr(elmer, "draw_exit_layers", lambda shape, n, device=None: torch.ones(shape, dtype=torch.long))
+    obj(**batch)["loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.layers[1:].parameters())  # nothing above layer 1
+    assert any(p.grad is not None and p.grad.any() for p in model.layers[0].parameters())
+    with torch.no_grad():  # every slot exiting at the last layer is the plain all-layers pass's last off-ramp
+        monkeypatch.setattr(elmer, "draw_exit_layers", lambda shape, n, device=None: torch.full(shape, n))
+        last = obj(**batch)["loss"]
+        plain = build_objective("elmer", model, PRESET, {}).eval()(**batch)
+        assert torch.allclose(last, plain["loss_last"], atol=1e-5)
+
+
+def test_lplm_features(tiny_tokenizer):
+    ids = tiny_tokenizer.convert_tokens_to_ids("the city river . who was born ? the king".split())
+    f = lplm_features(ids, tiny_tokenizer, random.Random(0))
+    assert f["target_ids"] == ids + [SEP]
+    assert f["source_ids"][0] == 4 and f["source_ids"][-1] == SEP and f["source_ids"].count(MASK) == 1
+
+
+class Killed(Exception):
+    pass
+
+
+def test_lplm_pretraining_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch):
+    """--objective lplm through erniegen pretrain: the run dies writing its second checkpoint; the
+    resumed run ends with the uninterrupted run's weights."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config())
+    model.tokenizer = tiny_tokenizer
+    model.save_pretrained(tmp_path / "tiny")
+    docs = [" ".join(WORDS[(5 * i + j) % 60] for j in range(6 + i % 5)) + " . " +
+            " ".join(WORDS[(7 * i + j) % 60] for j in range(4)) + " ?" for i in range(7)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def cfg(out, **kw):
+        trainer = TrainConfig(output_dir="", max_steps=6, batch_size=2, grad_accum=1, lr=1e-3, warmup_steps=1,
+                              save_every=2, log_every=1, precision="fp32", seed=3, **kw)
+        return pt.PretrainConfig(model=str(tmp_path / "tiny"), corpus=str(corpus), output=str(out), max_len=40,
+                                 objective="lplm", trainer=trainer)
+
+    pt.pretrain(cfg(tmp_path / "a"))
+    assert not (tmp_path / "a" / "span_vocab.tsv").exists()
+    real_save, calls = Transformer.save_pretrained, []
+
+    def dying_save(self, d):
+        if Path(d).name.startswith("checkpoint-last"):
+            calls.append(d)
+            if len(calls) == 2:
+                raise Killed
+        real_save(self, d)
+    monkeypatch.setattr(Transformer, "save_pretrained", dying_save)
+    with pytest.raises(Killed):
+        pt.pretrain(cfg(tmp_path / "b"))
+    monkeypatch.setattr(Transformer, "save_pretrained", real_save)
+    pt.pretrain(cfg(tmp_path / "b", resume=True))
+    a = Transformer.from_pretrained(str(tmp_path / "a" / "best"))
+    b = Transformer.from_pretrained(str(tmp_path / "b" / "best"))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert a.settings.method == "elmer" and a.settings.extra["max_target_len"] == (40 - 3) // 2 + 1
+    with pytest.raises(ValueError, match="--objective lplm takes none of them"):
+        pt.pretrain(dataclasses.replace(cfg(tmp_path / "c"), word_weight=0.5))
+    args = build_parser().parse_args(["pretrain", "--corpus", "x", "--output", "y", "--objective", "lplm"])
+    assert args.objective == "lplm"

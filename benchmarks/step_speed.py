@@ -22,10 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import erniegen.model as model_module  # noqa: E402
+import erniegen.network as network  # noqa: E402
+from erniegen import registry  # noqa: E402
 from erniegen.batch import collate_pairs  # noqa: E402
 from erniegen.bench import write_results  # noqa: E402
-from erniegen.finetune import FinetuneConfig, build_objective, load_pairs, resolve_preset  # noqa: E402
+from erniegen.finetune import FinetuneConfig, load_pairs, resolve_preset  # noqa: E402
 from erniegen.model import Transformer  # noqa: E402
 
 
@@ -40,17 +41,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer.from_pretrained("minilm")
     model.set_attention_dropout(0.0)
-    use_math = model_module._use_math_attention
+    use_math = network._use_math_attention
     rows = []
     for dataset, batch_size in (("squad_qg_sent", 32), ("squad_qg", 8)):
-        cfg = FinetuneConfig(train=f"{args.data}/{dataset}/train.jsonl", output="unused")
+        cfg = FinetuneConfig(train=f"{args.data}/{dataset}/train.jsonl", output="unused", noise_rate=0.0)
         preset = resolve_preset(cfg, model.config.max_position_embeddings)
         _, feats = load_pairs(cfg.train, preset, model.tokenizer, batch_size)
         batch = collate_pairs(feats, model.config.pad_token_id)
-        objective = build_objective("ernie-gen", model, preset, 0.0, {}).train()
+        objective = registry.family("ernie-gen").build_objective("ernie-gen", model, preset, {}).train()
         for dtype, attention, fused in itertools.product((torch.float32, torch.bfloat16), ("fused", "explicit"),
                                                          (False, True)):
-            model_module._use_math_attention = use_math if attention == "explicit" else (lambda q, k: False)
+            network._use_math_attention = use_math if attention == "explicit" else (lambda q, k: False)
             optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-6, fused=fused)
             times = []
             for i in range(args.warmup + args.repeats):
@@ -68,7 +69,7 @@ def main() -> None:
                    "min_s": round(min(times), 4), "max_s": round(max(times), 4)}
             rows.append(row)
             print(row, flush=True)
-    model_module._use_math_attention = use_math
+    network._use_math_attention = use_math
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
     write_results(args.output, rows, cpu=cpu, threads=torch.get_num_threads())
 

@@ -171,7 +171,7 @@ MATH_ATTENTION_MAX_SCORES = 320 * 320
 
 def _use_math_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """On CPU, PyTorch's flash-attention backward is slow at short lengths: at 32 x 100 tokens it took
-    a third of an ERNIE-GEN step (BENCHMARKS.md section 1, "training speed"). Plain matrix products
+    a third of a bf16 ERNIE-GEN step (BENCHMARKS.md section 2). Plain matrix products
     are faster there, and their memory, B*h*Q*K scores, is small. Inference keeps the fused kernel."""
     return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
             and q.shape[2] * keys.shape[2] <= MATH_ATTENTION_MAX_SCORES)

@@ -208,7 +208,7 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    # fused: one kernel per step over all tensors (CPU and CUDA); measured 0.94 -> 0.87 s a step here
+    # fused: one kernel per step over all tensors (CPU and CUDA); 1-10% of a step here (BENCHMARKS.md section 2)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=True)
 
 

@@ -123,6 +123,8 @@ def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, train_
     steps = cfg.head_warmup_steps
     if steps is None:
         steps = HEAD_WARMUP_STEPS if model.head_was_missing else 0
+    if steps == 0:
+        return
     texts = [f.source_ids for f in train_feats] + [[model.tokenizer.cls_token_id, *f.target_ids] for f in train_feats]
     # every process warms up identically (same seed, same texts), so DDP starts from equal weights
     warm_up_head(model, texts, steps, seed=seed, progress=is_main_process())

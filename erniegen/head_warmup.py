@@ -15,7 +15,6 @@ Two cheap fixes, applied by the fine-tuning recipe before training:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -25,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .masks import attention_mask, source_roles
+from .batch import pad
 from .network import Network
+from .passes import encode_context
 from .train import resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
@@ -92,36 +92,27 @@ def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, 
     losses: list[float] = []
     t0 = time.time()
     order = torch.randperm(len(texts), generator=gen).tolist()
-    stack = contextlib.ExitStack()
     try:
-        stack.enter_context(torch.random.fork_rng(devices=[]))  # dropout's draws leave the caller's stream alone
-        torch.manual_seed(seed)
         for p in frozen:
             p.requires_grad_(False)
-        for step in tqdm(range(steps), desc="head warm-up", disable=not progress, dynamic_ncols=True):
-            start = (step * batch_size) % len(order)
-            rows = [texts[order[(start + i) % len(order)]] for i in range(min(batch_size, len(order)))]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, :len(r)] = torch.tensor(r)
-            lengths = torch.tensor([len(r) for r in rows])
-            roles = source_roles(lengths, width)
-            inner = torch.arange(width)[None, :]
-            valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
-            where = mask_tokens(ids, valid, mask_id, MASK_PROB, gen)
-            inputs = ids.masked_fill(where, mask_id)
-            with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                with torch.no_grad():
-                    hidden, _ = model(inputs, inner.expand(len(rows), -1), torch.zeros_like(inputs),
-                                      attention_mask(roles, roles))
-                loss = F.cross_entropy(model.logits(hidden[where]).float(), ids[where])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        with torch.random.fork_rng(devices=[]):  # dropout's draws leave the caller's stream alone
+            torch.manual_seed(seed)
+            for step in tqdm(range(steps), desc="head warm-up", disable=not progress, dynamic_ncols=True):
+                start = (step * batch_size) % len(order)
+                rows = [texts[order[(start + i) % len(order)]] for i in range(min(batch_size, len(order)))]
+                ids, lengths = pad(rows, pad_id)
+                inner = torch.arange(ids.shape[1])[None, :]
+                valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
+                where = mask_tokens(ids, valid, mask_id, MASK_PROB, gen)
+                with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    with torch.no_grad():
+                        hidden, _, _ = encode_context(model, ids.masked_fill(where, mask_id), lengths)
+                    loss = F.cross_entropy(model.logits(hidden[where]).float(), ids[where])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
     finally:
-        stack.close()
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)

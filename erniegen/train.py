@@ -35,6 +35,7 @@ Output directory layout::
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -584,6 +585,7 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
     _check_data_and_sharding(cfg, train_data, lengths, evaluate is not None)
     owns_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed()
+    run = None
     try:
         run = _Run(objective, train_data, collate, cfg, evaluate, save_model, extra_state, rank, world, device,
                    lengths, fsdp_units)
@@ -591,6 +593,10 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
             run.resume()
         return run.run()
     finally:
+        # The DDP wrapper's reducer holds the gloo group; left to interpreter exit, its threads were
+        # torn down out of order and aborted the process (about 1 run in 15 under torchrun).
+        run = None
+        gc.collect()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

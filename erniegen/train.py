@@ -591,7 +591,9 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
                    lengths, fsdp_units)
         if cfg.resume:
             run.resume()
-        return run.run()
+        summary = run.run()
+        _barrier(world)        # every rank done with the group before any rank tears it down
+        return summary
     finally:
         # The DDP wrapper's reducer holds the gloo group; left to interpreter exit, its threads were
         # torn down out of order and aborted the process (about 1 run in 15 under torchrun).

@@ -40,7 +40,7 @@ OPTION_RANGES: dict[str, Range] = {
     "epochs": AT_LEAST_1, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": Range(0, low_open=True),
     "warmup_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "noise_rate": FRACTION, "word_weight": FRACTION,
     "noise_ramp": FRACTION, "head_warmup_steps": AT_LEAST_0,
-    "attention_dropout": Range(0, 1, high_open=True), "max_source_len": Range(3), "max_target_len": Range(2),
+    "attention_dropout": Range(0, 1, high_open=True), "dropout": Range(0, 1, high_open=True), "max_source_len": Range(3), "max_target_len": Range(2),
     "max_len": Range(4), "eval_every": AT_LEAST_1, "eval_samples": AT_LEAST_1, "save_every": AT_LEAST_1,
     "log_every": AT_LEAST_1, "max_train_examples": AT_LEAST_1, "shuffle_window": AT_LEAST_1,
     "seed": Range(0, 2**32, high_open=True), "smooth": AT_LEAST_1,
@@ -104,7 +104,8 @@ def cmd_finetune(args) -> None:
                          max_target_len=args.max_target_len, source_field=args.source_field,
                          target_field=args.target_field, eval_samples=args.eval_samples,
                          max_train_examples=args.max_train_examples, trainer=trainer,
-                         attention_dropout=args.attention_dropout,
+                         attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
+                         freeze_embeddings=args.freeze_embeddings,
                          method_options=options.get("method_options", {}))
     summary = finetune(cfg)
     from .train import is_main_process
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--attention-dropout", type=float,
                    help="attention-probability dropout (default: the checkpoint's on GPU, 0 on CPU, where it "
                         "doubles step time and memory)")
+    f.add_argument("--dropout", type=float, help="hidden-state dropout; default: the task preset's, else the "
+                                                 "checkpoint's")
+    f.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction,
+                   help="keep the word embeddings (tied to the output layer) fixed; default: the task preset's")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--config", help="YAML with method_options (e.g. MIST's mixing switches)")

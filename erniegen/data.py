@@ -202,6 +202,8 @@ class TaskPreset:
     lr: float = 1e-4
     epochs: int = 3
     noise_ramp: float = 0.0
+    hidden_dropout: float | None = None  # None: the checkpoint's
+    freeze_embeddings: bool = False      # keep the (tied) word embeddings as the checkpoint has them
     recipe_note: str = ""
 
 

@@ -46,6 +46,8 @@ class FinetuneConfig:
     eval_samples: int | None = 300  # dev examples decoded at each evaluation (None = all)
     eval_beams: int = 1  # greedy during training keeps evaluation cheap; final scoring uses the preset
     attention_dropout: float | None = None  # None: the checkpoint's on GPU, 0 on CPU (see resolve_attention_dropout)
+    hidden_dropout: float | None = None  # None: the preset's, else the checkpoint's
+    freeze_embeddings: bool | None = None  # None: the preset's
     max_train_examples: int | None = None
     trainer: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir=""))
     method_options: dict = field(default_factory=dict)
@@ -55,7 +57,8 @@ def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
     """The task preset with the user's overrides, fitted to the model's position table."""
     preset = get_task(cfg.task)
     over = {k: getattr(cfg, k) for k in ("max_source_len", "max_target_len", "source_field", "target_field",
-                                         "noise_rate", "noise_ramp") if getattr(cfg, k) is not None}
+                                         "noise_rate", "noise_ramp", "hidden_dropout", "freeze_embeddings")
+            if getattr(cfg, k) is not None}
     preset = dataclasses.replace(preset, **over)
     if preset.max_source_len + preset.max_target_len > max_positions:
         fitted = max_positions - preset.max_target_len
@@ -165,6 +168,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model = Transformer.from_pretrained(resume_from or cfg.model)
     preset = resolve_preset(cfg, model.config.max_position_embeddings - model.config.position_offset)
     resolve_attention_dropout(model, cfg.attention_dropout)
+    if preset.hidden_dropout is not None:
+        model.set_hidden_dropout(preset.hidden_dropout)
+    if preset.freeze_embeddings:
+        # the word table is also the output layer: frozen, words that no training question uses keep
+        # the scores the checkpoint gives them, so a dev sentence's own words stay within reach
+        model.embeddings.word.weight.requires_grad_(False)
     model.settings = dataclasses.replace(
         model.settings, method=cfg.method, task=preset.name, max_source_len=preset.max_source_len,
         max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),

@@ -266,6 +266,13 @@ class Network(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
+    def set_hidden_dropout(self, p: float) -> None:
+        """Change hidden-state dropout everywhere (recorded in the config that is saved)."""
+        self.config.hidden_dropout_prob = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+
     def set_attention_dropout(self, p: float) -> None:
         """Change attention-probability dropout (recorded in the config that is saved)."""
         self.config.attention_probs_dropout_prob = p

@@ -168,3 +168,27 @@ def test_training_evaluation_scores_the_text_that_generate_writes(tiny_model):
     got = dev_evaluator(tiny_model, get_task("squad_qg"), examples, feats, "infilling", opts)()
     preds = tiny_model.generate(sources, num_beams=1, max_length=6, min_length=1)
     assert got == qg_scores(preds, targets, sources, meteor=False)
+
+
+def test_freeze_embeddings_and_dropout_reach_the_trained_model(tmp_path, tiny_model):
+    """--freeze-embeddings keeps the tied word table bit-identical while everything else trains;
+    --dropout sets every hidden-state dropout and is saved with the model."""
+    from erniegen.finetune import FinetuneConfig, finetune
+    from erniegen.train import TrainConfig
+    tiny_model.save_pretrained(tmp_path / "m")
+    words = ["the city", "river water", "steam engine", "harvard university", "black death", "the king"]
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"source": f"{words[i % 6]} was built in the year one [SEP] {words[i % 6]}",
+                                "target": f"what was built in the year one ?"}) + "\n")
+    trainer = TrainConfig(output_dir="", max_steps=3, batch_size=8, lr=1e-2, precision="fp32", log_every=1)
+    cfg = FinetuneConfig(train=str(tmp_path / "t.jsonl"), output=str(tmp_path / "run"), model=str(tmp_path / "m"),
+                         trainer=trainer, freeze_embeddings=True, hidden_dropout=0.3)
+    finetune(cfg)
+    done = Transformer.from_pretrained(str(tmp_path / "run" / "best"))
+    before = dict(tiny_model.named_parameters())
+    moved = {n for n, p in done.named_parameters() if not torch.equal(p, before[n])}
+    assert "embeddings.word.weight" not in moved
+    assert moved == {n for n, _ in done.named_parameters()} - {"embeddings.word.weight"}
+    assert done.config.hidden_dropout_prob == 0.3
+    assert {m.p for m in done.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}

@@ -61,6 +61,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     from . import registry
+    from .precision import PRECISIONS
     g = p.add_argument_group("decoding (defaults: the task preset saved with the model)")
     g.add_argument("--decoder", default=None, choices=list(registry.DECODERS),
                    help=f"{' | '.join(registry.DECODERS)} (default: the training method's)")
@@ -77,6 +78,9 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
                    help="ELMER hard exit: a slot exits once its prediction entropy (nats) is below this "
                         "(default 0.5, the paper's)")
     g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="inference weights: fp32, bf16, or int8 (dynamic quantization of every linear layer and "
+                        "of the vocabulary projection; applied on load, the checkpoint stays fp32)")
 
 
 def _decode_options(args) -> dict:
@@ -127,12 +131,13 @@ def cmd_generate(args) -> None:
     # what fixes the predictions: a resume with anything else would mix two runs in one file
     settings = {"input": file_stamps([args.input]), "rows": len(examples), "source_field": args.source_field,
                 "model": str(model_dir), "model_files": file_stamps(sorted(model_dir.iterdir())),
-                "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args)}
+                "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args),
+                "precision": args.precision}
     partial = PartialPredictions(args.output, settings, len(examples))
     done = partial.start(args.resume)
     if done:
         print(f"resuming {partial.path}: {len(done)} of {len(examples)} rows already decoded", file=sys.stderr)
-    model = load(str(model_dir))
+    model = load(str(model_dir), precision=args.precision)
     partial.open()
     for rows, preds in iter_generate_text(model, [e.source for e in examples], args.decoder, args.batch_size,
                                           progress=True, skip=done, **_decode_options(args)):
@@ -169,7 +174,7 @@ def cmd_bench(args) -> None:
     from . import load
     import torch
     torch.manual_seed(0)
-    model = load(args.model).eval()
+    model = load(args.model, precision=args.precision)
     examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
     need = args.num_samples + 2 * args.batch_size
     sources = encode_sources(model, [e.source for e in examples][:need])
@@ -182,7 +187,7 @@ def cmd_bench(args) -> None:
     warm = sources[: 2 * args.batch_size]
     result = bench_decoder(model, warm + timed, decoder, opts, args.batch_size,
                            warmup=len(warm) // args.batch_size)
-    result |= {"threads": torch.get_num_threads()}
+    result |= {"precision": args.precision, "threads": torch.get_num_threads()}
     if args.hf_baseline:
         base = bench_hf_baseline(hf_gpt2_like(model), warm + timed, opts, args.batch_size,
                                  warmup=len(warm) // args.batch_size)

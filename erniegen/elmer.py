@@ -107,8 +107,9 @@ class OffRamp(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, h: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(self.act(self.dense(h))), word, self.bias)
+    def forward(self, h: torch.Tensor, project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``project`` is the main head's :meth:`~erniegen.network.LMHead.project` (the tied output layer)."""
+        return project(self.norm(self.act(self.dense(h))), self.bias)
 
 
 def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> None:
@@ -137,7 +138,7 @@ def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> Non
 def layer_logits(model: Network, layer: int, hidden: torch.Tensor) -> torch.Tensor:
     """Off-ramp ``layer`` (0-based): vocabulary scores of ``hidden`` (..., H)."""
     if HEADS in model.extras and layer < len(model.layers) - 1:
-        return model.extras[HEADS][layer](hidden, model.embeddings.word.weight)
+        return model.extras[HEADS][layer](hidden, model.head.project)
     return model.logits(hidden)
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TaskPreset
-from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
+from .masks import CONTEXT, SPAN, WORD, Roles, target_roles
 from .network import Network
 from .passes import KVCache, encode_context, placeholder_pass, target_positions
 from .search import AutoregressiveDecoder, Decoder
@@ -190,10 +190,10 @@ class InfillingStepper:
             code.insert(0, torch.full((n, 1), CONTEXT, device=dev))
             index.insert(0, torch.full((n, 1), i - 1, device=dev))
         ids, new = torch.cat(tokens, 1), Roles(torch.cat(code, 1), torch.cat(index, 1))
-        past, past_roles = self.cache.past(ids.shape[1])
+        past, _ = self.cache.past(ids.shape[1])
         pos = self.src_len[:, None] + new.index
         types = torch.full_like(ids, self.model.target_type_id)
-        hidden, _ = self.model(ids, pos, types, attention_mask(new, past_roles.cat(new)), past=past)
+        hidden, _ = self.model(ids, pos, types, self.cache.step_mask(new), past=past)
         if prev is not None:
             self.cache.commit(new, keep=1)
         self.step_no += 1
@@ -220,10 +220,10 @@ class TypicalStepper(InfillingStepper):
             h = self.first
         else:
             new = Roles(torch.full((n, 1), CONTEXT, device=dev), torch.full((n, 1), i - 1, device=dev))
-            past, past_roles = self.cache.past(1)
+            past, _ = self.cache.past(1)
             pos = target_positions(self.src_len, 1) + i - 1
             types = torch.full((n, 1), self.model.target_type_id, device=dev)
-            hidden, _ = self.model(prev[:, None], pos, types, attention_mask(new, past_roles.cat(new)), past=past)
+            hidden, _ = self.model(prev[:, None], pos, types, self.cache.step_mask(new), past=past)
             self.cache.commit(new, keep=1)
             h = hidden[:, -1]
         self.step_no += 1

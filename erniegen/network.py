@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import convert_module
+
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -215,9 +217,18 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.act = _ACTIVATIONS[cfg.hidden_act]
         self.word = word
+        # int8 inference only: a quantized copy of the word embeddings (erniegen.precision); the input
+        # embedding stays fp32, so the output layer needs a weight of its own
+        self.quantized: nn.Module | None = None
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., H) times the tied output matrix, plus ``bias``: what this head and ELMER's off-ramps share."""
+        if self.quantized is None:
+            return F.linear(x, self.word.weight, bias)
+        return self.quantized(x) + bias
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.norm(self.act(self.dense(h))), self.word.weight, self.bias)
+        return self.project(self.norm(self.act(self.dense(h))), self.bias)
 
 
 class Network(nn.Module):
@@ -234,6 +245,7 @@ class Network(nn.Module):
         self.tokenizer = None  # set by from_pretrained; kept off the state dict
         self.head_was_missing = False  # the loaded checkpoint had no masked-LM head (see head_warmup.py)
         self.trained_by_erniegen = False  # the loaded checkpoint carries erniegen settings (a trained [ATTN])
+        self.precision = "fp32"  # of inference, set by erniegen.precision.apply_precision; checkpoints stay fp32
         self._pending_extras: dict[str, torch.Tensor] = {}
         self.apply(self._init_weights)
 
@@ -243,16 +255,19 @@ class Network(nn.Module):
         Extras are stored as ``erniegen.<name>.*`` tensors in model.safetensors, which Hugging Face
         loaders skip, so the checkpoint stays a valid BERT checkpoint.
         """
-        if name not in self.extras:
-            module.apply(self._init_weights)
-            self.extras[name] = module.to(self.device)
         prefix = f"extras.{name}."
         saved = {k[len(prefix):]: v for k, v in self._pending_extras.items() if k.startswith(prefix)}
-        if saved:
+        for k in [k for k in self._pending_extras if k.startswith(prefix)]:
+            del self._pending_extras[k]
+        if name not in self.extras:
+            module.apply(self._init_weights)
+            module = module.to(self.device)
+            if saved:
+                module.load_state_dict(saved)
+            # a head attached after the model was put in bf16 or int8 (decoders attach theirs on first use)
+            self.extras[name] = convert_module(module, self.precision)
+        elif saved:
             self.extras[name].load_state_dict(saved)
-            for k in list(self._pending_extras):
-                if k.startswith(prefix):
-                    del self._pending_extras[k]
         return self.extras[name]
 
     def has_saved_extra(self, name: str) -> bool:
@@ -369,6 +384,9 @@ class Network(nn.Module):
         a half-written checkpoint.
         """
         from safetensors.torch import save_file
+        if self.precision != "fp32":
+            raise ValueError(f"this model runs in {self.precision} for inference; checkpoints are saved in fp32 "
+                             f"(load the fp32 checkpoint and save that; precision is applied on load)")
         directory = Path(directory)
         tmp = directory.with_name(directory.name + f".tmp-{os.getpid()}")
         if tmp.exists():

@@ -85,6 +85,17 @@ class KVCache:
         return ([PastSlot(k, v, n) for k, v in zip(self.k, self.v)],
                 Roles(self.roles.code[:, :n], self.roles.index[:, :n]))
 
+    def step_mask(self, new: Roles) -> torch.Tensor:
+        """The (B, T, n+T) mask of an autoregressive step's tokens ``new`` against the n committed keys and
+        themselves, equal to ``attention_mask(new, committed.cat(new))``.
+
+        Every committed key but padding (the source, the target tokens before the step) is visible to
+        every query of a step, so only the new tokens' own T x T block needs the role arithmetic: a step
+        no longer rebuilds the mask over the whole cache.
+        """
+        past = (self.roles.code[:, None, :self.length] != PAD).expand(-1, new.code.shape[1], -1)
+        return torch.cat([past, attention_mask(new, new)], 2)
+
     def commit(self, roles: Roles, keep: int) -> None:
         """Keep the first ``keep`` tokens of the last step (already written by the layers)."""
         n = self.length

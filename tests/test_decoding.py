@@ -165,3 +165,23 @@ def test_kv_cache_writes_in_place_commits_only_kept_tokens_and_refuses_overflow(
         cache.past(2)
     cache.reorder(torch.tensor([1, 1]))
     assert torch.equal(cache.k[0][0], cache.k[0][1]) and cache.roles.code[0].tolist() == cache.roles.code[1].tolist()
+
+
+@pytest.mark.parametrize("decoder", ["infilling", "typical"])
+def test_step_mask_equals_the_mask_built_over_the_whole_cache(tiny_model, monkeypatch, decoder):
+    """A step builds only its own tokens' block of the mask; the rest must be what attention_mask gives."""
+    from erniegen.masks import attention_mask
+    from erniegen.passes import KVCache
+    step_mask, calls = KVCache.step_mask, []
+
+    def checked(cache, new):
+        got = step_mask(cache, new)
+        _, committed = cache.past(0)
+        assert torch.equal(got, attention_mask(new, committed.cat(new)))
+        calls.append(1)
+        return got
+
+    monkeypatch.setattr(KVCache, "step_mask", checked)
+    for beams in (1, 2):  # a padded batch, and beams reordering the cache
+        generate_ids(tiny_model, SOURCES, decoder, opts=DecodeOptions(num_beams=beams, max_length=6, min_length=6))
+    assert len(calls) >= 8

@@ -1,0 +1,184 @@
+"""Inference precision (issue 13): fp32 / bf16 / int8 side by side in one run, on one machine.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/inference_precision.py --ar-model runs/qg-ernie-gen/best \
+        [--nar-model runs/qg-mist/best] [--elmer-model RUN/best] [--elmer-soft-model RUN/best] \
+        --input ../shared/data/squad_qg/dev.jsonl --output results/inference_precision.json
+
+What it measures, every figure a median after warm-up:
+
+1. the infilling decode step at batch 1 (one ``InfillingStepper.step`` on a cache holding the source)
+   and the prefill (the source's pass that fills the cache), per precision;
+2. the fp32 floor of that step: the bytes of the weights one step streams (every layer, the LM head's
+   transform and the vocabulary projection; not the input embedding, of which a step reads two rows)
+   divided by the bandwidth of a vector x matrix product over a matrix of the same size, measured in this
+   run (so the matrix sits in the same level of cache as the model's weights would);
+3. Hugging Face's step: a GPT-2 of the same shape (``erniegen.bench.hf_gpt2_like``) timed with
+   ``generate()`` for ``--length`` tokens and for 1 token, the difference divided by ``--length`` - 1;
+4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
+   models given, in every precision, and the Hugging Face ``generate()`` baseline.
+
+Prints the CPU model (``lscpu``) and the date, and writes every row to ``--output`` as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from erniegen import load  # noqa: E402
+from erniegen.bench import bench_decoder, bench_hf_baseline, hf_gpt2_like, write_results  # noqa: E402
+from erniegen.data import read_examples  # noqa: E402
+from erniegen.decoding import DecodeOptions, default_banned_ids, encode_sources  # noqa: E402
+from erniegen.ernie_gen import InfillingStepper  # noqa: E402
+from erniegen.precision import PRECISIONS  # noqa: E402
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name (the CPU varies between these machines, so every figure is a ratio within one)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return "unknown (no lscpu)"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
+def median_ms(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def streamed_weight_bytes(model) -> int:
+    """Bytes of fp32 weights one decode step reads: layers, LM-head transform and vocabulary projection."""
+    layers = sum(p.numel() for p in model.layers.parameters())
+    head = sum(p.numel() for n, p in model.head.named_parameters() if not n.startswith("word."))
+    return 4 * (layers + head + model.embeddings.word.weight.numel())
+
+
+@torch.inference_mode()
+def bandwidth_gb_s(n_bytes: int, repeats: int) -> float:
+    """GB/s of a vector x matrix product over an fp32 matrix of ``n_bytes``: what a batch-1 step can reach."""
+    cols = 1024
+    w = torch.randn(max(1, n_bytes // (4 * cols)), cols)
+    x = torch.randn(cols)
+    ms = median_ms(lambda: w @ x, repeats, warmup=3)
+    return w.numel() * 4 / (ms / 1000) / 1e9
+
+
+@torch.inference_mode()
+def step_and_prefill_ms(model, source: list[int], steps: int) -> tuple[float, float]:
+    """Median ms of one infilling step at batch 1 on ``source``'s cache, and of the prefill."""
+    src, src_len = torch.tensor([source]), torch.tensor([len(source)])
+    prefill = median_ms(lambda: InfillingStepper(model, src, src_len, steps + 4), max(3, steps // 4), warmup=1)
+    stepper = InfillingStepper(model, src, src_len, 2 * steps + 4)
+    stepper.step(None)
+    prev = torch.tensor([source[1]])  # any word: a step costs the same whatever it feeds
+    return median_ms(lambda: stepper.step(prev), steps, warmup=steps), prefill
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ar-model", required=True, help="an ernie-gen model: infilling greedy and beam, typical")
+    p.add_argument("--nar-model", help="a nat or mist model: nar, mist-iter, mask-predict")
+    p.add_argument("--elmer-model", help="an elmer model: elmer-hard")
+    p.add_argument("--elmer-soft-model", help="an elmer-soft model: elmer-soft")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--precisions", default=",".join(PRECISIONS))
+    p.add_argument("--length", type=int, default=16, help="tokens every AR decoder and HF generate")
+    p.add_argument("--steps", type=int, default=40, help="timed decode steps (after as many warm-up steps)")
+    p.add_argument("--samples-b1", type=int, default=40)
+    p.add_argument("--large-batch", type=int, default=32)
+    p.add_argument("--batches-large", type=int, default=3)
+    p.add_argument("--no-baseline", action="store_true")
+    args = p.parse_args()
+    precisions = args.precisions.split(",")
+    torch.manual_seed(0)
+    meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "length": args.length}
+    print(f"# {meta['cpu']}, {meta['threads']} threads, {time.strftime('%Y-%m-%d')}", flush=True)
+
+    fp32 = load(args.ar_model)
+    texts = [e.source for e in read_examples(args.input, require_target=False)]
+    big = args.large_batch
+    sources = encode_sources(fp32, texts[:max(args.samples_b1 + 2, big * (args.batches_large + 2))])
+    rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    # 1-3: the step beside its floor and Hugging Face's step
+    n_bytes = streamed_weight_bytes(fp32)
+    gb_s = bandwidth_gb_s(n_bytes, repeats=max(5, args.steps))
+    floor = n_bytes / (gb_s * 1e9) * 1000
+    emit({"label": "fp32 floor", "weight_mb": round(n_bytes / 1e6, 1), "bandwidth_gb_s": round(gb_s, 1),
+          "step_ms": round(floor, 3)})
+    source = sources[0]
+    for precision in precisions:
+        model = fp32 if precision == "fp32" else load(args.ar_model, precision=precision)
+        step, prefill = step_and_prefill_ms(model, source, args.steps)
+        emit({"label": f"infilling step, {precision}", "precision": precision, "source_tokens": len(source),
+              "step_ms": round(step, 3), "vs_floor": round(step / floor, 2), "prefill_ms": round(prefill, 2)})
+    baseline = None if args.no_baseline else hf_gpt2_like(fp32)
+    if baseline is not None:
+        timed = sources[:args.samples_b1 + 2]
+        one, full = (bench_hf_baseline(baseline, timed, DecodeOptions(max_length=n, min_length=n), 1, warmup=2)
+                     for n in (1, args.length))
+        hf_step = (full["median_ms_per_sample"] - one["median_ms_per_sample"]) / max(1, args.length - 1)
+        emit({"label": "HF GPT-2 step, fp32", "step_ms": round(hf_step, 3), "vs_floor": round(hf_step / floor, 2),
+              "prefill_ms": one["median_ms_per_sample"]})  # generate() of one token
+
+    # 4: end to end, every decoder of the models given, every precision
+    fixed = dict(max_length=args.length, min_length=args.length)
+    configs = [(args.ar_model, "infilling greedy", "infilling", dict(num_beams=1, **fixed)),
+               (args.ar_model, "infilling beam 5", "infilling", dict(num_beams=5, **fixed)),
+               (args.ar_model, "typical greedy", "typical", dict(num_beams=1, **fixed)),
+               (args.nar_model, "NAR single pass", "nar", {}),
+               (args.nar_model, "MIST iterative k=3", "mist-iter", dict(iterations=3)),
+               (args.nar_model, "Mask-Predict k=3", "mask-predict", dict(iterations=3)),
+               (args.elmer_model, "ELMER hard exit", "elmer-hard", {}),
+               (args.elmer_soft_model, "ELMER soft exit", "elmer-soft", {})]
+    for path in dict.fromkeys(c[0] for c in configs if c[0]):
+        for precision in precisions:
+            model = load(path, precision=precision)
+            banned = default_banned_ids(model)
+            for _, label, decoder, options in (c for c in configs if c[0] == path):
+                for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
+                    opts = DecodeOptions(banned_ids=banned, **({"max_length": args.length} | options))
+                    result = bench_decoder(model, sources[:n + 2 * batch], decoder, opts, batch, warmup=2)
+                    emit({"label": f"{label}, {precision}", "precision": precision} | result)
+    if baseline is not None:
+        for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
+            opts = DecodeOptions(max_length=args.length, min_length=args.length)
+            emit({"label": "HF GPT-2 generate greedy, fp32", "precision": "fp32"}
+                 | bench_hf_baseline(baseline, sources[:n + 2 * batch], opts, batch, warmup=2))
+    write_results(args.output, rows, **meta, ar_model=args.ar_model, nar_model=args.nar_model,
+                  elmer_model=args.elmer_model, elmer_soft_model=args.elmer_soft_model)
+
+    print("\n| row | step ms | x floor | prefill ms | ms/sample (batch 1) | samples/s (batch "
+          f"{big}) |\n|---|---:|---:|---:|---:|---:|")
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        b1 = next((r["median_ms_per_sample"] for r in mine if r.get("batch_size") == 1), "")
+        bl = next((r["samples_per_s"] for r in mine if r.get("batch_size") == big), "")
+        first = mine[0]
+        print(f"| {label} | {first.get('step_ms', '')} | {first.get('vs_floor', '')} | "
+              f"{first.get('prefill_ms', '')} | {b1} | {bl} |")
+
+
+if __name__ == "__main__":
+    main()

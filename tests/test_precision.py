@@ -1,0 +1,350 @@
+"""Inference precision (fp32 | bf16 | int8): every decoder decodes what fp32 decodes, or departs from it
+only at a near tie of the fp32 model; the command line and the API take the flag; checkpoints stay fp32.
+
+How "departs only at a near tie" is checked, on tiny random models whose word embeddings are scaled up so
+that their predictions are far from uniform (with the usual 0.02 init every top-2 gap is a near tie and
+the check would prove nothing):
+
+* greedy (infilling, typical): at the first position where the two outputs differ, the fp32 model is
+  teacher-forced along the common prefix; under its (constrained) log-probabilities there, the token
+  the other precision chose must be within ``TOL`` nats of fp32's best, i.e. fp32's top two (or more)
+  were within ``TOL``;
+* beam: the other precision's output, scored by the fp32 model as beam search scores a finished
+  hypothesis, is at most ``TOL`` per scored token below fp32's own output (each step's error adds up
+  along a continuation that the other precision preferred);
+* the non-autoregressive decoders: every decision a decoder takes (length, slot argmax, Mask-Predict's
+  re-masking, ELMER's pick and soft-exit argmax) is recorded in order; at the first decision where the
+  two runs differ, fp32's margin between its choice and the other's must be below ``TOL``, and if no
+  decision differs the outputs must be equal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+import erniegen
+from erniegen import elmer, mist, nar, registry
+from erniegen.decoding import DecodeOptions, generate_ids
+from erniegen.model import Transformer
+from erniegen.precision import PRECISIONS, apply_precision
+from erniegen.search import _constrain, gnmt_penalty
+
+SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5], [4, 40, 41, 42, 43, 5],
+           [4, 50, 51, 5], [4, 60, 61, 62, 63, 64, 65, 66, 5]]
+SEP, T = 5, 6
+BANNED = [0, 1, 3, 4, 6]
+# nats: a flip is accepted where fp32's two candidates are this close. About the largest log-prob error
+# each precision makes on this model (measured: bf16 <= 0.13, int8 <= 0.39 over the vocabulary, <= 0.09 at
+# the top token), for fp32's median top-2 gap of 0.56: int8 per-tensor weights of a 32-wide model are coarse.
+TOL = {"bf16": 0.25, "int8": 0.5}
+LOWER = [p for p in PRECISIONS if p != "fp32"]
+FIXED = DecodeOptions(max_length=8, min_length=8, banned_ids=BANNED)  # no early end: every step compared
+
+
+def build(tokenizer, kind: str, precision: str) -> Transformer:
+    """The same seeded tiny model for every precision; ``kind``: ar, nar, elmer (hard) or elmer-soft."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config(num_hidden_layers=3))
+    model.tokenizer = tokenizer
+    with torch.no_grad():
+        model.embeddings.word.weight.mul_(30)  # logits of std ~3 instead of ~0.1: real decisions, real gaps
+        if kind != "ar":
+            model.embeddings.position.weight.mul_(30)  # so that all-[MASK] slots still differ by position
+    if kind == "nar":
+        model.settings.method = "nat"
+        with torch.no_grad():
+            nar.length_head(model, 8).proj.weight.mul_(30)
+    elif kind.startswith("elmer"):
+        model.settings.method = kind
+        model.settings.extra = {"max_target_len": T}
+        elmer.attach(model, layer_heads=kind == "elmer", soft=kind == "elmer-soft")
+    return apply_precision(model.eval(), precision)
+
+
+# ---- the models are converted ------------------------------------------------------------------
+
+
+def test_weights_are_converted_and_logits_stay_close(tiny_tokenizer):
+    ref = build(tiny_tokenizer, "elmer", "fp32")
+    ids = torch.tensor([SOURCES[2]])
+    pos, types = torch.arange(ids.shape[1])[None], torch.zeros_like(ids)
+    mask = torch.ones(1, ids.shape[1], ids.shape[1], dtype=torch.bool)
+    with torch.no_grad():
+        h, _ = ref(ids, pos, types, mask)
+        want = [torch.log_softmax(ref.logits(h).float(), -1),
+                torch.log_softmax(elmer.layer_logits(ref, 0, h).float(), -1)]  # an off-ramp: same projection
+    for precision in LOWER:
+        low = build(tiny_tokenizer, "elmer", precision)
+        assert low.precision == precision
+        if precision == "bf16":
+            assert all(p.dtype == torch.bfloat16 for p in low.parameters())
+            assert low.head.quantized is None
+        else:
+            quantized = torch.ao.nn.quantized.dynamic.Linear
+            assert isinstance(low.layers[0].attn.query, quantized) and isinstance(low.head.quantized, quantized)
+            assert isinstance(low.extras[elmer.HEADS][0].dense, quantized)
+            assert low.embeddings.word.weight.dtype == torch.float32  # the input embedding stays fp32
+            assert torch.equal(low.embeddings.word.weight, ref.embeddings.word.weight)
+        with torch.no_grad():
+            h, _ = low(ids, pos, types, mask)
+            got = [torch.log_softmax(low.logits(h).float(), -1),
+                   torch.log_softmax(elmer.layer_logits(low, 0, h).float(), -1)]
+        for g, w in zip(got, want):
+            err = (g - w).abs().max().item()
+            assert 0 < err < 0.5, (precision, err)  # changed, but only by rounding
+
+
+def test_a_model_is_converted_once(tiny_model):
+    apply_precision(tiny_model, "int8")
+    with pytest.raises(ValueError, match="already in int8"):
+        apply_precision(tiny_model, "bf16")
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; choose from fp32, bf16, int8"):
+        apply_precision(tiny_model, "fp16")
+
+
+# ---- autoregressive decoders -------------------------------------------------------------------
+
+
+def _fp32_logprobs(model: Transformer, decoder: str, src: list[int], prefix: list[int],
+                   opts: DecodeOptions) -> list[torch.Tensor]:
+    """fp32's constrained log-probabilities at each step of ``prefix`` (teacher-forced) and the one after."""
+    stepper = registry.decoder(decoder).stepper_cls(model, torch.tensor([src]), torch.tensor([len(src)]),
+                                                    opts.max_length)
+    out, prev = [], None
+    with torch.no_grad():
+        for step in range(len(prefix) + 1):
+            tokens = torch.tensor([prefix[:step]], dtype=torch.long)
+            out.append(_constrain(stepper.step(prev), tokens, step, SEP, opts)[0])
+            prev = torch.tensor(prefix[step:step + 1])
+    return out
+
+
+@pytest.mark.parametrize("precision", LOWER)
+@pytest.mark.parametrize("decoder", ["infilling", "typical"])
+def test_greedy_equals_fp32_or_flips_at_a_near_tie(tiny_tokenizer, decoder, precision):
+    ref, low = build(tiny_tokenizer, "ar", "fp32"), build(tiny_tokenizer, "ar", precision)
+    want = generate_ids(ref, SOURCES, decoder, opts=FIXED)
+    got = generate_ids(low, SOURCES, decoder, opts=FIXED)
+    assert all(len(x) == FIXED.max_length - 1 for x in want + got)
+    for src, a, b in zip(SOURCES, want, got):
+        p = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if p is None:
+            continue
+        logp = _fp32_logprobs(ref, decoder, src, a[:p], FIXED)[p]
+        assert int(logp.argmax()) == a[p]  # the reference really is what fp32 greedy picks there
+        gap = float(logp[a[p]] - logp[b[p]])
+        assert gap < TOL[precision], f"{precision} {decoder}: step {p} chose {b[p]}, {gap:.3f} nats below fp32's {a[p]}"
+    assert sum(a == b for a, b in zip(want, got)) >= len(SOURCES) // 2  # mostly the same text
+
+
+def _fp32_beam_score(model: Transformer, decoder: str, src: list[int], seq: list[int], opts: DecodeOptions) -> float:
+    """What beam search scores ``seq`` + end token with under the fp32 model (GNMT-normalised)."""
+    logps = _fp32_logprobs(model, decoder, src, seq, opts)
+    total = sum(float(lp[t]) for lp, t in zip(logps, seq + [SEP]))
+    return total / gnmt_penalty(len(seq) + 1, opts.length_penalty)
+
+
+@pytest.mark.parametrize("precision", LOWER)
+@pytest.mark.parametrize("decoder", ["infilling", "typical"])
+def test_beam_equals_fp32_or_scores_within_tolerance(tiny_tokenizer, decoder, precision):
+    opts = DecodeOptions(num_beams=3, max_length=8, min_length=3, banned_ids=BANNED)
+    ref, low = build(tiny_tokenizer, "ar", "fp32"), build(tiny_tokenizer, "ar", precision)
+    want = generate_ids(ref, SOURCES, decoder, opts=opts)
+    got = generate_ids(low, SOURCES, decoder, opts=opts)
+    for src, a, b in zip(SOURCES, want, got):
+        if a != b:
+            loss = _fp32_beam_score(ref, decoder, src, a, opts) - _fp32_beam_score(ref, decoder, src, b, opts)
+            per_token = max((len(x) + 1) / gnmt_penalty(len(x) + 1, opts.length_penalty) for x in (a, b))
+            assert loss < TOL[precision] * per_token, f"{precision} {decoder} beam: {b} scores {loss:.3f} below fp32's {a}"
+    assert sum(a == b for a, b in zip(want, got)) >= len(SOURCES) // 2
+
+
+# ---- non-autoregressive decoders: their decisions, recorded ------------------------------------
+
+
+class Decisions:
+    """Every choice the NAR decoders take, in order: (kind, choice, margin) where ``margin(other)`` is,
+    per item, how much worse ``other`` is than ``choice`` by the recording model's own scores."""
+
+    def __init__(self, monkeypatch):
+        self.log: list = []
+        self._last_logits = None
+        predict_slots, candidate_lengths = nar.predict_slots, nar.candidate_lengths
+        lowest_confidence, pick, layer_logits, fuse = (mist.lowest_confidence, elmer.pick, elmer.layer_logits,
+                                                       elmer.fuse)
+
+        def slots(model, hidden, slot_len, where, eos, banned):
+            tokens, scores = predict_slots(model, hidden, slot_len, where, eos, banned)
+            w = where.shape[1]
+            last = (torch.arange(w)[None, :] == (slot_len - 1)[:, None])[where]
+            logp = torch.log_softmax(model.logits(hidden[where]).float(), -1)
+            logp[:, list(banned) + [eos]] = float("-inf")
+            self._argmax("slots", logp[~last], tokens[where][~last])
+            return tokens, scores
+
+        def lengths(logits, k, lo, hi):
+            out = candidate_lengths(logits, k, lo, hi)
+            n = torch.arange(logits.shape[1])[None, :]
+            allowed = torch.log_softmax(logits.float(), -1).masked_fill((n < lo) | (n > hi[:, None]), float("-inf"))
+            self._argmax("length", allowed, out[:, 0])
+            return out
+
+        def remask(scores, allowed, count):
+            out = lowest_confidence(scores, allowed, count)
+            s = scores.float().masked_fill(~allowed, float("inf")).sort(1).values
+            c = count[:, None].clamp(1, s.shape[1] - 1)
+            boundary = (s.gather(1, c) - s.gather(1, c - 1))[:, 0]  # the (count+1)-th lowest minus the count-th
+            self.log.append(("remask", out.clone(), lambda other: boundary))
+            return out
+
+        def chosen(logp, slot, eos, opts):
+            out = pick(logp, slot, eos, opts)
+            allowed = logp.clone()
+            allowed[:, list(opts.banned_ids)] = float("-inf")
+            allowed[:, eos] = torch.where(slot + 1 < opts.min_length, float("-inf"), allowed[:, eos])
+            self._argmax("pick", allowed, out)
+            return out
+
+        def ramp(model, layer, hidden):
+            self._last_logits = layer_logits(model, layer, hidden)
+            return self._last_logits
+
+        def fused(model, hidden, ids):
+            scores = torch.log_softmax(self._last_logits.float(), -1).flatten(0, 1)
+            self._argmax("soft-exit", scores, ids.flatten())
+            return fuse(model, hidden, ids)
+
+        for module in (nar, mist):
+            monkeypatch.setattr(module, "predict_slots", slots)
+        monkeypatch.setattr(nar, "candidate_lengths", lengths)
+        monkeypatch.setattr(mist, "lowest_confidence", remask)
+        for name, f in [("pick", chosen), ("layer_logits", ramp), ("fuse", fused)]:
+            monkeypatch.setattr(elmer, name, f)
+
+    def _argmax(self, kind: str, scores: torch.Tensor, choice: torch.Tensor) -> None:
+        choice = choice.clone()
+        self.log.append((kind, choice, lambda other: (scores.gather(1, choice[:, None])
+                                                      - scores.gather(1, other[:, None]))[:, 0]))
+
+    def run(self, model, decoder: str, opts: DecodeOptions) -> tuple[list[list[int]], list]:
+        self.log = []
+        return generate_ids(model, SOURCES, decoder, opts=opts), self.log
+
+
+def assert_departs_at_a_near_tie(ref: list, low: list, want, got, what: str, tol: float) -> None:
+    """At the first decision where the two runs differ, fp32's margin is below TOL; none differ -> same output."""
+    for (kind, a, margin), (kind_low, b, _) in zip(ref, low):
+        assert (kind, a.shape) == (kind_low, b.shape), f"{what}: the runs took different decisions ({kind}, {kind_low})"
+        differ = (a != b) if a.dim() == 1 else (a != b).any(1)
+        if bool(differ.any()):
+            worst = float(margin(b)[differ].max())
+            assert worst < tol, f"{what}: a {kind} decision flipped where fp32's margin was {worst:.3f} nats"
+            return
+    assert len(ref) == len(low) and want == got, what
+
+
+NAR_CASES = [("nar", "nar", {}), ("nar", "mist-iter", {"iterations": 3}), ("nar", "mask-predict", {"iterations": 3}),
+             ("elmer", "elmer-hard", {"exit_threshold": 0.0}), ("elmer", "elmer-hard", {"exit_threshold": 1e9}),
+             ("elmer-soft", "elmer-soft", {})]
+
+
+@pytest.mark.parametrize("precision", LOWER)
+@pytest.mark.parametrize("kind,decoder,options", NAR_CASES, ids=[f"{d}{o}" for _, d, o in NAR_CASES])
+def test_nar_decoders_equal_fp32_or_depart_at_a_near_tie(tiny_tokenizer, monkeypatch, kind, decoder, options,
+                                                         precision):
+    """ELMER hard exit runs at thresholds 0 (every slot exits at the last layer) and 1e9 (every slot at
+    layer 1, through an off-ramp): which slots exit at a threshold in between is not recorded as a decision."""
+    opts = DecodeOptions(max_length=8, banned_ids=BANNED, **options)
+    decisions = Decisions(monkeypatch)
+    want, ref = decisions.run(build(tiny_tokenizer, kind, "fp32"), decoder, opts)
+    got, low = decisions.run(build(tiny_tokenizer, kind, precision), decoder, opts)
+    assert ref and sum(map(len, want)) >= 2 * len(SOURCES) and len({t for x in want for t in x}) >= 3
+    assert_departs_at_a_near_tie(ref, low, want, got, f"{precision} {decoder}", TOL[precision])
+    assert sum(a == b for a, b in zip(want, got)) >= len(SOURCES) // 2
+
+
+def test_the_decision_check_catches_a_real_flip(tiny_tokenizer, monkeypatch):
+    """The check is not vacuous: other weights (a different seed) flip decisions of large margin."""
+    decisions = Decisions(monkeypatch)
+    opts = DecodeOptions(max_length=8, banned_ids=BANNED)
+    want, ref = decisions.run(build(tiny_tokenizer, "nar", "fp32"), "nar", opts)
+    other = build(tiny_tokenizer, "nar", "fp32")
+    with torch.no_grad():
+        other.head.bias.add_(torch.randn_like(other.head.bias) * 5)
+    got, low = decisions.run(other, "nar", opts)
+    with pytest.raises(AssertionError, match="flipped"):
+        assert_departs_at_a_near_tie(ref, low, want, got, "perturbed", TOL["int8"])
+
+
+# ---- command line, API, checkpoints ------------------------------------------------------------
+
+
+ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture
+def saved_nar(tiny_tokenizer, tmp_path):
+    """A tiny NAT model (with its length head) saved as a checkpoint, and an input file."""
+    build(tiny_tokenizer, "nar", "fp32").save_pretrained(tmp_path / "model")
+    rows = [{"source": s} for s in ("the city river", "who was the king", "the war of the year", "a new name")]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def _digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_int8_loads_from_the_fp32_checkpoint_and_never_writes_one(saved_nar):
+    folder = saved_nar / "model"
+    before = _digest(folder)
+    model = erniegen.load(str(folder), precision="int8")
+    texts = model.generate(["the city river", "a new name"], max_length=6)
+    # the length head, attached by the decoder after loading, was restored and then quantized
+    assert isinstance(model.extras["length"].proj, torch.ao.nn.quantized.dynamic.Linear)
+    assert _digest(folder) == before  # loading and decoding touched nothing
+    assert {v.dtype for v in load_file(str(folder / "model.safetensors")).values()} == {torch.float32}
+    with pytest.raises(ValueError, match="saved in fp32"):
+        model.save_pretrained(saved_nar / "int8-copy")
+    assert not (saved_nar / "int8-copy").exists()
+    again = erniegen.load(str(folder), precision="int8")  # re-quantized on load: the same model again
+    assert again.generate(["the city river", "a new name"], max_length=6) == texts
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        erniegen.load(str(folder), precision="int4")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "erniegen.cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=600)
+
+
+def test_generate_and_bench_with_int8_from_the_command_line(saved_nar):
+    out = saved_nar / "pred.jsonl"
+    p = _cli("generate", "--model", str(saved_nar / "model"), "--input", str(saved_nar / "in.jsonl"), "--output",
+             str(out), "--precision", "int8", "--max-length", "6")
+    assert p.returncode == 0, p.stderr
+    preds = [json.loads(x)["prediction"] for x in out.read_text().splitlines()]
+    sources = [json.loads(x)["source"] for x in (saved_nar / "in.jsonl").read_text().splitlines()]
+    assert preds == erniegen.load(str(saved_nar / "model"), precision="int8").generate(sources, max_length=6)
+    p = _cli("bench", "--model", str(saved_nar / "model"), "--input", str(saved_nar / "in.jsonl"), "--precision",
+             "bf16", "--num-samples", "2", "--batch-size", "1", "--max-length", "6")
+    assert p.returncode == 0, p.stderr
+    result = json.loads(p.stdout)
+    assert result["precision"] == "bf16" and result["num_samples"] == 2
+
+
+def test_a_bad_precision_is_named(saved_nar):
+    p = _cli("generate", "--model", str(saved_nar / "model"), "--input", str(saved_nar / "in.jsonl"), "--output",
+             str(saved_nar / "x.jsonl"), "--precision", "fp16")
+    assert p.returncode == 2
+    assert "--precision: invalid choice: 'fp16' (choose from" in p.stderr, p.stderr
+    assert all(name in p.stderr.splitlines()[-1] for name in ("fp32", "bf16", "int8"))
+    assert not (saved_nar / "x.jsonl").exists()

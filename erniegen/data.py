@@ -231,13 +231,16 @@ TASKS: dict[str, TaskPreset] = {
         lr=4e-4,
         epochs=10,
         noise_ramp=0.0,
+        freeze_embeddings=True,
         recipe_note=(
             "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 as in the "
             "best earlier probe (not yet isolated against other rates); "
             "target noise rho_f = 0.7 (the paper's), from the first step or ramped in over 30% of the run, "
             "trailed rho_f = 0 on dev loss, BLEU-4 and ROUGE-L at every evaluation, so the default is 0 "
             "(--noise-rate 0.7 gives the paper's setting); 10 epochs fit the hour on two CPU cores; "
-            "trigram blocking kept BLEU-4 and raised ROUGE-L and Distinct in beam search."
+            "trigram blocking kept BLEU-4 and raised ROUGE-L and Distinct in beam search; freezing the tied "
+            "word embeddings raised greedy BLEU-4 after 3 epochs from 6.1 to 8.1 and lowered the dev loss "
+            "(4.70 to 4.54): 8.7k training questions over-fit the output layer."
         ),
     ),
     "xsum": TaskPreset(

@@ -595,8 +595,8 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
         _barrier(world)        # every rank done with the group before any rank tears it down
         return summary
     finally:
-        # The DDP wrapper's reducer holds the gloo group; left to interpreter exit, its threads were
-        # torn down out of order and aborted the process (about 1 run in 15 under torchrun).
+        # Tear the group down while the interpreter is whole: a torchrun rank sometimes aborted at exit
+        # ("terminate called without an active exception") when this was left to interpreter shutdown.
         run = None
         gc.collect()
         if owns_group and dist.is_initialized():

@@ -39,7 +39,7 @@ OPTION_RANGES: dict[str, Range] = {
     "length_beam": AT_LEAST_1, "num_samples": AT_LEAST_1, "fixed_length": AT_LEAST_1,
     "epochs": AT_LEAST_1, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": Range(0, low_open=True),
     "warmup_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "noise_rate": FRACTION, "word_weight": FRACTION,
-    "noise_ramp": FRACTION, "head_warmup_steps": AT_LEAST_0,
+    "noise_ramp": FRACTION, "head_warmup_steps": AT_LEAST_0, "adapt_steps": AT_LEAST_0,
     "attention_dropout": Range(0, 1, high_open=True), "dropout": Range(0, 1, high_open=True),
     "max_source_len": Range(3), "max_target_len": Range(2),
     "max_len": Range(4), "eval_every": AT_LEAST_1, "eval_samples": AT_LEAST_1, "save_every": AT_LEAST_1,
@@ -105,7 +105,8 @@ def cmd_finetune(args) -> None:
             options = yaml.safe_load(f) or {}
     cfg = FinetuneConfig(train=args.train, dev=args.dev, output=args.output, model=args.model, task=args.task,
                          method=args.method, noise_rate=args.noise_rate, noise_ramp=args.noise_ramp,
-                         head_warmup_steps=args.head_warmup_steps, max_source_len=args.max_source_len,
+                         head_warmup_steps=args.head_warmup_steps, adapt_steps=args.adapt_steps,
+                         max_source_len=args.max_source_len,
                          max_target_len=args.max_target_len, source_field=args.source_field,
                          target_field=args.target_field, eval_samples=args.eval_samples,
                          max_train_examples=args.max_train_examples, trainer=trainer,
@@ -255,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--head-warmup-steps", type=int,
                    help="masked-LM steps that train a missing LM head before fine-tuning (default: 300 when "
                         "the checkpoint has no head, else 0)")
+    f.add_argument("--adapt-steps", type=int,
+                   help="task-adaptive pre-training: masked-LM steps over the training sources and questions that "
+                        "train the whole model before fine-tuning (default: the task preset's for a checkpoint "
+                        "erniegen never trained, else 0)")
     f.add_argument("--max-source-len", type=int)
     f.add_argument("--max-target-len", type=int)
     f.add_argument("--source-field")

@@ -204,6 +204,7 @@ class TaskPreset:
     noise_ramp: float = 0.0
     hidden_dropout: float | None = None  # None: the checkpoint's
     freeze_embeddings: bool = False      # keep the (tied) word embeddings as the checkpoint has them
+    adapt_steps: int = 0                 # whole-model masked-LM steps before fine-tuning (head_warmup.adapt_to_task)
     recipe_note: str = ""
 
 

@@ -18,7 +18,7 @@ from . import registry
 from .batch import collate_pairs
 from .data import TaskPreset, encode_examples, get_task, read_examples
 from .decoding import generate_ids, ids_to_text
-from .head_warmup import HEAD_WARMUP_STEPS, init_attn_embedding, warm_up_head
+from .head_warmup import HEAD_WARMUP_STEPS, adapt_to_task, init_attn_embedding, warm_up_head
 from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
@@ -39,6 +39,7 @@ class FinetuneConfig:
     noise_rate: float | None = None
     noise_ramp: float | None = None  # fraction of the run over which ρ rises from 0 to ρ_f; None: the preset's
     head_warmup_steps: int | None = None  # masked-LM steps for a missing head; None: HEAD_WARMUP_STEPS if missing
+    adapt_steps: int | None = None  # whole-model masked-LM steps; None: the preset's for a checkpoint erniegen never trained
     max_source_len: int | None = None
     max_target_len: int | None = None
     source_field: str | None = None
@@ -116,21 +117,24 @@ def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decod
     return evaluate
 
 
-def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, train_feats, seed: int) -> None:
-    """[ATTN] from [MASK] for a checkpoint erniegen never trained; a masked-LM warm-up of a missing head
-    over the training sources and targets (see head_warmup.py)."""
-    if model.trained_by_erniegen:
-        return
-    if init_attn_embedding(model) and is_main_process():
+def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, preset: TaskPreset, train_feats,
+                                 seed: int) -> None:
+    """[ATTN] from [MASK] for a checkpoint erniegen never trained; a masked-LM warm-up of a missing head,
+    then task-adaptive masked-LM steps of the whole model, over the training sources and targets (see
+    head_warmup.py). An explicit ``adapt_steps`` applies to any checkpoint."""
+    fresh = not model.trained_by_erniegen
+    if fresh and init_attn_embedding(model) and is_main_process():
         print(f"note: [ATTN] ({model.settings.attn_token}) starts as a copy of the [MASK] embedding", file=sys.stderr)
-    steps = cfg.head_warmup_steps
-    if steps is None:
-        steps = HEAD_WARMUP_STEPS if model.head_was_missing else 0
-    if steps == 0:
+    head_steps = cfg.head_warmup_steps
+    if head_steps is None or not fresh:
+        head_steps = HEAD_WARMUP_STEPS if fresh and model.head_was_missing else 0
+    adapt_steps = cfg.adapt_steps if cfg.adapt_steps is not None else preset.adapt_steps if fresh else 0
+    if head_steps == 0 and adapt_steps == 0:
         return
     texts = [f.source_ids for f in train_feats] + [[model.tokenizer.cls_token_id, *f.target_ids] for f in train_feats]
-    # every process warms up identically (same seed, same texts), so DDP starts from equal weights
-    warm_up_head(model, texts, steps, seed=seed, progress=is_main_process())
+    # every process runs these identically (same seed, same texts), so DDP starts from equal weights
+    warm_up_head(model, texts, head_steps, seed=seed, progress=is_main_process())
+    adapt_to_task(model, texts, adapt_steps, seed=seed + 1, progress=is_main_process())
 
 
 def resolve_attention_dropout(model: Transformer, requested: float | None) -> None:
@@ -184,7 +188,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
     train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
     if not tcfg.resume:
-        prepare_untrained_checkpoint(model, cfg, train_feats, tcfg.seed)
+        prepare_untrained_checkpoint(model, cfg, preset, train_feats, tcfg.seed)
     objective = family.build_objective(cfg.method, model, preset, cfg.method_options)
     pad_id = model.config.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731

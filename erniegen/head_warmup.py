@@ -1,17 +1,22 @@
-"""Preparing a checkpoint that was never trained to generate: the [ATTN] row and a missing LM head.
+"""Preparing a checkpoint that was never trained to generate: the [ATTN] row, a missing LM head, and an
+encoder that has forgotten which word sits where.
 
 Sentence encoders such as all-MiniLM-L6-v2 ship without a masked-LM head, so fine-tuning starts
 from a random transform (dense + LayerNorm) in front of the tied output layer, and ERNIE-GEN's
 [ATTN] placeholder is an ``[unused0]`` row that no pre-training ever touched. Both make the first
 hundreds of fine-tuning steps spend themselves on learning what "predict the token here" means.
 
-Two cheap fixes, applied by the fine-tuning recipe before training:
+Three fixes, applied by the fine-tuning recipe before training:
 
 * :func:`init_attn_embedding` starts the [ATTN] row as a copy of the [MASK] row, the embedding the
   checkpoint's own pre-training used for exactly that question;
 * :func:`warm_up_head` trains only the head's transform and bias with the masked-LM objective over
   the task's own text (sources and targets), the encoder frozen and run without gradients, so the
-  head learns to read this encoder's states before the encoder itself starts to move.
+  head learns to read this encoder's states before the encoder itself starts to move;
+* :func:`adapt_to_task` then runs the same masked-LM objective with the whole model training
+  (task-adaptive pre-training, Gururangan et al. 2020, "Don't Stop Pretraining"): a sentence encoder's
+  upper layers were retrained to pool meaning, and 8.7k question pairs alone are too few to teach them
+  token prediction again.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ from .train import resolve_precision
 HEAD_WARMUP_STEPS = 300
 HEAD_WARMUP_LR = 1e-3
 MASK_PROB = 0.15
+# Task-adaptive pre-training: BERT's pre-training lr; the step count is the task preset's (adapt_steps).
+ADAPT_LR = 1e-4
 
 
 def head_parameters(model: Network) -> list[torch.nn.Parameter]:
@@ -73,7 +80,25 @@ def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, mask_id: int, prob: floa
 def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
                  lr: float = HEAD_WARMUP_LR, seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Train the head's transform and bias for ``steps`` masked-LM steps over ``texts`` (token ids
-    with [CLS]/[SEP]); everything else is frozen. Returns the first and last losses and the time.
+    with [CLS]/[SEP]); everything else is frozen. Returns the first and last losses and the time."""
+    return masked_lm_steps(model, texts, steps, head_parameters(model), lr=lr, batch_size=batch_size,
+                           seed=seed, progress=progress, name="head warm-up")
+
+
+def adapt_to_task(model: Network, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
+                  lr: float = ADAPT_LR, seed: int = 0, progress: bool = True) -> dict[str, float]:
+    """Task-adaptive pre-training (Gururangan et al. 2020): masked-LM steps over the task's own text that
+    train every trainable parameter, encoder included (a frozen word table stays frozen), with a linear
+    warm-up over the first tenth and a linear decay to 0."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return masked_lm_steps(model, texts, steps, params, lr=lr, batch_size=batch_size, seed=seed,
+                           progress=progress, name="task adaptation", schedule=True)
+
+
+def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, params: list[torch.nn.Parameter],
+                    *, lr: float, batch_size: int, seed: int, progress: bool, name: str,
+                    schedule: bool = False) -> dict[str, float]:
+    """``steps`` masked-LM steps over ``texts`` that train ``params`` alone; the rest stays frozen.
 
     Runs on its own random streams (``seed``), so the caller's random state is left as it was.
     """
@@ -81,12 +106,13 @@ def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, 
         return {}
     tok = model.tokenizer
     mask_id, pad_id = tok.mask_token_id, model.config.pad_token_id
-    params = head_parameters(model)
     trained = {id(p) for p in params}
     frozen = [p for p in model.parameters() if id(p) not in trained and p.requires_grad]
     dtype = resolve_precision("auto", model.device)  # the precision fine-tuning will use by default
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    rate = (lambda step: min((step + 1) / warm, (steps - step) / max(1, steps - warm))) if schedule else None
     was_training = model.training
     model.train()  # dropout on, as in fine-tuning
     losses: list[float] = []
@@ -97,16 +123,19 @@ def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, 
             p.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # dropout's draws leave the caller's stream alone
             torch.manual_seed(seed)
-            for step in tqdm(range(steps), desc="head warm-up", disable=not progress, dynamic_ncols=True):
+            for step in tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True):
                 start = (step * batch_size) % len(order)
                 rows = [texts[order[(start + i) % len(order)]] for i in range(min(batch_size, len(order)))]
                 ids, lengths = pad(rows, pad_id)
                 inner = torch.arange(ids.shape[1])[None, :]
                 valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
                 where = mask_tokens(ids, valid, mask_id, MASK_PROB, gen)
+                if rate is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * rate(step)
                 with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    with torch.no_grad():
-                        hidden, _, _ = encode_context(model, ids.masked_fill(where, mask_id), lengths)
+                    # a frozen encoder builds no graph: none of its parameters asks for a gradient
+                    hidden, _, _ = encode_context(model, ids.masked_fill(where, mask_id), lengths)
                     loss = F.cross_entropy(model.logits(hidden[where]).float(), ids[where])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -120,7 +149,7 @@ def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, 
     summary = {"steps": steps, "loss_first": sum(losses[:head]) / head, "loss_last": sum(losses[-head:]) / head,
                "seconds": time.time() - t0}
     if progress:
-        print(f"head warm-up: {steps} masked-LM steps over {len(texts)} texts in {summary['seconds']:.0f} s, "
+        print(f"{name}: {steps} masked-LM steps over {len(texts)} texts in {summary['seconds']:.0f} s, "
               f"loss {summary['loss_first']:.2f} -> {summary['loss_last']:.2f}", file=sys.stderr)
     return summary
 

@@ -173,8 +173,14 @@ MATH_ATTENTION_MAX_SCORES = 320 * 320
 
 def _use_math_attention(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """On CPU, PyTorch's flash-attention backward is slow at short lengths: at 32 x 100 tokens it took
-    a third of a bf16 ERNIE-GEN step (BENCHMARKS.md section 2). Plain matrix products
-    are faster there, and their memory, B*h*Q*K scores, is small. Inference keeps the fused kernel."""
+    a third of a bf16 ERNIE-GEN step (BENCHMARKS.md section 2). Plain matrix products are faster there.
+    In fp32 the fused kernel is the faster one (4-7%, same section), so only reduced precision takes
+    this path. Inference keeps the fused kernel."""
+    return q.dtype != torch.float32 and _math_attention_fits(q, keys)
+
+
+def _math_attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """A CPU training step whose B*h*Q*K scores stay small enough to keep for backward."""
     return (q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad
             and q.shape[2] * keys.shape[2] <= MATH_ATTENTION_MAX_SCORES)
 

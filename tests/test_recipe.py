@@ -9,7 +9,8 @@ import transformers
 from erniegen.batch import collate_pairs
 from erniegen.ernie_gen import ErnieGenConfig, ErnieGenObjective, noise_at, replacement_vocab
 from erniegen.finetune import dev_loss
-from erniegen.head_warmup import head_parameters, init_attn_embedding, warm_up_head
+from erniegen.data import Features, get_task
+from erniegen.head_warmup import adapt_to_task, head_parameters, init_attn_embedding, warm_up_head
 from erniegen.model import Transformer, _math_attention
 
 from conftest import VOCAB
@@ -66,20 +67,49 @@ def test_head_warm_up_trains_the_head_alone_and_lowers_its_loss(headless):
 
 def test_recipe_skips_the_warm_up_when_a_head_exists(tmp_path, tiny_model, capsys):
     from erniegen.finetune import FinetuneConfig, prepare_untrained_checkpoint
-    from erniegen.data import Features
     feats = [Features(source_ids=[4, 10, 11, 5], target_ids=[20, 5])] * 8
     cfg = FinetuneConfig(train="unused", output=str(tmp_path))
     tiny_model.head_was_missing, tiny_model.trained_by_erniegen = False, False
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    prepare_untrained_checkpoint(tiny_model, cfg, feats, seed=0)
+    prepare_untrained_checkpoint(tiny_model, cfg, get_task('squad_qg'), feats, seed=0)
     assert "head warm-up" not in capsys.readouterr().err
     moved = [n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])]
     assert moved == ["embeddings.word.weight"]  # the [ATTN] row only
     # an erniegen checkpoint keeps its trained [ATTN] row and head untouched
     tiny_model.trained_by_erniegen, tiny_model.head_was_missing = True, True
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    prepare_untrained_checkpoint(tiny_model, cfg, feats, seed=0)
+    prepare_untrained_checkpoint(tiny_model, cfg, get_task('squad_qg'), feats, seed=0)
     assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
+
+
+def test_task_adaptation_trains_everything_but_a_frozen_word_table(headless):
+    word = headless.embeddings.word.weight
+    word.requires_grad_(False)  # as finetune() leaves it when the preset freezes the word table
+    before = {n: p.detach().clone() for n, p in headless.named_parameters()}
+    rng = torch.get_rng_state()
+    texts = [[4, 10 + i % 20, 11 + i % 7, 30, 12, 5] for i in range(64)]
+    stats = adapt_to_task(headless, texts, 100, batch_size=16, lr=1e-2, seed=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), rng)
+    for n, p in headless.named_parameters():
+        assert torch.equal(p, before[n]) == (p is word), n
+    assert not word.requires_grad and headless.head.dense.weight.requires_grad  # freezing is given back as it was
+    assert stats["steps"] == 100 and stats["loss_last"] < stats["loss_first"] - 0.5
+
+
+def test_task_adaptation_runs_for_fresh_checkpoints_or_when_asked(tmp_path, tiny_model, capsys):
+    from dataclasses import replace
+    from erniegen.finetune import FinetuneConfig, prepare_untrained_checkpoint
+    feats = [Features(source_ids=[4, 10, 11, 5], target_ids=[20, 5])] * 8
+    preset = replace(get_task("squad_qg"), adapt_steps=3)
+    cfg = FinetuneConfig(train="unused", output=str(tmp_path), head_warmup_steps=0)
+    tiny_model.trained_by_erniegen = True  # an erniegen checkpoint: the preset's adaptation is skipped
+    prepare_untrained_checkpoint(tiny_model, cfg, preset, feats, seed=0)
+    assert "task adaptation" not in capsys.readouterr().err
+    prepare_untrained_checkpoint(tiny_model, replace(cfg, adapt_steps=2), preset, feats, seed=0)
+    assert "task adaptation: 2 masked-LM steps" in capsys.readouterr().err  # asked for: any checkpoint
+    tiny_model.trained_by_erniegen = False
+    prepare_untrained_checkpoint(tiny_model, cfg, preset, feats, seed=0)
+    assert "task adaptation: 3 masked-LM steps" in capsys.readouterr().err
 
 
 def test_recipe_flags_survive_a_save(tmp_path, headless):
@@ -192,3 +222,15 @@ def test_freeze_embeddings_and_dropout_reach_the_trained_model(tmp_path, tiny_mo
     assert moved == {n for n, _ in done.named_parameters()} - {"embeddings.word.weight"}
     assert done.config.hidden_dropout_prob == 0.3
     assert {m.p for m in done.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+
+
+def test_training_takes_the_explicit_product_only_in_reduced_precision():
+    from erniegen.network import MATH_ATTENTION_MAX_SCORES, _use_math_attention
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+    assert _use_math_attention(q.bfloat16(), q.bfloat16())
+    assert not _use_math_attention(q, q)  # fp32: the fused kernel is faster (BENCHMARKS.md section 2)
+    with torch.no_grad():
+        assert not _use_math_attention(q.bfloat16(), q.bfloat16())  # inference keeps the fused kernel
+    side = int(MATH_ATTENTION_MAX_SCORES ** 0.5) + 1
+    big = torch.randn(1, 1, side, 8, dtype=torch.bfloat16, requires_grad=True)
+    assert not _use_math_attention(big, big)  # too many scores to keep for backward

@@ -40,6 +40,7 @@ OPTION_RANGES: dict[str, Range] = {
     "epochs": AT_LEAST_1, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": Range(0, low_open=True),
     "warmup_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "noise_rate": FRACTION, "word_weight": FRACTION,
     "noise_ramp": FRACTION, "head_warmup_steps": AT_LEAST_0, "adapt_steps": AT_LEAST_0,
+    "ema_decay": Range(0, 1, high_open=True),
     "attention_dropout": Range(0, 1, high_open=True), "dropout": Range(0, 1, high_open=True),
     "max_source_len": Range(3), "max_target_len": Range(2),
     "max_len": Range(4), "eval_every": AT_LEAST_1, "eval_samples": AT_LEAST_1, "save_every": AT_LEAST_1,
@@ -97,7 +98,7 @@ def cmd_finetune(args) -> None:
                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                           warmup_ratio=args.warmup_ratio, seed=args.seed, eval_every=args.eval_every,
                           save_every=args.save_every, log_every=args.log_every, precision=args.precision,
-                          resume=args.resume)
+                          resume=args.resume, eval_raw_weights=args.eval_raw_weights)
     options = {}
     if args.config:
         import yaml
@@ -111,7 +112,7 @@ def cmd_finetune(args) -> None:
                          target_field=args.target_field, eval_samples=args.eval_samples,
                          max_train_examples=args.max_train_examples, trainer=trainer,
                          attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
-                         freeze_embeddings=args.freeze_embeddings,
+                         freeze_embeddings=args.freeze_embeddings, ema_decay=args.ema_decay,
                          method_options=options.get("method_options", {}))
     summary = finetune(cfg)
     from .train import is_main_process
@@ -276,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "checkpoint's")
     f.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction,
                    help="keep the word embeddings (tied to the output layer) fixed; default: the task preset's")
+    f.add_argument("--ema-decay", type=float,
+                   help="evaluate and keep an exponential moving average of the weights with this decay "
+                        "(0: the raw weights); default: the task preset's")
+    f.add_argument("--eval-raw-weights", action="store_true",
+                   help="with a moving average: also evaluate the raw weights at each evaluation (eval_raw in "
+                        "log.jsonl), to see what the average buys")
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--config", help="YAML with method_options (e.g. MIST's mixing switches)")

@@ -205,6 +205,7 @@ class TaskPreset:
     hidden_dropout: float | None = None  # None: the checkpoint's
     freeze_embeddings: bool = False      # keep the (tied) word embeddings as the checkpoint has them
     adapt_steps: int = 0                 # whole-model masked-LM steps before fine-tuning (head_warmup.adapt_to_task)
+    ema_decay: float | None = None       # evaluate a moving average of the weights (TrainConfig.ema_decay)
     recipe_note: str = ""
 
 

@@ -49,6 +49,7 @@ class FinetuneConfig:
     attention_dropout: float | None = None  # None: the checkpoint's on GPU, 0 on CPU (see resolve_attention_dropout)
     hidden_dropout: float | None = None  # None: the preset's, else the checkpoint's
     freeze_embeddings: bool | None = None  # None: the preset's
+    ema_decay: float | None = None  # moving average of the weights; None: the preset's; 0: none
     max_train_examples: int | None = None
     trainer: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir=""))
     method_options: dict = field(default_factory=dict)
@@ -162,7 +163,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     recipe = get_task(cfg.task)  # the preset's lr and epochs where the trainer leaves them unset
     tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output,
                                lr=recipe.lr if cfg.trainer.lr is None else cfg.trainer.lr,
-                               epochs=recipe.epochs if cfg.trainer.epochs is None else cfg.trainer.epochs)
+                               epochs=recipe.epochs if cfg.trainer.epochs is None else cfg.trainer.epochs,
+                               ema_decay=(recipe.ema_decay if cfg.ema_decay is None else cfg.ema_decay) or None)
     check_config(tcfg, has_evaluate=False)  # before the model loads and the data is tokenized
     resume_from = check_output_dir(cfg.output, tcfg.resume)
     if not family.uses_noise and (cfg.noise_rate is not None or cfg.noise_ramp is not None) and is_main_process():

@@ -93,6 +93,10 @@ class TrainConfig:
     resume: bool = False                # continue checkpoint-last; the caller loads its weights first
     num_workers: int = 0                # DataLoader worker processes for collate (list data only)
     fsdp: bool = False                  # shard weights, gradients and optimizer state (FSDP) instead of DDP
+    # Evaluate and keep as best/ an exponential moving average of the weights (Polyak averaging), whose
+    # decay ramps in as min(ema_decay, (1 + step) / (10 + step)); None: the raw weights.
+    ema_decay: float | None = None
+    eval_raw_weights: bool = False      # with ema_decay: also evaluate the raw weights (logged as eval_raw)
 
 
 # ---- distributed helpers ------------------------------------------------------------------------
@@ -171,6 +175,12 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
         raise ValueError("output_dir must be set")
     if cfg.max_steps is None and cfg.epochs is None:
         raise ValueError("neither epochs nor max_steps is set: the run has no length")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay={cfg.ema_decay} must be in (0, 1)")
+    if cfg.ema_decay is not None and cfg.fsdp:
+        raise ValueError("ema_decay with fsdp=True is not supported: each rank holds only a shard of the weights")
+    if cfg.eval_raw_weights and cfg.ema_decay is None:
+        raise ValueError("eval_raw_weights compares the raw weights with their moving average: set ema_decay")
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -695,6 +705,9 @@ class _Run:
         self.run_counts = torch.zeros(2, dtype=torch.float64, device=device)      # [tokens, examples]
         self.window_counts = torch.zeros(2, dtype=torch.float64, device=device)
         self.last_log: dict[str, Any] = {}
+        # the moving average of every trained parameter (frozen ones never change), in fp32
+        self.trained = [p for p in self.raw.parameters() if p.requires_grad]
+        self.ema = [p.detach().float().clone() for p in self.trained] if cfg.ema_decay is not None else None
 
     def resume(self) -> None:
         """Restore optimizer, schedule, scaler, position, best so far, RNGs and log window from checkpoint-last."""
@@ -715,6 +728,12 @@ class _Run:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if (state.get("ema") is None) != (self.ema is None):
+            raise ValueError(f"cannot resume {ckpt} exactly: it was saved with ema_decay="
+                             f"{state['config'].get('ema_decay')}, now ema_decay={cfg.ema_decay}")
+        if self.ema is not None:
+            for mine, saved_avg in zip(self.ema, state["ema"], strict=True):
+                mine.copy_(saved_avg)
         self.step, self.epoch, self.micro_start = state["global_step"], state["epoch"], state["micro_step"]
         self.best_metric, self.best_score, self.best_step = state["best_metric"], state["best_score"], state["best_step"]
         if self.streaming:
@@ -825,8 +844,29 @@ class _Run:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        if self.ema is not None:
+            decay = min(self.cfg.ema_decay, self.step / (self.step + 9))  # (1 + n) / (10 + n), n = step - 1
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema, [p.detach().float() for p in self.trained], 1.0 - decay)
         self.pbar.update(1)
         return lr, grad_norm
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """The moving average in place of the trained weights (a no-op without EMA); restored on exit."""
+        if self.ema is None:
+            yield
+            return
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in self.trained]
+            for p, avg in zip(self.trained, self.ema):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(self.trained, raw):
+                    p.copy_(r)
 
     def log(self, epoch_pos: float, lr: float, grad_norm: torch.Tensor) -> None:
         """Average the log window over micro-batches and ranks; rank 0 appends it to log.jsonl."""
@@ -853,12 +893,25 @@ class _Run:
         """Rank 0: run ``evaluate()`` in eval mode on its own RNG stream; a better score replaces best/."""
         cfg, step, device = self.cfg, self.step, self.device
         self.raw.eval()
-        with _rng_scope(device=device), torch.no_grad():
-            metrics = {k: float(v) for k, v in self.evaluate_fn().items()}
+        event: dict[str, Any] = {"step": step}
+        if cfg.eval_raw_weights:
+            with _rng_scope(device=device), torch.no_grad():
+                event["eval_raw"] = {k: float(v) for k, v in self.evaluate_fn().items()}
+            tqdm.write(f"step {step} eval (raw weights): "
+                       + ", ".join(f"{k}={v:.4g}" for k, v in event["eval_raw"].items()))
+        with self.averaged_weights():
+            with _rng_scope(device=device), torch.no_grad():
+                metrics = {k: float(v) for k, v in self.evaluate_fn().items()}
+            self._evaluated(metrics, event)
         self.raw.train()
+
+    def _evaluated(self, metrics: dict[str, float], event: dict[str, Any]) -> None:
+        """Log ``metrics`` (of the weights in place now) and keep them as best/ when they beat the best so far."""
+        cfg, step, device = self.cfg, self.step, self.device
         score = selection_score(metrics, cfg.metric_for_best)
-        _append_jsonl(self.out_dir / LOG_FILE, {"step": step, "eval": metrics})
-        tqdm.write(f"step {step} eval: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        _append_jsonl(self.out_dir / LOG_FILE, {**event, "eval": metrics})
+        tqdm.write(f"step {step} eval{' (moving average)' if self.ema is not None else ''}: "
+                   + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         value = metrics[cfg.metric_for_best.split(",")[0]]
         best = self.best_score
         if best is None or (score > best if cfg.greater_is_better else score < best):
@@ -874,7 +927,7 @@ class _Run:
     def keep_last_as_best(self) -> None:
         """Without ``evaluate()``, the model after the last step is the best one."""
         if self.main:
-            with _rng_scope(device=self.device):
+            with _rng_scope(device=self.device), self.averaged_weights():
                 _atomic_write_dir(self.out_dir / BEST, self.save_model)
             tqdm.write(f"saved {self.out_dir / BEST} (last model, step {self.step}; no evaluate())")
         self.best_step = self.step
@@ -904,7 +957,8 @@ class _Run:
                 "best_step": self.best_step,
                 "extra_state": self.extra_state, "world_size": world, "num_examples": self.num_examples,
                 "streams": streams,
-                "param_checksum": _param_checksum(self.raw), "config": dataclass_to_dict(cfg)}
+                "param_checksum": _param_checksum(self.raw), "config": dataclass_to_dict(cfg),
+                "ema": self.ema}
 
             def write_last(d: str) -> None:
                 self.save_model(d)

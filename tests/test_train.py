@@ -211,10 +211,10 @@ def test_best_checkpoint_follows_the_tie_breaking_key(tmp_path):
     assert state["best_score"] == [0.0, 20.0]
 
 
-def run_resume_case(tmp_path: Path, num_workers: int = 0) -> None:
+def run_resume_case(tmp_path: Path, num_workers: int = 0, **extra) -> None:
     data, dev = make_data(), make_data(12, seed=1)
     kw = dict(max_steps=14, save_every=4, log_every=3, metric_for_best="neg_abs", greater_is_better=True,
-              num_workers=num_workers)
+              num_workers=num_workers, **extra)
 
     model_a = make_model()
     out_a = tmp_path / "a"
@@ -266,6 +266,46 @@ def run_resume_case(tmp_path: Path, num_workers: int = 0) -> None:
 
 def test_resume_is_bit_identical(tmp_path):
     run_resume_case(tmp_path)
+
+
+def test_resume_is_bit_identical_with_a_moving_average(tmp_path):
+    run_resume_case(tmp_path, ema_decay=0.8, eval_raw_weights=True)
+    log = read_log(tmp_path / "b")
+    evals = [e for e in log if "eval" in e]
+    assert all("eval_raw" in e and e["eval_raw"] != e["eval"] for e in evals)
+
+
+def test_moving_average_follows_its_formula_and_leaves_the_raw_weights(tmp_path):
+    model = make_model()
+    steps, decay = 6, 0.7
+    snapshots = []
+    original = model.forward
+
+    def forward(**batch):
+        if model.training:
+            snapshots.append(model.out.weight.detach().clone())  # the weights a step starts from
+        return original(**batch)
+    model.forward = forward
+    train(model, make_data(), noisy_collate, cfg_for(tmp_path / "o", max_steps=steps, grad_accum=1,
+                                                      ema_decay=decay), save_model=saver(model))
+    assert len(snapshots) == steps
+    thetas = snapshots + [model.out.weight.detach().clone()]     # theta_0 .. theta_N (raw, restored)
+    expected = thetas[0]
+    for n in range(1, steps + 1):
+        d = min(decay, n / (n + 9))
+        expected = d * expected + (1 - d) * thetas[n]
+    best = torch.load(tmp_path / "o" / "best" / "model.pt", weights_only=True)["out.weight"]
+    assert torch.allclose(best, expected, atol=1e-6)
+    assert not torch.allclose(best, thetas[-1])
+
+
+def test_moving_average_settings_are_checked(tmp_path):
+    model = make_model()
+    for kw, match in ((dict(ema_decay=1.0), "ema_decay=1.0 must be in"),
+                      (dict(eval_raw_weights=True), "set ema_decay")):
+        with pytest.raises(ValueError, match=match):
+            train(model, make_data(), noisy_collate, cfg_for(tmp_path / "x", max_steps=2, **kw),
+                  save_model=saver(model))
 
 
 @pytest.mark.slow

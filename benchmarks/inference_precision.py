@@ -15,7 +15,9 @@ What it measures, every figure a median after warm-up:
 3. Hugging Face's step: a GPT-2 of the same shape (``erniegen.bench.hf_gpt2_like``) timed with
    ``generate()`` for ``--length`` tokens and for 1 token, the difference divided by ``--length`` - 1;
 4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
-   models given, in every precision, and the Hugging Face ``generate()`` baseline.
+   models given, in every precision, and the Hugging Face ``generate()`` baseline;
+5. with ``--compile``: the same step with the network's forward under ``torch.compile`` (dynamic
+   shapes: the cache grows each step), per precision, beside the seconds the first steps spend compiling.
 
 Prints the CPU model (``lscpu``) and the date, and writes every row to ``--output`` as JSON.
 """
@@ -90,6 +92,33 @@ def step_and_prefill_ms(model, source: list[int], steps: int) -> tuple[float, fl
     return median_ms(lambda: stepper.step(prev), steps, warmup=steps), prefill
 
 
+@torch.inference_mode()
+def compiled_step_ms(model, source: list[int], steps: int) -> tuple[float, float]:
+    """Median ms of the infilling step with ``model.forward`` compiled, and the seconds of compiling (the
+    first three steps' time beyond three eager ones)."""
+    src, src_len = torch.tensor([source]), torch.tensor([len(source)])
+    prev = torch.tensor([source[1]])
+    eager = InfillingStepper(model, src, src_len, 2 * steps + 8)
+    eager.step(None)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        eager.step(prev)
+    eager_s = time.perf_counter() - t0
+    torch._dynamo.reset()
+    original = model.forward
+    model.forward = torch.compile(original, dynamic=True)
+    try:
+        stepper = InfillingStepper(model, src, src_len, 2 * steps + 8)
+        t0 = time.perf_counter()
+        stepper.step(None)
+        for _ in range(3):
+            stepper.step(prev)
+        compile_s = time.perf_counter() - t0 - eager_s
+        return median_ms(lambda: stepper.step(prev), steps, warmup=steps), compile_s
+    finally:
+        model.forward = original
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar-model", required=True, help="an ernie-gen model: infilling greedy and beam, typical")
@@ -105,6 +134,7 @@ def main() -> None:
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
     args = p.parse_args()
     precisions = args.precisions.split(",")
     torch.manual_seed(0)
@@ -133,6 +163,10 @@ def main() -> None:
         step, prefill = step_and_prefill_ms(model, source, args.steps)
         emit({"label": f"infilling step, {precision}", "precision": precision, "source_tokens": len(source),
               "step_ms": round(step, 3), "vs_floor": round(step / floor, 2), "prefill_ms": round(prefill, 2)})
+        if args.compile:
+            step, compile_s = compiled_step_ms(model, source, args.steps)
+            emit({"label": f"infilling step, {precision}, torch.compile", "precision": precision,
+                  "step_ms": round(step, 3), "vs_floor": round(step / floor, 2), "compile_s": round(compile_s, 1)})
     baseline = None if args.no_baseline else hf_gpt2_like(fp32)
     if baseline is not None:
         timed = sources[:args.samples_b1 + 2]

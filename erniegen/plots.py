@@ -56,11 +56,19 @@ def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
         points = [(e["step"], float(e[key])) for e in train if key in e]
         losses[key] = ([s for s, _ in points], smooth([v for _, v in points], window))
     metrics: Series = {}
-    for key in sorted({k for e in evals for k in e["eval"]}):
-        points = [(e["step"], float(e["eval"][key])) for e in evals if key in e["eval"]]
-        # the dev loss is drawn beside the training losses, on their scale
-        (losses if key.startswith("dev_loss") else metrics)[key] = ([s for s, _ in points], [v for _, v in points])
+    # "eval_raw": the raw weights' scores of a run that evaluates a moving average ("eval")
+    for field, suffix in (("eval", ""), ("eval_raw", " (raw weights)")):
+        for key in sorted({k for e in evals for k in e.get(field, {})}):
+            points = [(e["step"], float(e[field][key])) for e in evals if key in e.get(field, {})]
+            # the dev loss is drawn beside the training losses, on their scale
+            (losses if key.startswith("dev_loss") else metrics)[key + suffix] = ([s for s, _ in points],
+                                                                                [v for _, v in points])
     return losses, metrics
+
+
+def _legend_columns(ax) -> int:
+    """Two columns once a panel holds more than eight curves (several runs), so the legend leaves room."""
+    return 2 if len(ax.get_legend_handles_labels()[1]) > 8 else 1
 
 
 def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] | None = None) -> dict:
@@ -87,11 +95,11 @@ def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] |
                         marker="o" if key.startswith("dev_") else marker, label=f"{label} {key}")
     loss_ax.set(xlabel="optimizer step", ylabel="loss (dev_loss: evaluations)"
                 + (f" (moving average of {window} logs)" if window > 1 else ""), title="training")
-    loss_ax.legend(fontsize=7)
+    loss_ax.legend(fontsize=7, ncol=_legend_columns(loss_ax))
     loss_ax.grid(alpha=0.3)
     if has_eval:
         axes[0][1].set(xlabel="optimizer step", ylabel="dev metric", title="evaluation")
-        axes[0][1].legend(fontsize=7)
+        axes[0][1].legend(fontsize=7, ncol=_legend_columns(axes[0][1]))
         axes[0][1].grid(alpha=0.3)
     fig.tight_layout()
     out = Path(output)

@@ -69,3 +69,11 @@ def test_dev_loss_is_drawn_beside_the_training_losses(tmp_path):
     losses, metrics = run_series(run)
     assert losses == {"loss": ([1, 2], [6.0, 4.0]), "dev_loss": ([2], [4.5])}
     assert metrics == {"bleu4": ([2], [0.1])}
+
+
+def test_a_moving_average_run_draws_its_raw_weights_beside_it(tmp_path):
+    events = [{"step": 1, "loss": 6.0},
+              {"step": 1, "eval_raw": {"bleu4": 1.0, "dev_loss": 5.0}, "eval": {"bleu4": 2.0, "dev_loss": 4.5}}]
+    losses, metrics = run_series(write_log(tmp_path / "ema", events))
+    assert losses == {"loss": ([1], [6.0]), "dev_loss": ([1], [4.5]), "dev_loss (raw weights)": ([1], [5.0])}
+    assert metrics == {"bleu4": ([1], [2.0]), "bleu4 (raw weights)": ([1], [1.0])}

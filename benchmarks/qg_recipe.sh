@@ -5,7 +5,8 @@
 # model's default decoding and scores it in the nqg convention into results/qg_recipe.jsonl.
 #   bash benchmarks/qg_recipe.sh default            # `erniegen finetune` with no recipe flag: the done-when run
 #   bash benchmarks/qg_recipe.sh probe NAME [FLAGS]  # same data and evaluations, recipe flags overridden
-#   bash benchmarks/qg_recipe.sh score NAME [FLAGS]  # decode + score runs/NAME/best (FLAGS: generate options)
+#   [TAG=T] bash benchmarks/qg_recipe.sh score NAME [FLAGS]  # decode + score runs/NAME/best (FLAGS: generate
+#                                                    # options; TAG names the predictions file results/NAME-T.jsonl)
 #   bash benchmarks/qg_recipe.sh plot OUT.png NAME...
 # One training at a time, both threads: two side by side each crawl (OpenMP threads wait on each other).
 set -euo pipefail
@@ -27,8 +28,9 @@ case "${1:-}" in
   probe) shift; train "$@" ;;
   score)
     name=$2; shift 2
-    $EG generate --model "runs/$name/best" --input "$DATA/dev.jsonl" --output "results/$name.jsonl" "$@"
-    $EG evaluate --task squad_qg --predictions "results/$name.jsonl" \
+    out="results/$name${TAG:+-$TAG}.jsonl"  # TAG=int8 score NAME --precision int8: one file per setting
+    $EG generate --model "runs/$name/best" --input "$DATA/dev.jsonl" --output "$out" "$@"
+    $EG evaluate --task squad_qg --predictions "$out" \
       | python3 -c "import json,sys; r=json.load(sys.stdin); r['label']='$name ${*:-default decoding}'; print(json.dumps(r))" \
       | tee -a results/qg_recipe.jsonl ;;
   plot) out=$2; shift 2; $EG plot "${@/#/runs/}" --output "$out" ;;

@@ -278,7 +278,8 @@ main(sys.argv[2:])
 
 
 @pytest.mark.slow
-def test_two_process_cli_pretrain_keeps_ranks_in_sync(tiny_dir, tmp_path):
+@pytest.mark.parametrize("objective", ["ernie-gen", "lplm"])
+def test_two_process_cli_pretrain_keeps_ranks_in_sync(objective, tiny_dir, tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", 11)
     out, dumps = tmp_path / "out", tmp_path / "dumps"
     dumps.mkdir()
@@ -286,7 +287,8 @@ def test_two_process_cli_pretrain_keeps_ranks_in_sync(tiny_dir, tmp_path):
     script.write_text(textwrap.dedent(SYNC_SCRIPT))
     torchrun(str(script), str(dumps), "pretrain", "--model", str(tiny_dir), "--corpus", str(corpus), "--output",
              str(out), "--max-steps", "3", "--batch-size", "2", "--grad-accum", "2", "--max-len", "64",
-             "--lr", "1e-3", "--precision", "fp32", "--log-every", "1", "--shuffle-window", "1")
+             "--lr", "1e-3", "--precision", "fp32", "--log-every", "1", "--shuffle-window", "1",
+             "--objective", objective)
     r0, r1 = (torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in range(2))
     for k in r0["params"]:
         assert torch.equal(r0["params"][k], r1["params"][k]), k

@@ -15,6 +15,7 @@ from .data import DataError
 LOG_FILE = "log.jsonl"
 LINE_STYLES = ("-", "--", ":", "-.")        # one colour per run, one line style per loss or metric
 Series = dict[str, tuple[list[int], list[float]]]
+RAW = " (raw weights)"                      # suffix of a moving-average run's raw-weight evaluations
 
 
 def read_log(run: str | Path) -> tuple[list[dict], list[dict]]:
@@ -57,7 +58,7 @@ def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
         losses[key] = ([s for s, _ in points], smooth([v for _, v in points], window))
     metrics: Series = {}
     # "eval_raw": the raw weights' scores of a run that evaluates a moving average ("eval")
-    for field, suffix in (("eval", ""), ("eval_raw", " (raw weights)")):
+    for field, suffix in (("eval", ""), ("eval_raw", RAW)):
         for key in sorted({k for e in evals for k in e.get(field, {})}):
             points = [(e["step"], float(e[field][key])) for e in evals if key in e.get(field, {})]
             # the dev loss is drawn beside the training losses, on their scale
@@ -90,9 +91,13 @@ def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] |
     for r, (label, (losses, metrics)) in enumerate(data.items()):
         panels = [(loss_ax, losses, None)] + ([(axes[0][1], metrics, "o")] if has_eval else [])
         for ax, series, marker in panels:
-            for i, (key, (steps, values)) in enumerate(series.items()):
-                ax.plot(steps, values, color=colors[r % len(colors)], linestyle=LINE_STYLES[i % len(LINE_STYLES)],
-                        marker="o" if key.startswith("dev_") else marker, label=f"{label} {key}")
+            styles = {}
+            for key, (steps, values) in series.items():
+                base = key.removesuffix(RAW)  # a raw-weight curve: its average's line style, faded, crosses
+                style = styles.setdefault(base, LINE_STYLES[len(styles) % len(LINE_STYLES)])
+                raw = key != base
+                ax.plot(steps, values, color=colors[r % len(colors)], linestyle=style, alpha=0.45 if raw else 1.0,
+                        marker="x" if raw else "o" if key.startswith("dev_") else marker, label=f"{label} {key}")
     loss_ax.set(xlabel="optimizer step", ylabel="loss (dev_loss: evaluations)"
                 + (f" (moving average of {window} logs)" if window > 1 else ""), title="training")
     loss_ax.legend(fontsize=7, ncol=_legend_columns(loss_ax))

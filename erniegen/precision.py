@@ -9,7 +9,8 @@ so a head restored after loading runs in the model's precision too.
 * ``bf16``: every weight (embeddings and LayerNorms too) cast to bfloat16. Decoders already take
   ``log_softmax`` of ``logits.float()``, so scores, argmax and beam comparisons are in fp32.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
-  every ``nn.Linear`` are int8, activations are quantized batch by batch at run time. The tied vocabulary
+  every ``nn.Linear`` are int8 with a scale per output channel, activations are quantized batch by batch
+  at run time. The tied vocabulary
   projection gets a quantized *copy* of the word-embedding matrix (``LMHead.quantized``, shared by ELMER's
   off-ramps); the input embedding stays fp32. torchao 0.18 installs beside torch 2.13 here, but its eager
   int8 linear on CPU took 91 ms for the 384 x 30,522 projection at batch 1 against fp32's 7.5 ms and
@@ -42,7 +43,10 @@ def _quantize_linears(module: nn.Module) -> nn.Module:
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao (see above)
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(holder, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        # per-channel weight scales (one per output row): on qg-v3's model, 32 of 150 greedy dev questions
+        # came out identical to fp32's with them against 14 with one scale per matrix (BENCHMARKS.md section 3)
+        torch.ao.quantization.quantize_dynamic(holder, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+                                               dtype=torch.qint8, inplace=True)
     return holder["m"]
 
 

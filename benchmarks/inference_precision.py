@@ -164,9 +164,14 @@ def main() -> None:
         emit({"label": f"infilling step, {precision}", "precision": precision, "source_tokens": len(source),
               "step_ms": round(step, 3), "vs_floor": round(step / floor, 2), "prefill_ms": round(prefill, 2)})
         if args.compile:
-            step, compile_s = compiled_step_ms(model, source, args.steps)
-            emit({"label": f"infilling step, {precision}, torch.compile", "precision": precision,
-                  "step_ms": round(step, 3), "vs_floor": round(step / floor, 2), "compile_s": round(compile_s, 1)})
+            label = f"infilling step, {precision}, torch.compile"
+            try:
+                step, compile_s = compiled_step_ms(model, source, args.steps)
+            except Exception as e:  # noqa: BLE001 - a precision torch.compile cannot take is a result too
+                emit({"label": label, "precision": precision, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+            else:
+                emit({"label": label, "precision": precision, "step_ms": round(step, 3),
+                      "vs_floor": round(step / floor, 2), "compile_s": round(compile_s, 1)})
     baseline = None if args.no_baseline else hf_gpt2_like(fp32)
     if baseline is not None:
         timed = sources[:args.samples_b1 + 2]

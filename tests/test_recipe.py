@@ -1,6 +1,7 @@
 """The fine-tuning recipe's pieces for checkpoints that were never trained to generate, and its speed paths:
 [ATTN] initialisation, the masked-LM head warm-up, the noise ramp, the clean dev loss, training attention."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -71,14 +72,15 @@ def test_recipe_skips_the_warm_up_when_a_head_exists(tmp_path, tiny_model, capsy
     cfg = FinetuneConfig(train="unused", output=str(tmp_path))
     tiny_model.head_was_missing, tiny_model.trained_by_erniegen = False, False
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    prepare_untrained_checkpoint(tiny_model, cfg, get_task('squad_qg'), feats, seed=0)
+    preset = replace(get_task("squad_qg"), adapt_steps=0)  # the head warm-up alone (adaptation: tested above)
+    prepare_untrained_checkpoint(tiny_model, cfg, preset, feats, seed=0)
     assert "head warm-up" not in capsys.readouterr().err
     moved = [n for n, p in tiny_model.named_parameters() if not torch.equal(p, before[n])]
     assert moved == ["embeddings.word.weight"]  # the [ATTN] row only
     # an erniegen checkpoint keeps its trained [ATTN] row and head untouched
     tiny_model.trained_by_erniegen, tiny_model.head_was_missing = True, True
     before = {n: p.detach().clone() for n, p in tiny_model.named_parameters()}
-    prepare_untrained_checkpoint(tiny_model, cfg, get_task('squad_qg'), feats, seed=0)
+    prepare_untrained_checkpoint(tiny_model, cfg, get_task("squad_qg"), feats, seed=0)
     assert all(torch.equal(p, before[n]) for n, p in tiny_model.named_parameters())
 
 
@@ -97,7 +99,6 @@ def test_task_adaptation_trains_everything_but_a_frozen_word_table(headless):
 
 
 def test_task_adaptation_runs_for_fresh_checkpoints_or_when_asked(tmp_path, tiny_model, capsys):
-    from dataclasses import replace
     from erniegen.finetune import FinetuneConfig, prepare_untrained_checkpoint
     feats = [Features(source_ids=[4, 10, 11, 5], target_ids=[20, 5])] * 8
     preset = replace(get_task("squad_qg"), adapt_steps=3)

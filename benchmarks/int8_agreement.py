@@ -3,20 +3,18 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_agreement.py --model runs/qg-v3/best \\
         --input ../shared/data/squad_qg_sent/dev.jsonl [--n 150]
 
-Each variant runs ``quantize_dynamic`` with a ``qconfig_spec`` naming the linear layers it quantizes (the
-vocabulary projection is the quantized copy ``head.quantized`` that ``erniegen.precision`` adds); the rest
-stay fp32. A question counts when it equals fp32's greedy output exactly.
+Each variant is ``erniegen.precision``'s own int8 conversion with another qconfig and/or some linear layers
+left in fp32 (the vocabulary projection is the quantized copy ``head.quantized`` that it adds). A question counts when it equals fp32's greedy output exactly.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,7 +22,7 @@ import erniegen.precision as precision  # noqa: E402
 from erniegen import load  # noqa: E402
 
 PER_TENSOR = torch.ao.quantization.default_dynamic_qconfig
-PER_CHANNEL = torch.ao.quantization.per_channel_dynamic_qconfig
+PER_CHANNEL = precision.INT8_QCONFIG
 VARIANTS = {  # name: (qconfig, which linear layers stay fp32)
     "one scale per matrix": (PER_TENSOR, lambda n: False),
     "per-channel": (PER_CHANNEL, lambda n: False),
@@ -32,18 +30,6 @@ VARIANTS = {  # name: (qconfig, which linear layers stay fp32)
     "per-channel, attention fp32": (PER_CHANNEL, lambda n: ".attn." in n),
     "per-channel, ffn_out fp32": (PER_CHANNEL, lambda n: n.endswith("ffn_out")),
 }
-
-
-def quantizer(qconfig, keep):
-    def quantize(module: nn.Module) -> nn.Module:
-        holder = nn.ModuleDict({"m": module})
-        spec = {f"m.{n}" if n else "m": qconfig for n, x in module.named_modules()
-                if isinstance(x, nn.Linear) and not keep(n)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.ao.quantization.quantize_dynamic(holder, spec, dtype=torch.qint8, inplace=True)
-        return holder["m"]
-    return quantize
 
 
 def main() -> None:
@@ -56,7 +42,7 @@ def main() -> None:
     reference = load(args.model).generate(sources, num_beams=1, progress=False)
     real = precision._quantize_linears
     for name, (qconfig, keep) in VARIANTS.items():
-        precision._quantize_linears = quantizer(qconfig, keep)
+        precision._quantize_linears = functools.partial(real, qconfig=qconfig, keep_fp32=keep)
         try:
             model = load(args.model, precision="int8")
         finally:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .batch import pad
 from .network import Network
 from .passes import encode_context
-from .train import resolve_precision
+from .train import lr_factor, resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
 # squad_qg_sent (8,699 sources + 8,699 questions), ~40 s on two CPU cores (BENCHMARKS.md section 1).
@@ -111,8 +111,7 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
     dtype = resolve_precision("auto", model.device)  # the precision fine-tuning will use by default
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 10)
-    rate = (lambda step: min((step + 1) / warm, (steps - step) / max(1, steps - warm))) if schedule else None
+    warm = max(1, steps // 10)  # fine-tuning's schedule: linear warm-up over a tenth, linear decay to 0
     was_training = model.training
     model.train()  # dropout on, as in fine-tuning
     losses: list[float] = []
@@ -130,9 +129,9 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
                 inner = torch.arange(ids.shape[1])[None, :]
                 valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
                 where = mask_tokens(ids, valid, mask_id, MASK_PROB, gen)
-                if rate is not None:
+                if schedule:
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * rate(step)
+                        group["lr"] = lr * lr_factor(step, warm, steps)
                 with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
                     # a frozen encoder builds no graph: none of its parameters asks for a gradient
                     hidden, _, _ = encode_context(model, ids.masked_fill(where, mask_id), lengths)

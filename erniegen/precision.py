@@ -24,6 +24,7 @@ is not meant to run on one.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -38,15 +39,21 @@ def check_precision(name: str) -> str:
     return name
 
 
-def _quantize_linears(module: nn.Module) -> nn.Module:
-    """``module`` with every ``nn.Linear`` (itself included) replaced by a dynamic int8 one."""
+# per-channel weight scales (one per output row): on qg-v3's model, 32 of 150 greedy dev questions came out
+# identical to fp32's with them against 14 with one scale per matrix (BENCHMARKS.md section 3)
+INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
+
+
+def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG,
+                      keep_fp32: Callable[[str], bool] = lambda name: False) -> nn.Module:
+    """``module`` with every ``nn.Linear`` (itself included) replaced by a dynamic int8 one, except those
+    whose name ``keep_fp32`` picks (benchmarks/int8_agreement.py compares such variants)."""
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
+    spec = {f"m.{n}" if n else "m": qconfig for n, x in module.named_modules()
+            if isinstance(x, nn.Linear) and not keep_fp32(n)}
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao (see above)
         warnings.simplefilter("ignore")
-        # per-channel weight scales (one per output row): on qg-v3's model, 32 of 150 greedy dev questions
-        # came out identical to fp32's with them against 14 with one scale per matrix (BENCHMARKS.md section 3)
-        torch.ao.quantization.quantize_dynamic(holder, {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-                                               dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(holder, spec, dtype=torch.qint8, inplace=True)
     return holder["m"]
 
 

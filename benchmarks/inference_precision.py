@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,21 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erniegen import load  # noqa: E402
-from erniegen.bench import bench_decoder, bench_hf_baseline, hf_gpt2_like, write_results  # noqa: E402
+from erniegen.bench import bench_decoder, bench_hf_baseline, cpu_model, hf_gpt2_like, write_results  # noqa: E402
 from erniegen.data import read_examples  # noqa: E402
 from erniegen.decoding import DecodeOptions, default_banned_ids, encode_sources  # noqa: E402
 from erniegen.ernie_gen import InfillingStepper  # noqa: E402
 from erniegen.precision import PRECISIONS  # noqa: E402
-
-
-def cpu_model() -> str:
-    """``lscpu``'s model name (the CPU varies between these machines, so every figure is a ratio within one)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        return "unknown (no lscpu)"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
-                "unknown")
 
 
 def median_ms(fn, repeats: int, warmup: int) -> float:

@@ -3,8 +3,10 @@
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_agreement.py --model runs/qg-v3/best \\
         --input ../shared/data/squad_qg_sent/dev.jsonl [--n 150]
 
-Each variant is ``erniegen.precision``'s own int8 conversion with another qconfig and/or some linear layers
-left in fp32 (the vocabulary projection is the quantized copy ``head.quantized`` that it adds). A question counts when it equals fp32's greedy output exactly.
+Each variant is ``erniegen.precision``'s own int8 conversion with another qconfig, activations quantized to
+7 bits (PyTorch's ``reduce_range``) or 8 (VNNI CPUs only), and/or some linear layers left in fp32 (the
+vocabulary projection is the quantized copy ``head.quantized`` that it adds). A question counts when it
+equals fp32's greedy output exactly.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from erniegen import load  # noqa: E402
 
 PER_TENSOR = torch.ao.quantization.default_dynamic_qconfig
 PER_CHANNEL = precision.INT8_QCONFIG
-VARIANTS = {  # name: (qconfig, which linear layers stay fp32)
-    "one scale per matrix": (PER_TENSOR, lambda n: False),
-    "per-channel": (PER_CHANNEL, lambda n: False),
-    "per-channel, vocabulary projection fp32": (PER_CHANNEL, lambda n: n == "head.quantized"),
-    "per-channel, attention fp32": (PER_CHANNEL, lambda n: ".attn." in n),
-    "per-channel, ffn_out fp32": (PER_CHANNEL, lambda n: n.endswith("ffn_out")),
+VARIANTS = {  # name: (qconfig, which linear layers stay fp32, activations in 7 bits)
+    "one scale per matrix, 7-bit activations": (PER_TENSOR, lambda n: False, True),
+    "per-channel, 7-bit activations": (PER_CHANNEL, lambda n: False, True),
+    "per-channel, 7-bit, vocabulary projection fp32": (PER_CHANNEL, lambda n: n == "head.quantized", True),
+    "per-channel, 7-bit, attention fp32": (PER_CHANNEL, lambda n: ".attn." in n, True),
+    "per-channel, 7-bit, ffn_out fp32": (PER_CHANNEL, lambda n: n.endswith("ffn_out"), True),
+    "per-channel, 8-bit activations": (PER_CHANNEL, lambda n: False, False),
+    "per-channel, 8-bit, ffn_out fp32": (PER_CHANNEL, lambda n: n.endswith("ffn_out"), False),
 }
 
 
@@ -41,8 +45,12 @@ def main() -> None:
     sources = [json.loads(line)["source"] for line in open(args.input, encoding="utf-8")][: args.n]
     reference = load(args.model).generate(sources, num_beams=1, progress=False)
     real = precision._quantize_linears
-    for name, (qconfig, keep) in VARIANTS.items():
-        precision._quantize_linears = functools.partial(real, qconfig=qconfig, keep_fp32=keep)
+    for name, (qconfig, keep, reduce_range) in VARIANTS.items():
+        if not reduce_range and not precision.full_range_activations():
+            print(json.dumps({"variant": name, "skipped": "this CPU has no VNNI: 8-bit activations can overflow"}))
+            continue
+        precision._quantize_linears = functools.partial(real, qconfig=qconfig, keep_fp32=keep,
+                                                        reduce_range=reduce_range)
         try:
             model = load(args.model, precision="int8")
         finally:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,10 +22,20 @@ from .decoding import generate_ids
 from .search import DecodeOptions
 
 
+def cpu_model() -> str:
+    """``lscpu``'s model name (the CPU varies between these machines, so every figure is a ratio within one)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return "unknown (no lscpu)"
+    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")),
+                "unknown")
+
+
 def write_results(path: str, rows: list[dict], **meta) -> None:
-    """Benchmark rows with the date, machine and torch version beside them, written atomically as JSON."""
+    """Benchmark rows with the date, machine, CPU model and torch version beside them, written atomically."""
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "torch": torch.__version__} | meta
+            "cpu": cpu_model(), "torch": torch.__version__} | meta
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp"
     Path(tmp).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

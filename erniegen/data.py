@@ -328,12 +328,14 @@ class TruncationStats:
     target_tokens: int = 0
     source_tokens_dropped: int = 0
     target_tokens_dropped: int = 0
+    answer_windows: int = 0  # truncated sources whose first segment kept a window around the last segment
 
     def summary(self) -> str:
         """One human line, e.g. for the training log."""
         src = (
             f"truncated {self.source_truncated}/{self.n} sources "
-            f"({_percent(self.source_tokens_dropped, self.source_tokens)} of source tokens)"
+            f"({_percent(self.source_tokens_dropped, self.source_tokens)} of source tokens"
+            + (f"; {self.answer_windows} kept the passage around the answer)" if self.answer_windows else ")")
         )
         if not self.n_targets:
             return f"{src} to {self.max_source_len} tokens"
@@ -356,10 +358,12 @@ def encode_examples(
 ) -> tuple[list[Features], TruncationStats]:
     """Tokenize examples into ids, truncating to the limits and counting what was cut.
 
-    A too-long source loses tokens from the end of its longest ``[SEP]``-separated
-    segment first (so the answer after ``passage [SEP]`` survives); a too-long
-    target loses tokens from its end but keeps the final ``[SEP]``, which is the
-    end-of-sequence token the decoder learns to predict.
+    A too-long source loses tokens from its longest ``[SEP]``-separated segments
+    first (so the answer after ``passage [SEP]`` survives): from the end, except
+    that a first segment holding the last one (the passage holding its answer)
+    keeps a window centred on it; a too-long target loses tokens from its end but
+    keeps the final ``[SEP]``, which is the end-of-sequence token the decoder
+    learns to predict.
     """
     if max_source_len < 3:
         raise ValueError(f"max_source_len must be at least 3 ([CLS], one token, [SEP]), got {max_source_len}")
@@ -415,12 +419,28 @@ def _truncate_source(ids: list[int], budget: int, sep_id: int, where: str, stats
     keep = _level_lengths([len(s) for s in segments], budget - n_seps)
     stats.source_truncated += 1
     stats.source_tokens_dropped += excess
+    start = _window_start(segments[0], segments[-1], keep[0]) if n_seps else None
+    stats.answer_windows += start is not None
     out: list[int] = []
     for i, (seg, k) in enumerate(zip(segments, keep)):
         if i:
             out.append(sep_id)
-        out.extend(seg[:k])
+        first = start if i == 0 and start is not None else 0
+        out.extend(seg[first:first + k])
     return out
+
+
+def _window_start(passage: list[int], answer: list[int], keep: int) -> int | None:
+    """Where a ``keep``-token window of ``passage`` centred on ``answer``'s first occurrence starts; None
+    when it does not occur or the passage is not cut. A question is about its answer's neighbourhood,
+    and on a checkpoint whose positions past 128 are untrained, the window is what stays readable."""
+    if keep >= len(passage) or not answer:
+        return None
+    m = len(answer)
+    at = next((i for i in range(len(passage) - m + 1) if passage[i:i + m] == answer), None)
+    if at is None:
+        return None
+    return max(0, min(at + m // 2 - keep // 2, len(passage) - keep))
 
 
 def _level_lengths(lengths: list[int], total: int) -> list[int]:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -268,13 +269,33 @@ class HardExitDecoder(Decoder):
 
     name = "elmer-hard"
 
+    def __init__(self, record_exits: bool = False):
+        # exit layer (1-based) -> how many output slots left there, over every batch decoded since
+        self.exit_counts: Counter[int] | None = Counter() if record_exits else None
+
     @torch.no_grad()
     def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
                  opts: DecodeOptions) -> list[list[int]]:
         check_soft(model, soft=False)
         source, _ = encode_source(model, src_ids, src_len)
+        eos = model.tokenizer.sep_token_id
         out = hard_exit(model, source, slot_count(model), opts.exit_threshold, opts)
-        return outputs(out.tokens, model.tokenizer.sep_token_id, opts.max_length)
+        if self.exit_counts is not None:
+            self.exit_counts.update(out.exit_layer[output_slots(out.tokens, eos)].tolist())
+        return outputs(out.tokens, eos, opts.max_length)
+
+
+def output_slots(tokens: torch.Tensor, eos: int) -> torch.Tensor:
+    """(N,T) bool: the slots an output is made of, each row's up to and including its first end token.
+    The slots after it are computed too, but what they predict is thrown away: exit shares count these."""
+    ends = (tokens == eos).long()
+    return ends.cumsum(1) - ends == 0
+
+
+def exit_shares(counts: Counter[int], n_layers: int) -> list[float]:
+    """The share of slots exiting at each layer 1..L (ELMER's Figure 2) from :class:`HardExitDecoder` counts."""
+    total = sum(counts.values())
+    return [counts.get(layer, 0) / total if total else 0.0 for layer in range(1, n_layers + 1)]
 
 
 # ---- soft exit ---------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TaskPreset
-from .masks import CONTEXT, SPAN, WORD, Roles, target_roles
+from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
 from .network import Network
 from .passes import KVCache, encode_context, placeholder_pass, target_positions
 from .search import AutoregressiveDecoder, Decoder
@@ -166,10 +166,17 @@ class InfillingStepper:
 
     def __init__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, max_length: int):
         self.model, self.src_len = model, src_len
-        self.attn_id = model.attn_id
+        dev = src_ids.device
         _, kv, roles = encode_context(model, src_ids, src_len)
         self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
         self.step_no = 0
+        # a step's tokens are [t_{i-1} (CONTEXT), [ATTN]_i (WORD)], the first step's the placeholder alone:
+        # the same roles relative to i at every step, so their ids, roles and own mask block are built once
+        self._attn = torch.tensor([[model.attn_id]], device=dev)
+        self._types = torch.full((1, 2), model.target_type_id, device=dev)
+        self._roles = Roles(torch.tensor([[CONTEXT, WORD]], device=dev), torch.tensor([[-1, 0]], device=dev))
+        self._own = {t: attention_mask(r, r) for t in (1, 2)
+                     for r in [Roles(self._roles.code[:, -t:], self._roles.index[:, -t:])]}
 
     def expand(self, k: int) -> None:
         self.src_len = self.src_len.repeat_interleave(k)
@@ -181,19 +188,15 @@ class InfillingStepper:
 
     def step(self, prev: torch.Tensor | None) -> torch.Tensor:
         """Log-probabilities (N, V) of target token ``step_no`` given the previous one."""
-        i, n, dev = self.step_no, len(self.src_len), self.src_len.device
-        tokens = [torch.full((n, 1), self.attn_id, device=dev)]
-        code = [torch.full((n, 1), WORD, device=dev)]
-        index = [torch.full((n, 1), i, device=dev)]
-        if prev is not None:
-            tokens.insert(0, prev[:, None])
-            code.insert(0, torch.full((n, 1), CONTEXT, device=dev))
-            index.insert(0, torch.full((n, 1), i - 1, device=dev))
-        ids, new = torch.cat(tokens, 1), Roles(torch.cat(code, 1), torch.cat(index, 1))
-        past, _ = self.cache.past(ids.shape[1])
+        i, n = self.step_no, len(self.src_len)
+        t = 1 if prev is None else 2
+        attn = self._attn.expand(n, 1)
+        ids = attn if prev is None else torch.cat([prev[:, None], attn], 1)
+        new = Roles(self._roles.code[:, -t:].expand(n, t), (self._roles.index[:, -t:] + i).expand(n, t))
+        past, _ = self.cache.past(t)
         pos = self.src_len[:, None] + new.index
-        types = torch.full_like(ids, self.model.target_type_id)
-        hidden, _ = self.model(ids, pos, types, self.cache.step_mask(new), past=past)
+        hidden, _ = self.model(ids, pos, self._types[:, :t].expand(n, t), self.cache.step_mask(new, self._own[t]),
+                               past=past)
         if prev is not None:
             self.cache.commit(new, keep=1)
         self.step_no += 1

@@ -193,6 +193,10 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     return F.dropout(probs, dropout, training=dropout > 0).to(v.dtype) @ v
 
 
+def _unchanged(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class Layer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -208,8 +212,9 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None) -> tuple[torch.Tensor, KV]:
         a, kv = self.attn(x, mask, past)
-        x = self.attn_norm(x + self.dropout(a))
-        x = self.ffn_norm(x + self.dropout(self.ffn_out(self.act(self.ffn_in(x)))))
+        drop = self.dropout if self.training else _unchanged  # at inference a module call is pure overhead
+        x = self.attn_norm(x + drop(a))
+        x = self.ffn_norm(x + drop(self.ffn_out(self.act(self.ffn_in(x)))))
         return x, kv
 
 
@@ -310,9 +315,10 @@ class Network(nn.Module):
         tok = self.tokenizer
         if tok is None:
             raise ValueError("this model has no tokenizer; load it with from_pretrained or set .tokenizer")
-        vocab = tok.get_vocab()
-        if self.settings.attn_token in vocab:
-            return vocab[self.settings.attn_token]
+        # one token's look-up: get_vocab() builds a 30k-entry dict (~10 ms), and every decoded batch asks
+        found = tok.convert_tokens_to_ids(self.settings.attn_token)
+        if found is not None and (found != tok.unk_token_id or self.settings.attn_token == tok.unk_token):
+            return found
         warnings.warn(f"{self.settings.attn_token!r} is not in the vocabulary; using the mask token as [ATTN]")
         return tok.mask_token_id
 

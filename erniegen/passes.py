@@ -76,6 +76,7 @@ class KVCache:
         index = torch.full_like(code, -1)
         code[:, :t], index[:, :t] = roles.code, roles.index
         self.roles = Roles(code, index)
+        self.visible = code != PAD  # which cached keys every step's tokens see (kept current by commit)
 
     def past(self, new_tokens: int) -> tuple[list[PastSlot], Roles]:
         """Slots that will take ``new_tokens`` more keys, and the roles of the committed ones."""
@@ -85,28 +86,32 @@ class KVCache:
         return ([PastSlot(k, v, n) for k, v in zip(self.k, self.v)],
                 Roles(self.roles.code[:, :n], self.roles.index[:, :n]))
 
-    def step_mask(self, new: Roles) -> torch.Tensor:
+    def step_mask(self, new: Roles, own: torch.Tensor | None = None) -> torch.Tensor:
         """The (B, T, n+T) mask of an autoregressive step's tokens ``new`` against the n committed keys and
         themselves, equal to ``attention_mask(new, committed.cat(new))``.
 
         Every committed key but padding (the source, the target tokens before the step) is visible to
         every query of a step, so only the new tokens' own T x T block needs the role arithmetic: a step
-        no longer rebuilds the mask over the whole cache.
+        never rebuilds the mask over the whole cache. ``own`` is that block when the caller already has it
+        (a stepper's is the same at every step).
         """
-        past = (self.roles.code[:, None, :self.length] != PAD).expand(-1, new.code.shape[1], -1)
-        return torch.cat([past, attention_mask(new, new)], 2)
+        b, t = new.code.shape
+        own = attention_mask(new, new) if own is None else own.expand(b, t, t)
+        return torch.cat([self.visible[:, None, :self.length].expand(b, t, -1), own], 2)
 
     def commit(self, roles: Roles, keep: int) -> None:
         """Keep the first ``keep`` tokens of the last step (already written by the layers)."""
         n = self.length
         self.roles.code[:, n:n + keep] = roles.code[:, :keep]
         self.roles.index[:, n:n + keep] = roles.index[:, :keep]
+        self.visible[:, n:n + keep] = roles.code[:, :keep] != PAD
         self.length = n + keep
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
         self.roles = self.roles.select(rows)
+        self.visible = self.visible[rows]
 
 
 @dataclass

@@ -74,12 +74,7 @@ def _legend_columns(ax) -> int:
 
 def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] | None = None) -> dict:
     """Draw the runs' curves into ``output`` (any format matplotlib knows, by its suffix); returns the data."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("erniegen plot needs matplotlib: pip install 'erniegen[plot]'") from None
+    plt = _pyplot()
     labels = labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
@@ -106,10 +101,43 @@ def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] |
         axes[0][1].set(xlabel="optimizer step", ylabel="dev metric", title="evaluation")
         axes[0][1].legend(fontsize=7, ncol=_legend_columns(axes[0][1]))
         axes[0][1].grid(alpha=0.3)
+    _save(fig, plt, output)
+    return data
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("erniegen's plots need matplotlib: pip install 'erniegen[plot]'") from None
+    return plt
+
+
+def _save(fig, plt, output: str) -> None:
+    """Write the figure under a temporary name, then rename: a reader never sees half a file."""
     fig.tight_layout()
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     os.replace(tmp, out)
-    return data
+
+
+def plot_exit_shares(rows: list[dict], output: str) -> None:
+    """ELMER's Figure 2: for each threshold δ, the share of output slots exiting at each layer, one bar
+    group per layer; ``rows`` hold ``threshold``, ``shares`` (layer 1..L) and optionally ``bleu4``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(1, len(rows))
+    for i, row in enumerate(rows):
+        layers = range(1, len(row["shares"]) + 1)
+        label = f"δ = {row['threshold']:g}" + (f" (BLEU-4 {row['bleu4']:.2f})" if "bleu4" in row else "")
+        ax.bar([x + (i - (len(rows) - 1) / 2) * width for x in layers], [100 * v for v in row["shares"]],
+               width, label=label)
+    ax.set(xlabel="exit layer", ylabel="% of output slots", title="ELMER hard exit: where slots leave")
+    ax.set_xticks(list(range(1, max(len(r["shares"]) for r in rows) + 1)))
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    _save(fig, plt, output)

@@ -10,7 +10,7 @@ so a head restored after loading runs in the model's precision too.
   ``log_softmax`` of ``logits.float()``, so scores, argmax and beam comparisons are in fp32.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
   every ``nn.Linear`` are int8 with a scale per output channel, activations are quantized batch by batch
-  at run time. The tied vocabulary
+  at run time, to 8 bits on CPUs with VNNI and to 7 elsewhere (:class:`Int8Linear`). The tied vocabulary
   projection gets a quantized *copy* of the word-embedding matrix (``LMHead.quantized``, shared by ELMER's
   off-ramps); the input embedding stays fp32. torchao 0.18 installs beside torch 2.13 here, but its eager
   int8 linear on CPU took 91 ms for the 384 x 30,522 projection at batch 1 against fp32's 7.5 ms and
@@ -44,16 +44,40 @@ def check_precision(name: str) -> str:
 INT8_QCONFIG = torch.ao.quantization.per_channel_dynamic_qconfig
 
 
+def full_range_activations() -> bool:
+    """Whether this CPU multiplies int8 with VNNI (32-bit accumulation). Without it, fbgemm's u8 x s8 pair
+    sums saturate at 16 bits unless activations keep to 7 bits, which is why PyTorch's dynamic linear always
+    quantizes them to 0..127 (``reduce_range``); with it the eighth bit is free precision."""
+    return torch.cpu._is_vnni_supported()
+
+
+class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
+    """PyTorch's dynamic int8 linear, with the activations' range a setting instead of always 7 bits."""
+
+    reduce_range = not full_range_activations()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=self.reduce_range)
+        return y.to(x.dtype)
+
+
 def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG,
-                      keep_fp32: Callable[[str], bool] = lambda name: False) -> nn.Module:
+                      keep_fp32: Callable[[str], bool] = lambda name: False,
+                      reduce_range: bool | None = None) -> nn.Module:
     """``module`` with every ``nn.Linear`` (itself included) replaced by a dynamic int8 one, except those
-    whose name ``keep_fp32`` picks (benchmarks/int8_agreement.py compares such variants)."""
+    whose name ``keep_fp32`` picks; activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the
+    CPU has VNNI). benchmarks/int8_agreement.py compares such variants."""
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
     spec = {f"m.{n}" if n else "m": qconfig for n, x in module.named_modules()
             if isinstance(x, nn.Linear) and not keep_fp32(n)}
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao (see above)
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(holder, spec, dtype=torch.qint8, inplace=True)
+        torch.ao.quantization.quantize_dynamic(holder, spec, dtype=torch.qint8, inplace=True,
+                                               mapping={nn.Linear: Int8Linear})
+    if reduce_range is not None:
+        for m in holder.modules():
+            if isinstance(m, Int8Linear):
+                m.reduce_range = reduce_range
     return holder["m"]
 
 

@@ -80,9 +80,12 @@ def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
     logp[rows, windows[rows, cols, n - 1]] = float("-inf")
 
 
-def _constrain(logp: torch.Tensor, tokens: torch.Tensor, step: int, eos: int, opts: DecodeOptions) -> torch.Tensor:
-    if opts.banned_ids:
-        logp[:, opts.banned_ids] = float("-inf")
+def _constrain(logp: torch.Tensor, tokens: torch.Tensor, step: int, eos: int, opts: DecodeOptions,
+               banned: torch.Tensor) -> torch.Tensor:
+    """``logp`` with banned ids, a too-early end and repeated n-grams at -inf; ``banned`` is
+    ``opts.banned_ids`` as a tensor, made once per search rather than from the list at every step."""
+    if len(banned):
+        logp.index_fill_(1, banned, float("-inf"))
     if step + 1 < opts.min_length:
         logp[:, eos] = float("-inf")
     block_ngrams(logp, tokens, opts.no_repeat_ngram_size)
@@ -96,15 +99,16 @@ def gnmt_penalty(length: int, alpha: float) -> float:
 
 def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
     dev = stepper.src_len.device
-    tokens = torch.zeros(n, 0, dtype=torch.long, device=dev)
+    banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=dev)
+    tokens = torch.full((n, opts.max_length), eos, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     prev = None
     for step in range(opts.max_length):
-        logp = _constrain(stepper.step(prev), tokens, step, eos, opts)
-        if step == opts.max_length - 1:
-            logp[:, :] = torch.where(torch.arange(logp.shape[1], device=dev) == eos, 0.0, float("-inf"))
-        nxt = torch.where(done, eos, logp.argmax(-1))
-        tokens = torch.cat([tokens, nxt[:, None]], 1)
+        if step == opts.max_length - 1:  # out of room: every row ends here (tokens holds eos already)
+            break
+        logp = _constrain(stepper.step(prev), tokens[:, :step], step, eos, opts, banned)
+        nxt = logp.argmax(-1).masked_fill_(done, eos)
+        tokens[:, step] = nxt
         done |= nxt == eos
         if bool(done.all()):
             break
@@ -115,6 +119,7 @@ def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> li
 def beam_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
     """Batched beam search; a batch item stops once it holds ``num_beams`` finished hypotheses."""
     k, dev = opts.num_beams, stepper.src_len.device
+    banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=dev)
     stepper.expand(k)
     scores = torch.full((n, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0
@@ -123,7 +128,7 @@ def beam_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list
     active = [True] * n
     prev = None
     for step in range(opts.max_length):
-        logp = _constrain(stepper.step(prev), tokens, step, eos, opts)
+        logp = _constrain(stepper.step(prev), tokens, step, eos, opts, banned)
         if step == opts.max_length - 1:  # out of room: every live beam must end here
             logp = torch.where(torch.arange(logp.shape[1], device=dev) == eos, logp[:, eos:eos + 1], float("-inf"))
         v = logp.shape[1]

@@ -278,6 +278,24 @@ def test_long_passage_is_cut_and_answer_survives(tokenizer) -> None:
     assert stats.source_tokens == len(p) + len(a) + 3
 
 
+def test_long_passage_keeps_a_window_centred_on_its_answer(tokenizer) -> None:
+    words = [f"word{i}" for i in range(40)]
+    answer = "word30 word31 word32"
+    p, a = ids(tokenizer, " ".join(words)), ids(tokenizer, answer)
+    at = next(i for i in range(len(p)) if p[i:i + len(a)] == a)
+    max_len = 2 + 1 + len(a) + 9  # room for 9 passage tokens
+    [feat], stats = encode_examples([ex(f"{' '.join(words)} [SEP] {answer}", "q?")], tokenizer, max_len, 8)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    start = at + len(a) // 2 - 4  # the answer's middle token is the window's middle one
+    assert feat.source_ids == [cls, *p[start:start + 9], sep, *a, sep]
+    assert (stats.source_truncated, stats.answer_windows) == (1, 1)
+    assert stats.summary().startswith("truncated 1/1 sources (") and "1 kept the passage around the answer" in stats.summary()
+    # an answer at the very end: the window is the passage's last tokens
+    tail = ids(tokenizer, "word39")
+    [feat], _ = encode_examples([ex(f"{' '.join(words)} [SEP] word39", "q?")], tokenizer, 2 + 1 + len(tail) + 9, 8)
+    assert feat.source_ids == [cls, *p[len(p) - 9:], sep, *tail, sep]
+
+
 def test_longest_segments_are_levelled_first(tokenizer) -> None:
     # "a"/"b"/"c" are one token each: segments of 10, 6 and 2 tokens, 2 separators.
     source = " ".join(["a"] * 10) + " [SEP] " + " ".join(["b"] * 6) + " [SEP] " + "c c"

@@ -174,8 +174,8 @@ def test_step_mask_equals_the_mask_built_over_the_whole_cache(tiny_model, monkey
     from erniegen.passes import KVCache
     step_mask, calls = KVCache.step_mask, []
 
-    def checked(cache, new):
-        got = step_mask(cache, new)
+    def checked(cache, new, own=None):
+        got = step_mask(cache, new, own)
         _, committed = cache.past(0)
         assert torch.equal(got, attention_mask(new, committed.cat(new)))
         calls.append(1)

@@ -460,3 +460,24 @@ def test_lplm_pretraining_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch)
         pt.pretrain(dataclasses.replace(cfg(tmp_path / "c"), word_weight=0.5))
     args = build_parser().parse_args(["pretrain", "--corpus", "x", "--output", "y", "--objective", "lplm"])
     assert args.objective == "lplm"
+
+
+def test_output_slots_end_at_the_first_end_token():
+    tokens = torch.tensor([[7, SEP, 8, SEP], [SEP, 7, 7, 7], [7, 8, 9, 10]])
+    assert elmer.output_slots(tokens, SEP).tolist() == [[True, True, False, False], [True, False, False, False],
+                                                        [True, True, True, True]]
+
+
+def test_recorded_exit_shares_count_the_output_slots_of_every_batch(elmer_model):
+    delta = _median_entropy(elmer_model, _source(elmer_model))
+    opts = dataclasses.replace(OPTS, exit_threshold=delta, banned_ids=OPTS.banned_ids)
+    decoder = elmer.HardExitDecoder(record_exits=True)
+    generate_ids(elmer_model, SOURCES, decoder, batch_size=2, opts=opts)  # two batches, counts add up
+    out = hard_exit(elmer_model, _source(elmer_model), T, delta, opts)
+    kept = out.exit_layer[elmer.output_slots(out.tokens, SEP)]
+    want = [int((kept == layer).sum()) for layer in (1, 2, 3)]
+    assert [decoder.exit_counts[layer] for layer in (1, 2, 3)] == want and want[0] > 0
+    shares = elmer.exit_shares(decoder.exit_counts, 3)
+    assert shares == pytest.approx([w / sum(want) for w in want]) and sum(shares) == pytest.approx(1.0)
+    assert elmer.exit_shares(elmer.Counter(), 3) == [0.0, 0.0, 0.0]
+    assert elmer.HardExitDecoder().exit_counts is None  # the registry's decoder records nothing

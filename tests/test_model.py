@@ -137,3 +137,12 @@ def test_attention_dropout_setting_reaches_every_layer(tiny_model):
         assert all(layer.attn.dropout == 0.0 for layer in tiny_model.layers)
     with pytest.raises(ValueError, match="attention dropout"):
         resolve_attention_dropout(tiny_model, 1.5)
+
+
+def test_attn_id_is_the_configured_slot_or_mask_with_a_warning(tiny_model, tiny_tokenizer):
+    assert tiny_model.attn_id == VOCAB.index("[unused0]")
+    tiny_model.settings.attn_token = "[unused1]"
+    assert tiny_model.attn_id == VOCAB.index("[unused1]")
+    tiny_model.settings.attn_token = "[ATTN]"  # not in this vocabulary
+    with pytest.warns(UserWarning, match="not in the vocabulary"):
+        assert tiny_model.attn_id == tiny_tokenizer.mask_token_id

@@ -77,3 +77,20 @@ def test_a_moving_average_run_draws_its_raw_weights_beside_it(tmp_path):
     losses, metrics = run_series(write_log(tmp_path / "ema", events))
     assert losses == {"loss": ([1], [6.0]), "dev_loss": ([1], [4.5]), "dev_loss (raw weights)": ([1], [5.0])}
     assert metrics == {"bleu4": ([1], [2.0]), "bleu4 (raw weights)": ([1], [1.0])}
+
+
+def test_exit_share_plot_draws_one_bar_per_layer_and_threshold(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from erniegen.plots import plot_exit_shares
+    bars = []
+    real = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda ax, x, h, *a, **k: bars.append((list(x), list(h), k))
+                        or real(ax, x, h, *a, **k))
+    rows = [{"threshold": 0.25, "shares": [0.5, 0.25, 0.25], "bleu4": 3.0},
+            {"threshold": 1.0, "shares": [0.75, 0.25, 0.0]}]
+    plot_exit_shares(rows, str(tmp_path / "exits.png"))
+    assert (tmp_path / "exits.png").stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
+    assert [h for _, h, _ in bars] == [[50.0, 25.0, 25.0], [75.0, 25.0, 0.0]]  # percent of output slots
+    assert bars[0][0] == pytest.approx([0.8, 1.8, 2.8]) and bars[1][0] == pytest.approx([1.2, 2.2, 3.2])
+    assert [k["label"] for _, _, k in bars] == ["δ = 0.25 (BLEU-4 3.00)", "δ = 1"]

@@ -19,6 +19,7 @@ the check would prove nothing):
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from conftest import tiny_config
 from safetensors.torch import load_file
 
@@ -110,6 +112,48 @@ def test_a_model_is_converted_once(tiny_model):
         apply_precision(tiny_model, "fp16")
 
 
+def _int8_by_hand(q, x: torch.Tensor, levels: int) -> torch.Tensor:
+    """What a dynamic int8 linear computes: x quantized per batch to ``levels`` steps over [min(x, 0),
+    max(x, 0)], times the int8 weights with one scale per output row, plus the fp32 bias."""
+    w = q.weight()
+    w = w.int_repr().float() * w.q_per_channel_scales().float()[:, None]
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / levels
+    zero = min(max(round(-lo / scale), 0), levels)
+    xq = (torch.round(x / scale) + zero).clamp(0, levels)
+    return ((xq - zero) * scale) @ w.T + q.bias()
+
+
+@pytest.mark.parametrize("reduce_range, levels", [(True, 127), (False, 255)])
+def test_int8_linear_quantizes_activations_to_7_or_8_bits(reduce_range, levels):
+    from erniegen.precision import Int8Linear, _quantize_linears, full_range_activations
+    assert Int8Linear.reduce_range is not full_range_activations()  # 8 bits only where VNNI cannot overflow
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    x = torch.randn(3, 64) * 2 + 0.5
+    q = _quantize_linears(copy.deepcopy(lin), reduce_range=reduce_range)
+    assert isinstance(q, Int8Linear) and q.reduce_range is reduce_range
+    with torch.no_grad():
+        got, want, exact = q(x), _int8_by_hand(q, x, levels), lin(x)
+    step = (x.max() - min(x.min(), 0)).item() / levels
+    # equal up to an activation rounded the other way at a tie-break (one step times one weight)
+    assert (got - want).abs().max().item() <= step * lin.weight.abs().max().item() * 1.01
+    err = (got - exact).abs().mean().item()
+    assert err <= 1.2 * (want - exact).abs().mean().item()
+
+
+def test_int8_activations_in_8_bits_are_closer_to_fp32():
+    from erniegen.precision import _quantize_linears
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(8, 256).abs() ** 2  # GELU-like: non-negative with a few large values
+    with torch.no_grad():
+        exact = lin(x)
+        err = {r: (_quantize_linears(copy.deepcopy(lin), reduce_range=r)(x) - exact).abs().mean().item()
+               for r in (True, False)}
+    assert err[False] < 0.7 * err[True]  # half the activation step: about half the error
+
+
 # ---- autoregressive decoders -------------------------------------------------------------------
 
 
@@ -122,7 +166,7 @@ def _fp32_logprobs(model: Transformer, decoder: str, src: list[int], prefix: lis
     with torch.no_grad():
         for step in range(len(prefix) + 1):
             tokens = torch.tensor([prefix[:step]], dtype=torch.long)
-            out.append(_constrain(stepper.step(prev), tokens, step, SEP, opts)[0])
+            out.append(_constrain(stepper.step(prev), tokens, step, SEP, opts, torch.tensor(opts.banned_ids))[0])
             prev = torch.tensor(prefix[step:step + 1])
     return out
 

@@ -218,7 +218,7 @@ TASKS: dict[str, TaskPreset] = {
         max_target_len=96,
         max_decode_len=48,
         min_decode_len=0,
-        noise_rate=0.0,
+        noise_rate=0.2,
         num_beams=5,
         length_penalty=2.0,
         no_repeat_ngram_size=3,
@@ -240,8 +240,10 @@ TASKS: dict[str, TaskPreset] = {
             "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 as in the "
             "best earlier probe (not yet isolated against other rates); "
             "target noise rho_f = 0.7 (the paper's), from the first step or ramped in over 30% of the run, "
-            "trailed rho_f = 0 on dev loss, BLEU-4 and ROUGE-L at every evaluation, so the default is 0 "
-            "(--noise-rate 0.7 gives the paper's setting); 10 epochs fit the hour on two CPU cores; "
+            "trailed rho_f = 0 on dev loss, BLEU-4 and ROUGE-L at every evaluation of short runs; over the "
+            "full 10-epoch recipe rho_f = 0.2 beat 0 and 0.3 (full-dev BLEU-4 11.95 / 11.54 / 11.33, one seed "
+            "each; on the 382 dev pairs no evaluation selects on, 11.23 / 11.18 / 11.00), so the default is "
+            "0.2 (--noise-rate 0.7 gives the paper's setting); 10 epochs fit the hour on two CPU cores; "
             "trigram blocking kept BLEU-4 and raised ROUGE-L and Distinct in beam search; freezing the tied "
             "word embeddings raised greedy BLEU-4 after 3 epochs from 6.1 to 8.1 and lowered the dev loss "
             "(4.70 to 4.54): 8.7k training questions over-fit the output layer; GNMT length penalty 2.0 "

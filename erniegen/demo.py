@@ -1,7 +1,7 @@
 """``make demo``: fine-tune the default model on question generation for a few minutes, then show it.
 
-It runs `erniegen finetune`'s default recipe for the squad_qg task (head warm-up, learning rate,
-noise), cut to ``--steps`` optimizer steps so that set-up, training and scoring fit in about ten
+It runs `erniegen finetune`'s default recipe for the squad_qg task (head warm-up, learning rate, frozen
+word table, decoding), cut to ``--steps`` optimizer steps so that set-up, training and scoring fit in about ten
 minutes on two CPU cores; the numbers it prints are those of a short run, not of the converged
 recipe (BENCHMARKS.md section 1 has those).
 
@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
           "(the default squad_qg recipe, shortened)", flush=True)
     t0 = time.time()
     trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, log_every=10, eval_every=args.steps)
-    # the full recipe's task adaptation (~7 min) would not fit the demo's ten minutes, and a moving
-    # average with a ~500-step horizon would lag a 400-step run: both off here
+    # the full recipe's task adaptation (~7 min) would not fit the demo's ten minutes, a moving average
+    # with a ~500-step horizon would lag a 400-step run, and target noise, a regulariser against the
+    # over-fitting of epochs 5-10, slows the first epochs (BENCHMARKS.md section 1): all three off here
     finetune(FinetuneConfig(train=train, dev=dev, output=args.output, task="squad_qg", max_source_len=256,
-                            max_target_len=40, eval_samples=50, trainer=trainer, adapt_steps=0, ema_decay=0.0))
+                            max_target_len=40, eval_samples=50, trainer=trainer, adapt_steps=0, ema_decay=0.0,
+                            noise_rate=0.0))
     print(f"== trained in {time.time() - t0:.0f} s", flush=True)
 
     model = load(os.path.join(args.output, "best"))

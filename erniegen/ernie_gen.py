@@ -174,9 +174,9 @@ class InfillingStepper:
         # the same roles relative to i at every step, so their ids, roles and own mask block are built once
         self._attn = torch.tensor([[model.attn_id]], device=dev)
         self._types = torch.full((1, 2), model.target_type_id, device=dev)
-        self._roles = Roles(torch.tensor([[CONTEXT, WORD]], device=dev), torch.tensor([[-1, 0]], device=dev))
-        self._own = {t: attention_mask(r, r) for t in (1, 2)
-                     for r in [Roles(self._roles.code[:, -t:], self._roles.index[:, -t:])]}
+        both = Roles(torch.tensor([[CONTEXT, WORD]], device=dev), torch.tensor([[-1, 0]], device=dev))
+        self._roles = {t: Roles(both.code[:, -t:], both.index[:, -t:]) for t in (1, 2)}  # by token count
+        self._own = {t: attention_mask(r, r) for t, r in self._roles.items()}
 
     def expand(self, k: int) -> None:
         self.src_len = self.src_len.repeat_interleave(k)
@@ -192,7 +192,7 @@ class InfillingStepper:
         t = 1 if prev is None else 2
         attn = self._attn.expand(n, 1)
         ids = attn if prev is None else torch.cat([prev[:, None], attn], 1)
-        new = Roles(self._roles.code[:, -t:].expand(n, t), (self._roles.index[:, -t:] + i).expand(n, t))
+        new = Roles(self._roles[t].code.expand(n, t), (self._roles[t].index + i).expand(n, t))
         past, _ = self.cache.past(t)
         pos = self.src_len[:, None] + new.index
         hidden, _ = self.model(ids, pos, self._types[:, :t].expand(n, t), self.cache.step_mask(new, self._own[t]),

@@ -10,7 +10,8 @@ so a head restored after loading runs in the model's precision too.
   ``log_softmax`` of ``logits.float()``, so scores, argmax and beam comparisons are in fp32.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
   every ``nn.Linear`` are int8 with a scale per output channel, activations are quantized batch by batch
-  at run time, to 8 bits on CPUs with VNNI and to 7 elsewhere (:class:`Int8Linear`). The tied vocabulary
+  at run time, to 8 bits on CPUs with VNNI and to 7 elsewhere (:class:`Int8Linear`); each layer's
+  ``ffn_out`` stays out of int8, in bf16 or fp32 (:func:`stays_wide`). The tied vocabulary
   projection gets a quantized *copy* of the word-embedding matrix (``LMHead.quantized``, shared by ELMER's
   off-ramps); the input embedding stays fp32. torchao 0.18 installs beside torch 2.13 here, but its eager
   int8 linear on CPU took 91 ms for the 384 x 30,522 projection at batch 1 against fp32's 7.5 ms and
@@ -27,6 +28,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "int8")
@@ -61,23 +63,54 @@ class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
         return y.to(x.dtype)
 
 
-def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG,
-                      keep_fp32: Callable[[str], bool] = lambda name: False,
-                      reduce_range: bool | None = None) -> nn.Module:
+class Bf16Linear(nn.Module):
+    """A linear layer whose weights are bfloat16 inside an fp32 model: input cast down, output back up."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16),
+                                                                  requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def stays_wide(name: str) -> bool:
+    """The linear layers int8 leaves out: each layer's second feed-forward matrix, whose input (the GELU
+    output) has a few large values that make one activation scale per batch coarse for the rest. On
+    qg-n02's model: greedy dev questions identical to fp32's 71/150 -> 87/150, full-dev BLEU-4 loss 0.64 ->
+    0.27 (BENCHMARKS.md section 3). They run in bf16 where the CPU has it natively (in fp32 they took a
+    third of an int8 decode step), else in fp32."""
+    return name.endswith("ffn_out")
+
+
+def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[str], bool] = stays_wide,
+                      reduce_range: bool | None = None, kept_dtype: torch.dtype | None = None) -> nn.Module:
     """``module`` with every ``nn.Linear`` (itself included) replaced by a dynamic int8 one, except those
-    whose name ``keep_fp32`` picks; activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the
+    whose name ``keep`` picks (default :func:`stays_wide`), which become ``kept_dtype`` (default bf16 where
+    :func:`native_bf16`, else fp32); activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the
     CPU has VNNI). benchmarks/int8_agreement.py compares such variants."""
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
-    spec = {f"m.{n}" if n else "m": qconfig for n, x in module.named_modules()
-            if isinstance(x, nn.Linear) and not keep_fp32(n)}
+    linears = {f"m.{n}" if n else "m": x for n, x in module.named_modules() if isinstance(x, nn.Linear)}
+    kept = [n for n in linears if keep(n.removeprefix("m").removeprefix("."))]
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao (see above)
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(holder, spec, dtype=torch.qint8, inplace=True,
-                                               mapping={nn.Linear: Int8Linear})
+        torch.ao.quantization.quantize_dynamic(holder, {n: qconfig for n in linears if n not in kept},
+                                               dtype=torch.qint8, inplace=True, mapping={nn.Linear: Int8Linear})
     if reduce_range is not None:
         for m in holder.modules():
             if isinstance(m, Int8Linear):
                 m.reduce_range = reduce_range
+    if (kept_dtype or (torch.bfloat16 if native_bf16() else torch.float32)) == torch.bfloat16:
+        for name in kept:
+            parent, _, child = name.rpartition(".")
+            setattr(holder.get_submodule(parent), child, Bf16Linear(linears[name]))
     return holder["m"]
 
 

@@ -36,7 +36,7 @@ import erniegen
 from erniegen import elmer, mist, nar, registry
 from erniegen.decoding import DecodeOptions, generate_ids
 from erniegen.model import Transformer
-from erniegen.precision import PRECISIONS, apply_precision
+from erniegen.precision import PRECISIONS, Bf16Linear, apply_precision, native_bf16
 from erniegen.search import _constrain, gnmt_penalty
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5], [4, 40, 41, 42, 43, 5],
@@ -92,6 +92,9 @@ def test_weights_are_converted_and_logits_stay_close(tiny_tokenizer):
         else:
             quantized = torch.ao.nn.quantized.dynamic.Linear
             assert isinstance(low.layers[0].attn.query, quantized) and isinstance(low.head.quantized, quantized)
+            assert isinstance(low.layers[0].ffn_in, quantized)
+            wide = Bf16Linear if native_bf16() else nn.Linear  # kept out of int8 (precision.stays_wide)
+            assert all(type(layer.ffn_out) is wide for layer in low.layers)
             assert isinstance(low.extras[elmer.HEADS][0].dense, quantized)
             assert low.embeddings.word.weight.dtype == torch.float32  # the input embedding stays fp32
             assert torch.equal(low.embeddings.word.weight, ref.embeddings.word.weight)

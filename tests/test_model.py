@@ -146,3 +146,15 @@ def test_attn_id_is_the_configured_slot_or_mask_with_a_warning(tiny_model, tiny_
     tiny_model.settings.attn_token = "[ATTN]"  # not in this vocabulary
     with pytest.warns(UserWarning, match="not in the vocabulary"):
         assert tiny_model.attn_id == tiny_tokenizer.mask_token_id
+
+
+def test_inference_projection_equals_the_tied_one_and_follows_weight_updates(tiny_model):
+    h = torch.randn(2, 3, tiny_model.config.hidden_size)
+    with torch.no_grad():
+        fast = tiny_model.logits(h)
+    want = tiny_model.logits(h)  # with gradients: the plain tied product
+    assert torch.allclose(fast, want.detach(), atol=1e-5)
+    with torch.no_grad():
+        tiny_model.embeddings.word.weight.mul_(2)  # an in-place update (what an optimizer step does)
+        again = tiny_model.logits(h)
+    assert torch.allclose(again, tiny_model.logits(h).detach(), atol=1e-5) and not torch.allclose(again, fast)

@@ -97,11 +97,15 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
     :func:`native_bf16`, else fp32); activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the
     CPU has VNNI). benchmarks/int8_agreement.py compares such variants."""
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
-    linears = {f"m.{n}" if n else "m": x for n, x in module.named_modules() if isinstance(x, nn.Linear)}
-    kept = [n for n in linears if keep(n.removeprefix("m").removeprefix("."))]
+    linears = {n: x for n, x in module.named_modules() if isinstance(x, nn.Linear)}
+    kept = [n for n in linears if keep(n)]
+
+    def in_holder(name: str) -> str:
+        return f"m.{name}" if name else "m"
+
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao (see above)
         warnings.simplefilter("ignore")
-        torch.ao.quantization.quantize_dynamic(holder, {n: qconfig for n in linears if n not in kept},
+        torch.ao.quantization.quantize_dynamic(holder, {in_holder(n): qconfig for n in linears if n not in kept},
                                                dtype=torch.qint8, inplace=True, mapping={nn.Linear: Int8Linear})
     if reduce_range is not None:
         for m in holder.modules():
@@ -109,7 +113,7 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
                 m.reduce_range = reduce_range
     if (kept_dtype or (torch.bfloat16 if native_bf16() else torch.float32)) == torch.bfloat16:
         for name in kept:
-            parent, _, child = name.rpartition(".")
+            parent, _, child = in_holder(name).rpartition(".")
             setattr(holder.get_submodule(parent), child, Bf16Linear(linears[name]))
     return holder["m"]
 

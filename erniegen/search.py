@@ -103,9 +103,7 @@ def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> li
     tokens = torch.full((n, opts.max_length), eos, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     prev = None
-    for step in range(opts.max_length):
-        if step == opts.max_length - 1:  # out of room: every row ends here (tokens holds eos already)
-            break
+    for step in range(opts.max_length - 1):  # the last position is the end token, already in ``tokens``
         logp = _constrain(stepper.step(prev), tokens[:, :step], step, eos, opts, banned)
         nxt = logp.argmax(-1).masked_fill_(done, eos)
         tokens[:, step] = nxt

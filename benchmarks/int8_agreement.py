@@ -1,7 +1,7 @@
 """Which layers int8 hurts: greedy questions identical to fp32's, per quantization variant (issue 13).
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/int8_agreement.py --model runs/qg-v3/best \\
-        --input ../shared/data/squad_qg_sent/dev.jsonl [--n 150]
+        --input ../shared/data/squad_qg_sent/dev.jsonl [--n 150] [--only TEXT] [--score]
 
 Each variant is ``erniegen.precision``'s own int8 conversion with another qconfig, activations quantized to
 7 bits (PyTorch's ``reduce_range``) or 8 (VNNI CPUs only), and/or some linear layers left in fp32 (the
@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import erniegen.precision as precision  # noqa: E402
 from erniegen import load  # noqa: E402
+from erniegen.metrics import qg_scores  # noqa: E402
 
 PER_TENSOR = torch.ao.quantization.default_dynamic_qconfig
 PER_CHANNEL = precision.INT8_QCONFIG
@@ -44,11 +45,18 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--n", type=int, default=150)
+    p.add_argument("--only", help="the variants whose name contains this text")
+    p.add_argument("--score", action="store_true",
+                   help="also decode the whole input with the model's default decoding and score it (nqg BLEU-4 / "
+                        "METEOR / ROUGE-L against its targets)")
     args = p.parse_args()
-    sources = [json.loads(line)["source"] for line in open(args.input, encoding="utf-8")][: args.n]
+    rows = [json.loads(line) for line in open(args.input, encoding="utf-8")]
+    sources = [r["source"] for r in rows][: args.n]
     reference = load(args.model).generate(sources, num_beams=1, progress=False)
     real = precision._quantize_linears
     for name, (qconfig, keep, reduce_range, kept_dtype) in VARIANTS.items():
+        if args.only and args.only not in name:
+            continue
         if not reduce_range and not precision.full_range_activations():
             print(json.dumps({"variant": name, "skipped": "this CPU has no VNNI: 8-bit activations can overflow"}))
             continue
@@ -59,8 +67,12 @@ def main() -> None:
         finally:
             precision._quantize_linears = real
         out = model.generate(sources, num_beams=1, progress=False)
-        same = sum(a == b for a, b in zip(reference, out))
-        print(json.dumps({"variant": name, "identical": same, "of": len(sources)}), flush=True)
+        result = {"variant": name, "identical": sum(a == b for a, b in zip(reference, out)), "of": len(sources)}
+        if args.score:
+            preds = model.generate([r["source"] for r in rows], progress=False)
+            scores = qg_scores(preds, [r["target"] for r in rows], [r["source"] for r in rows])
+            result |= {k: round(scores[k], 2) for k in ("bleu4", "meteor", "rougeL")}
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 """Print BENCHMARKS.md tables from the result files the benchmark scripts write.
 
     python3 benchmarks/tables.py results/qg_quality.jsonl [results/decode_speed.json]
+    python3 benchmarks/tables.py --seeds results/qg_recipe.jsonl default=qg-n02,qg-s1 e12=qg-e12
+
+``--seeds`` gives, per setting, the mean ± sample standard deviation over its runs (one per seed) of each
+run's latest full-dev score with its default decoding (`qg_recipe.sh score NAME`), and the runs' values.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 
@@ -30,7 +35,32 @@ def speed(path: str) -> None:
               f"{r['samples_per_s']:.2f} | {r['generated_tokens_per_s']:.0f} | {r['speedup_vs_infilling_beam5']:.2f}x |")
 
 
+def seeds(path: str, settings: list[str]) -> None:
+    latest = {}
+    for line in open(path, encoding="utf-8"):
+        r = json.loads(line)
+        latest[r["label"]] = r
+    print("| setting | seeds | BLEU-4 | METEOR | ROUGE-L | BLEU-4 per run |")
+    print("|---|---:|---:|---:|---:|---|")
+    for setting in settings:
+        name, _, runs = setting.partition("=")
+        missing = [run for run in runs.split(",") if f"{run} default decoding" not in latest]
+        if missing:
+            raise SystemExit(f"{path}: no default-decoding score for {', '.join(missing)} (run qg_recipe.sh score)")
+        rows = [latest[f"{run} default decoding"] for run in runs.split(",")]
+        cells = []
+        for key in ("bleu4", "meteor", "rougeL"):
+            values = [r[key] for r in rows]
+            spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (one seed)"
+            cells.append(f"{statistics.mean(values):.2f}{spread}")
+        per_run = ", ".join(f"{run} {r['bleu4']:.2f}" for run, r in zip(runs.split(","), rows))
+        print(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {per_run} |")
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--seeds":
+        seeds(sys.argv[2], sys.argv[3:])
+        sys.exit()
     quality(sys.argv[1])
     if len(sys.argv) > 2:
         print()

@@ -1,5 +1,7 @@
 """The matrix products of a batch-1 decode step at one and two rows, in the stored (out, in) layout
-(``F.linear``) and in a transposed contiguous copy (``addmm``), fp32 (issue 13; BENCHMARKS.md section 3).
+(``F.linear``) and in a transposed contiguous copy (``addmm``), fp32 (issue 13; BENCHMARKS.md section 3);
+and, if onnxruntime is installed (``pip install onnxruntime onnx``), the same product as one ONNX ``Gemm``
+node run by ONNX Runtime on the same threads, the kernel an ONNX export of the step would use.
 
     .venv/bin/python benchmarks/matvec_layouts.py
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,18 +31,46 @@ def median_us(fn, repeats: int = 200, warmup: int = 50) -> float:
     return statistics.median(times) * 1e6
 
 
+def onnx_runtime_gemm(wt: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> x @ wt + b`` as an ONNX Runtime session over one ``Gemm`` node, or None without onnxruntime."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        return None
+    from onnx import TensorProto, helper, numpy_helper
+    n_in, n_out = wt.shape
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n_out])],
+        [numpy_helper.from_array(wt.numpy(), "W"), numpy_helper.from_array(b.numpy(), "B")])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), options,
+        providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
 def main() -> None:
     torch.manual_seed(0)
     for n_in, n_out in SHAPES:
         w, b = torch.randn(n_out, n_in), torch.randn(n_out)
         wt = w.t().contiguous()
         mb = w.numel() * 4 / 1e6
+        ort = onnx_runtime_gemm(wt, b)
         for rows in (1, 2):
             x = torch.randn(rows, n_in)
             stored = median_us(lambda: F.linear(x, w, b))
             transposed = median_us(lambda: torch.addmm(b, x, wt))
-            print(f"{n_in} x {n_out}, {rows} row(s): stored {stored:.0f} us ({mb / stored * 1e3:.1f} GB/s), "
-                  f"transposed {transposed:.0f} us ({mb / transposed * 1e3:.1f} GB/s)", flush=True)
+            line = (f"{n_in} x {n_out}, {rows} row(s): stored {stored:.0f} us ({mb / stored * 1e3:.1f} GB/s), "
+                    f"transposed {transposed:.0f} us ({mb / transposed * 1e3:.1f} GB/s)")
+            if ort is not None:
+                torch.testing.assert_close(ort(x), F.linear(x, w, b), rtol=1e-4, atol=1e-3)
+                runtime = median_us(lambda: ort(x))
+                line += f", ONNX Runtime {runtime:.0f} us ({mb / runtime * 1e3:.1f} GB/s)"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ PyTorch's vector x matrix bandwidth, in the same run), the CPU model and the dat
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from erniegen import load  # noqa: E402
 from erniegen.bench import cpu_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from inference_precision import bandwidth_gb_s, streamed_weight_bytes  # noqa: E402
+from inference_precision import bandwidth_gb_s, median_ms, streamed_weight_bytes  # noqa: E402
 
 
 class TwoRowStep(nn.Module):
@@ -46,17 +44,6 @@ class TwoRowStep(nn.Module):
             keys.append(k)
             values.append(v)
         return self.head(x[:, 1:]), torch.stack(keys), torch.stack(values)
-
-
-def median_ms(fn, repeats: int = 200, warmup: int = 50) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -95,8 +82,8 @@ def main() -> None:
         for round_ in (1, 2):
             n_bytes = streamed_weight_bytes(model)
             floor = n_bytes / (bandwidth_gb_s(n_bytes, repeats=30) * 1e9) * 1000
-            eager = median_ms(lambda: step(x, past_k, past_v, mask))
-            runtime = median_ms(lambda: session.run(None, feed))
+            eager = median_ms(lambda: step(x, past_k, past_v, mask), 200, warmup=50)
+            runtime = median_ms(lambda: session.run(None, feed), 200, warmup=50)
             print(f"round {round_}: fp32 floor {floor:.2f} ms, PyTorch eager {eager:.2f} ms ({eager / floor:.2f}x "
                   f"floor), ONNX Runtime {runtime:.2f} ms ({runtime / floor:.2f}x floor)", flush=True)
 

@@ -34,11 +34,10 @@ def median_us(fn, repeats: int = 200, warmup: int = 50) -> float:
 def onnx_runtime_gemm(wt: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``x -> x @ wt + b`` as an ONNX Runtime session over one ``Gemm`` node, or None without onnxruntime."""
     try:
-        import onnx
         import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
     except ImportError:
         return None
-    from onnx import TensorProto, helper, numpy_helper
     n_in, n_out = wt.shape
     graph = helper.make_graph(
         [helper.make_node("Gemm", ["x", "W", "B"], ["y"])], "gemm",

@@ -43,17 +43,18 @@ def seeds(path: str, settings: list[str]) -> None:
     print("| setting | seeds | BLEU-4 | METEOR | ROUGE-L | BLEU-4 per run |")
     print("|---|---:|---:|---:|---:|---|")
     for setting in settings:
-        name, _, runs = setting.partition("=")
-        missing = [run for run in runs.split(",") if f"{run} default decoding" not in latest]
+        name, _, listed = setting.partition("=")
+        runs = listed.split(",")
+        missing = [run for run in runs if f"{run} default decoding" not in latest]
         if missing:
             raise SystemExit(f"{path}: no default-decoding score for {', '.join(missing)} (run qg_recipe.sh score)")
-        rows = [latest[f"{run} default decoding"] for run in runs.split(",")]
+        rows = [latest[f"{run} default decoding"] for run in runs]
         cells = []
         for key in ("bleu4", "meteor", "rougeL"):
             values = [r[key] for r in rows]
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else " (one seed)"
             cells.append(f"{statistics.mean(values):.2f}{spread}")
-        per_run = ", ".join(f"{run} {r['bleu4']:.2f}" for run, r in zip(runs.split(","), rows))
+        per_run = ", ".join(f"{run} {r['bleu4']:.2f}" for run, r in zip(runs, rows))
         print(f"| {name} | {len(rows)} | " + " | ".join(cells) + f" | {per_run} |")
 
 

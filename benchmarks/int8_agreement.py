@@ -51,7 +51,8 @@ def main() -> None:
                         "METEOR / ROUGE-L against its targets)")
     args = p.parse_args()
     rows = [json.loads(line) for line in open(args.input, encoding="utf-8")]
-    sources = [r["source"] for r in rows][: args.n]
+    all_sources = [r["source"] for r in rows]
+    sources = all_sources[: args.n]
     reference = load(args.model).generate(sources, num_beams=1, progress=False)
     real = precision._quantize_linears
     for name, (qconfig, keep, reduce_range, kept_dtype) in VARIANTS.items():
@@ -69,8 +70,8 @@ def main() -> None:
         out = model.generate(sources, num_beams=1, progress=False)
         result = {"variant": name, "identical": sum(a == b for a, b in zip(reference, out)), "of": len(sources)}
         if args.score:
-            preds = model.generate([r["source"] for r in rows], progress=False)
-            scores = qg_scores(preds, [r["target"] for r in rows], [r["source"] for r in rows])
+            preds = model.generate(all_sources, progress=False)
+            scores = qg_scores(preds, [r["target"] for r in rows], all_sources)
             result |= {k: round(scores[k], 2) for k in ("bleu4", "meteor", "rougeL")}
         print(json.dumps(result), flush=True)
 

@@ -10,25 +10,18 @@ projection. Median of 200 calls after 50 warm-up calls; prints microseconds and 
 """
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from inference_precision import median_ms
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384), (384, 30522)]  # (in, out)
 
 
-def median_us(fn, repeats: int = 200, warmup: int = 50) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+def median_us(fn) -> float:
+    """Median of 200 calls after 50 warm-up calls, in microseconds."""
+    return median_ms(fn, 200, warmup=50) * 1000
 
 
 def onnx_runtime_gemm(wt: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -113,7 +113,7 @@ def cmd_finetune(args) -> None:
                          max_train_examples=args.max_train_examples, trainer=trainer,
                          attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, ema_decay=args.ema_decay,
-                         method_options=options.get("method_options", {}))
+                         answer_marker=args.answer_marker, method_options=options.get("method_options", {}))
     summary = finetune(cfg)
     from .train import is_main_process
     if is_main_process():
@@ -277,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "checkpoint's")
     f.add_argument("--freeze-embeddings", action=argparse.BooleanOptionalAction,
                    help="keep the word embeddings (tied to the output layer) fixed; default: the task preset's")
+    f.add_argument("--answer-marker", metavar="TOKEN",
+                   help="put this vocabulary token (e.g. '[unused1]') before and after the answer's first "
+                        "occurrence in the passage of 'passage [SEP] answer' sources; 'none' for no marker; "
+                        "default: the task preset's. The model stores it, so generate marks its inputs alike")
     f.add_argument("--ema-decay", type=float,
                    help="evaluate and keep an exponential moving average of the weights with this decay "
                         "(0: the raw weights); default: the task preset's")

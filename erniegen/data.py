@@ -206,6 +206,7 @@ class TaskPreset:
     freeze_embeddings: bool = False      # keep the (tied) word embeddings as the checkpoint has them
     adapt_steps: int = 0                 # whole-model masked-LM steps before fine-tuning (head_warmup.adapt_to_task)
     ema_decay: float | None = None       # evaluate a moving average of the weights (TrainConfig.ema_decay)
+    answer_marker: str | None = None     # vocabulary token put around the answer in the passage (mark_answer)
     recipe_note: str = ""
 
 
@@ -331,10 +332,12 @@ class TruncationStats:
     source_tokens_dropped: int = 0
     target_tokens_dropped: int = 0
     answer_windows: int = 0  # truncated sources whose first segment kept a window around the last segment
+    answers_marked: int | None = None  # sources whose answer was found and marked; None: no marker asked for
 
     def summary(self) -> str:
         """One human line, e.g. for the training log."""
-        src = (
+        marked = "" if self.answers_marked is None else f"marked the answer in {self.answers_marked}/{self.n} sources; "
+        src = marked + (
             f"truncated {self.source_truncated}/{self.n} sources "
             f"({_percent(self.source_tokens_dropped, self.source_tokens)} of source tokens"
             + (f"; {self.answer_windows} kept the passage around the answer)" if self.answer_windows else ")")
@@ -357,8 +360,12 @@ def encode_examples(
     tokenizer: Any,
     max_source_len: int,
     max_target_len: int,
+    answer_marker: int | None = None,
 ) -> tuple[list[Features], TruncationStats]:
     """Tokenize examples into ids, truncating to the limits and counting what was cut.
+
+    With ``answer_marker`` (a token id), the answer's first occurrence in the passage of a
+    ``passage [SEP] ... [SEP] answer`` source is put between two markers first (:func:`mark_answer`).
 
     A too-long source loses tokens from its longest ``[SEP]``-separated segments
     first (so the answer after ``passage [SEP]`` survives): from the end, except
@@ -375,7 +382,8 @@ def encode_examples(
     if cls_id is None or sep_id is None:
         raise ValueError(f"{type(tokenizer).__name__} has no cls/sep token; a BERT-style tokenizer is needed")
 
-    stats = TruncationStats(max_source_len=max_source_len, max_target_len=max_target_len, n=len(examples))
+    stats = TruncationStats(max_source_len=max_source_len, max_target_len=max_target_len, n=len(examples),
+                            answers_marked=None if answer_marker is None else 0)
     features: list[Features] = []
     for start in range(0, len(examples), _ENCODE_CHUNK):
         chunk = examples[start : start + _ENCODE_CHUNK]
@@ -383,6 +391,10 @@ def encode_examples(
         with_target = [ex.target is not None for ex in chunk]
         targets = iter(_tokenize(tokenizer, [ex.target for ex in chunk if ex.target is not None]))
         for ex, src, has_target in zip(chunk, sources, with_target):
+            if answer_marker is not None:
+                marked = mark_answer(src, sep_id, answer_marker)
+                stats.answers_marked += marked is not src
+                src = marked
             source_ids = _truncate_source(src, max_source_len - 2, sep_id, ex.where, stats)
             target_ids = None
             if has_target:
@@ -395,6 +407,42 @@ def encode_examples(
                 target_ids = _truncate_target(tgt, max_target_len - 1, stats) + [sep_id]
             features.append(Features(source_ids=[cls_id, *source_ids, sep_id], target_ids=target_ids))
     return features, stats
+
+
+def mark_answer(ids: list[int], sep_id: int, marker: int) -> list[int]:
+    """``passage [SEP] answer`` ids with the answer's first occurrence in the passage between two
+    ``marker`` tokens; ``ids`` itself when there is no ``[SEP]`` or the passage does not hold the answer.
+
+    Highlighting the answer in its context (Chan & Fan 2019, BERT-HLSQG) saves the model from having
+    to find which of the passage's words the question should be about."""
+    if sep_id not in ids:
+        return ids
+    first = ids.index(sep_id)
+    last = len(ids) - 1 - ids[::-1].index(sep_id)
+    passage, answer = ids[:first], ids[last + 1:]
+    at = _find(passage, answer)
+    if at is None:
+        return ids
+    end = at + len(answer)
+    return [*passage[:at], marker, *answer, marker, *passage[end:], *ids[first:]]
+
+
+def marker_id(tokenizer: Any, token: str | None) -> int | None:
+    """The id of an answer-marker token, which must be a single vocabulary entry."""
+    if token is None:
+        return None
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or i == tokenizer.unk_token_id:
+        raise ValueError(f"answer marker {token!r} is not in the tokenizer's vocabulary; use a single token "
+                         f"such as '[unused1]'")
+    return i
+
+
+def _find(seq: list[int], sub: list[int]) -> int | None:
+    m = len(sub)
+    if not m:
+        return None
+    return next((i for i in range(len(seq) - m + 1) if seq[i:i + m] == sub), None)
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -436,13 +484,12 @@ def _window_start(passage: list[int], answer: list[int], keep: int) -> int | Non
     """Where a ``keep``-token window of ``passage`` centred on ``answer``'s first occurrence starts; None
     when it does not occur or the passage is not cut. A question is about its answer's neighbourhood,
     and on a checkpoint whose positions past 128 are untrained, the window is what stays readable."""
-    if keep >= len(passage) or not answer:
+    if keep >= len(passage):
         return None
-    m = len(answer)
-    at = next((i for i in range(len(passage) - m + 1) if passage[i:i + m] == answer), None)
+    at = _find(passage, answer)
     if at is None:
         return None
-    return max(0, min(at + m // 2 - keep // 2, len(passage) - keep))
+    return max(0, min(at + len(answer) // 2 - keep // 2, len(passage) - keep))
 
 
 def _level_lengths(lengths: list[int], total: int) -> list[int]:

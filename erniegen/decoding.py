@@ -38,9 +38,10 @@ def generate_ids(model: Network, sources: Sequence[Sequence[int]], decoder: str 
 
 def encode_sources(model: Network, sources: Sequence[str]) -> list[list[int]]:
     """Tokenize raw sources as training did ([CLS] source [SEP], longest segment truncated)."""
-    from .data import Example, encode_examples
+    from .data import Example, encode_examples, marker_id
     examples = [Example(source=s, target=None, row={}, where=f"input:{i + 1}") for i, s in enumerate(sources)]
-    feats, stats = encode_examples(examples, model.tokenizer, model.settings.max_source_len, 2)
+    feats, stats = encode_examples(examples, model.tokenizer, model.settings.max_source_len, 2,
+                                   marker_id(model.tokenizer, model.settings.answer_marker))
     if stats.source_truncated:
         import sys
         print(stats.summary(), file=sys.stderr)

@@ -16,7 +16,7 @@ import torch
 
 from . import registry
 from .batch import collate_pairs
-from .data import TaskPreset, encode_examples, get_task, read_examples
+from .data import TaskPreset, encode_examples, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
 from .head_warmup import HEAD_WARMUP_STEPS, adapt_to_task, init_attn_embedding, warm_up_head
 from .metrics import compute_metrics, qg_scores
@@ -50,6 +50,7 @@ class FinetuneConfig:
     hidden_dropout: float | None = None  # None: the preset's, else the checkpoint's
     freeze_embeddings: bool | None = None  # None: the preset's
     ema_decay: float | None = None  # moving average of the weights; None: the preset's; 0: none
+    answer_marker: str | None = None  # token around the answer in the passage; None: the preset's; "none": no marker
     max_train_examples: int | None = None
     trainer: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir=""))
     method_options: dict = field(default_factory=dict)
@@ -59,9 +60,12 @@ def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
     """The task preset with the user's overrides, fitted to the model's position table."""
     preset = get_task(cfg.task)
     over = {k: getattr(cfg, k) for k in ("max_source_len", "max_target_len", "source_field", "target_field",
-                                         "noise_rate", "noise_ramp", "hidden_dropout", "freeze_embeddings")
+                                         "noise_rate", "noise_ramp", "hidden_dropout", "freeze_embeddings",
+                                         "answer_marker")
             if getattr(cfg, k) is not None}
     preset = dataclasses.replace(preset, **over)
+    if preset.answer_marker == "none":
+        preset = dataclasses.replace(preset, answer_marker=None)
     if preset.max_source_len + preset.max_target_len > max_positions:
         fitted = max_positions - preset.max_target_len
         print(f"note: source {preset.max_source_len} + target {preset.max_target_len} tokens exceed the model's "
@@ -74,7 +78,8 @@ def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = Non
     examples = read_examples(path, preset.source_field, preset.target_field)
     if limit is not None:
         examples = examples[:limit]
-    feats, stats = encode_examples(examples, tokenizer, preset.max_source_len, preset.max_target_len)
+    feats, stats = encode_examples(examples, tokenizer, preset.max_source_len, preset.max_target_len,
+                                   marker_id(tokenizer, preset.answer_marker))
     if is_main_process():
         print(f"{path}: {len(examples)} examples; {stats.summary()}", file=sys.stderr)
     return examples, feats
@@ -184,7 +189,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model.settings, method=cfg.method, task=preset.name, max_source_len=preset.max_source_len,
         max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),
         num_beams=preset.num_beams, length_penalty=preset.length_penalty,
-        no_repeat_ngram_size=preset.no_repeat_ngram_size,
+        no_repeat_ngram_size=preset.no_repeat_ngram_size, answer_marker=preset.answer_marker,
         extra=model.settings.extra | {"max_target_len": preset.max_target_len})
 
     _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)

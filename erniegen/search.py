@@ -196,10 +196,12 @@ class AutoregressiveDecoder(Decoder):
 
 
 def default_banned_ids(model: Network) -> list[int]:
-    """Tokens a generator must never emit: padding, [CLS], [MASK], [UNK], the [ATTN] slot."""
+    """Tokens a generator must never emit: padding, [CLS], [MASK], [UNK], the [ATTN] slot, the answer marker."""
     tok = model.tokenizer
     ids = {tok.pad_token_id, tok.cls_token_id, tok.mask_token_id, tok.unk_token_id,
            tok.convert_tokens_to_ids(model.settings.attn_token)}
+    if model.settings.answer_marker is not None:
+        ids.add(tok.convert_tokens_to_ids(model.settings.answer_marker))
     return sorted(i for i in ids if i is not None and i != tok.sep_token_id)
 
 

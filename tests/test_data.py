@@ -296,6 +296,46 @@ def test_long_passage_keeps_a_window_centred_on_its_answer(tokenizer) -> None:
     assert feat.source_ids == [cls, *p[len(p) - 9:], sep, *tail, sep]
 
 
+def test_answer_marker_surrounds_the_first_occurrence_of_the_answer(tokenizer) -> None:
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    m = data.marker_id(tokenizer, "[unused1]")
+    assert m == tokenizer.convert_tokens_to_ids("[unused1]")
+    sources = ["the steam engine turns steam into work [SEP] steam", "no such word here [SEP] steam"]
+    feats, stats = encode_examples([ex(s, "q?") for s in sources], tokenizer, 64, 8, answer_marker=m)
+    the, steam, engine, turns, into, work = (ids(tokenizer, w)[0] for w in "the steam engine turns into work".split())
+    assert feats[0].source_ids == [cls, the, m, steam, m, engine, turns, steam, into, work, sep, steam, sep]
+    assert feats[1].source_ids == [cls, *ids(tokenizer, "no such word here"), sep, steam, sep]  # not found: as is
+    assert stats.answers_marked == 1 and stats.summary().startswith("marked the answer in 1/2 sources; truncated")
+    # a multi-word answer, the passage's middle segment untouched, and no marker without a [SEP]
+    two = ids(tokenizer, "steam engine")
+    [f], _ = encode_examples([ex("a steam engine [SEP] title [SEP] steam engine")], tokenizer, 64, 8, answer_marker=m)
+    assert f.source_ids == [cls, ids(tokenizer, "a")[0], m, *two, m, sep, *ids(tokenizer, "title"), sep, *two, sep]
+    [f], stats = encode_examples([ex("steam engine")], tokenizer, 64, 8, answer_marker=m)
+    assert f.source_ids == [cls, *two, sep] and stats.answers_marked == 0
+    _, stats = encode_examples([ex(sources[0])], tokenizer, 64, 8)
+    assert stats.answers_marked is None and not stats.summary().startswith("marked")
+
+
+def test_marked_answer_stays_in_the_window_of_a_cut_passage(tokenizer) -> None:
+    words = [f"word{i}" for i in range(40)]
+    p, a = ids(tokenizer, " ".join(words)), ids(tokenizer, "word30")
+    at = next(i for i in range(len(p)) if p[i:i + len(a)] == a)
+    m = data.marker_id(tokenizer, "[unused1]")
+    marked = [*p[:at], m, *a, m, *p[at + len(a):]]
+    max_len = 2 + 1 + len(a) + 9
+    [feat], stats = encode_examples([ex(f"{' '.join(words)} [SEP] word30", "q?")], tokenizer, max_len, 8,
+                                    answer_marker=m)
+    start = at + 1 + len(a) // 2 - 4  # the window is centred on the answer inside its markers
+    assert feat.source_ids[1:10] == marked[start:start + 9] and marked[at] == m
+    assert feat.source_ids.count(m) == 2 and (stats.answer_windows, stats.answers_marked) == (1, 1)
+
+
+def test_answer_marker_must_be_one_vocabulary_token(tokenizer) -> None:
+    assert data.marker_id(tokenizer, None) is None
+    with pytest.raises(ValueError, match="answer marker '<hl>' is not in the tokenizer's vocabulary"):
+        data.marker_id(tokenizer, "<hl>")
+
+
 def test_longest_segments_are_levelled_first(tokenizer) -> None:
     # "a"/"b"/"c" are one token each: segments of 10, 6 and 2 tokens, 2 separators.
     source = " ".join(["a"] * 10) + " [SEP] " + " ".join(["b"] * 6) + " [SEP] " + "c c"

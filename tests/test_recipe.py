@@ -225,6 +225,36 @@ def test_freeze_embeddings_and_dropout_reach_the_trained_model(tmp_path, tiny_mo
     assert {m.p for m in done.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
 
 
+def test_answer_marker_is_trained_with_stored_and_used_by_generate(tmp_path, tiny_model, capsys):
+    """The marker reaches training features, is saved with the model, marks generate's inputs the same
+    way and is never generated; 'none' turns a preset's marker off."""
+    from erniegen.decoding import encode_sources
+    from erniegen.finetune import FinetuneConfig, finetune, resolve_preset
+    from erniegen.search import default_banned_ids
+    from erniegen.train import TrainConfig
+    tiny_model.save_pretrained(tmp_path / "m")
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"source": "the river was built in the year one [SEP] river",
+                                "target": "what was built in the year one ?"}) + "\n")
+    trainer = TrainConfig(output_dir="", max_steps=2, batch_size=8, lr=1e-2, precision="fp32", log_every=1)
+    cfg = FinetuneConfig(train=str(tmp_path / "t.jsonl"), output=str(tmp_path / "run"), model=str(tmp_path / "m"),
+                         trainer=trainer, answer_marker="[unused1]")
+    finetune(cfg)
+    assert "marked the answer in 8/8 sources" in capsys.readouterr().err
+    done = Transformer.from_pretrained(str(tmp_path / "run" / "best"))
+    assert done.settings.answer_marker == "[unused1]"
+    tok = done.tokenizer
+    m = tok.convert_tokens_to_ids("[unused1]")
+    [src] = encode_sources(done, ["the river was built [SEP] river"])
+    assert src == [tok.cls_token_id, *tok.convert_tokens_to_ids(["the", "[unused1]", "river", "[unused1]",
+                                                                  "was", "built"]),
+                   tok.sep_token_id, tok.convert_tokens_to_ids("river"), tok.sep_token_id]
+    assert m in default_banned_ids(done) and m not in default_banned_ids(tiny_model)
+    assert resolve_preset(replace(cfg, answer_marker="none"), 512).answer_marker is None
+    assert resolve_preset(replace(cfg, answer_marker=None), 512).answer_marker == get_task("squad_qg").answer_marker
+
+
 def test_training_takes_the_explicit_product_only_in_reduced_precision():
     from erniegen.network import MATH_ATTENTION_MAX_SCORES, _use_math_attention
     q = torch.randn(2, 3, 5, 8, requires_grad=True)

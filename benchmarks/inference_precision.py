@@ -17,7 +17,11 @@ What it measures, every figure a median after warm-up:
 4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
    models given, in every precision, and the Hugging Face ``generate()`` baseline;
 5. with ``--compile``: the same step with the network's forward under ``torch.compile`` (dynamic
-   shapes: the cache grows each step), per precision, beside the seconds the first steps spend compiling.
+   shapes: the cache grows each step), per precision, beside the seconds the first steps spend compiling;
+6. with ``--onnx``: "fp32 onnx", the fp32 model loaded with ``runtime="onnx"`` (erniegen.onnx_runtime), in
+   the step rows and the infilling rows of 4 (its export on load is timed too), beside a second floor: the
+   same bytes over ONNX Runtime's bandwidth, a vector x matrix ``Gemm`` over a matrix of that size (needs
+   ``pip install "erniegen[onnx]"``).
 
 Prints the CPU model (``lscpu``) and the date, and writes every row to ``--output`` as JSON.
 """
@@ -28,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +44,7 @@ from erniegen.bench import bench_decoder, bench_hf_baseline, cpu_model, hf_gpt2_
 from erniegen.data import read_examples  # noqa: E402
 from erniegen.decoding import DecodeOptions, default_banned_ids, encode_sources  # noqa: E402
 from erniegen.ernie_gen import InfillingStepper  # noqa: E402
+from erniegen.onnx_runtime import import_onnxruntime  # noqa: E402
 from erniegen.precision import PRECISIONS  # noqa: E402
 
 
@@ -69,6 +75,41 @@ def bandwidth_gb_s(n_bytes: int, repeats: int) -> float:
     x, y = torch.randn(cols), torch.randn(w.shape[0])
     ms = min(median_ms(lambda: w @ x, repeats, warmup=3), median_ms(lambda: y @ w, repeats, warmup=3))
     return w.numel() * 4 / (ms / 1000) / 1e9
+
+
+def variant_name(precision: str, runtime: str) -> str:
+    """A row's precision as the tables name it: "int8", ..., "fp32 onnx"."""
+    return precision if runtime == "torch" else f"{precision} {runtime}"
+
+
+def onnx_runtime_gemm(wt: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``x -> x @ wt + b`` as an ONNX Runtime session over one ``Gemm`` node, or None without onnxruntime."""
+    try:
+        import onnxruntime
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    n_in, n_out = wt.shape
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", n_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n_out])],
+        [numpy_helper.from_array(wt.numpy(), "W"), numpy_helper.from_array(b.numpy(), "B")])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), options,
+        providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+
+
+def onnx_bandwidth_gb_s(n_bytes: int, repeats: int) -> float:
+    """GB/s of ONNX Runtime's vector x matrix ``Gemm`` over an fp32 (1024, n) matrix of ``n_bytes`` (one layout:
+    the vocabulary projection's, input x output)."""
+    rows = 1024
+    wt = torch.randn(rows, max(1, n_bytes // (4 * rows)))
+    gemm, x = onnx_runtime_gemm(wt, torch.zeros(wt.shape[1])), torch.randn(1, rows)
+    return wt.numel() * 4 / (median_ms(lambda: gemm(x), repeats, warmup=3) / 1000) / 1e9
 
 
 @torch.inference_mode()
@@ -125,8 +166,14 @@ def main() -> None:
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    p.add_argument("--onnx", action="store_true",
+                   help="also time fp32 with runtime onnx: the step, and infilling greedy and beam end to end")
     args = p.parse_args()
     precisions = args.precisions.split(",")
+    if args.onnx:
+        import_onnxruntime()  # before anything is timed
+    # (precision, runtime) pairs, labelled "fp32", ..., "fp32 onnx"; runtime onnx runs the infilling decoder only
+    variants = [(precision, "torch") for precision in precisions] + ([("fp32", "onnx")] if args.onnx else [])
     torch.manual_seed(0)
     meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "length": args.length}
     print(f"# {meta['cpu']}, {meta['threads']} threads, {time.strftime('%Y-%m-%d')}", flush=True)
@@ -147,13 +194,28 @@ def main() -> None:
     floor = n_bytes / (gb_s * 1e9) * 1000
     emit({"label": "fp32 floor", "weight_mb": round(n_bytes / 1e6, 1), "bandwidth_gb_s": round(gb_s, 1),
           "step_ms": round(floor, 3)})
+    onnx_floor = None
+    if args.onnx:
+        onnx_gb_s = onnx_bandwidth_gb_s(n_bytes, repeats=max(5, args.steps))
+        onnx_floor = n_bytes / (onnx_gb_s * 1e9) * 1000
+        emit({"label": "fp32 floor, ONNX Runtime", "weight_mb": round(n_bytes / 1e6, 1),
+              "bandwidth_gb_s": round(onnx_gb_s, 1), "step_ms": round(onnx_floor, 3)})
     source = sources[0]
-    for precision in precisions:
-        model = fp32 if precision == "fp32" else load(args.ar_model, precision=precision)
+    for precision, runtime in variants:
+        t0 = time.perf_counter()
+        reuse = (precision, runtime) == ("fp32", "torch")
+        model = fp32 if reuse else load(args.ar_model, precision=precision, runtime=runtime)
+        load_s = time.perf_counter() - t0  # runtime onnx: with the export
         step, prefill = step_and_prefill_ms(model, source, args.steps)
-        emit({"label": f"infilling step, {precision}", "precision": precision, "source_tokens": len(source),
-              "step_ms": round(step, 3), "vs_floor": round(step / floor, 2), "prefill_ms": round(prefill, 2)})
-        if args.compile:
+        row = {"label": f"infilling step, {variant_name(precision, runtime)}", "precision": precision,
+               "runtime": runtime, "source_tokens": len(source), "step_ms": round(step, 3),
+               "vs_floor": round(step / floor, 2), "prefill_ms": round(prefill, 2)}
+        if onnx_floor is not None:
+            row["vs_onnx_floor"] = round(step / onnx_floor, 2)
+        if runtime == "onnx":
+            row["load_s"] = round(load_s, 1)
+        emit(row)
+        if args.compile and runtime == "torch":
             label = f"infilling step, {precision}, torch.compile"
             try:
                 step, compile_s = compiled_step_ms(model, source, args.steps)
@@ -182,14 +244,19 @@ def main() -> None:
                (args.elmer_model, "ELMER hard exit", "elmer-hard", {}),
                (args.elmer_soft_model, "ELMER soft exit", "elmer-soft", {})]
     for path in dict.fromkeys(c[0] for c in configs if c[0]):
-        for precision in precisions:
-            model = load(path, precision=precision)
+        for precision, runtime in variants:
+            if runtime == "onnx" and path != args.ar_model:
+                continue
+            model = load(path, precision=precision, runtime=runtime)
             banned = default_banned_ids(model)
             for _, label, decoder, options in (c for c in configs if c[0] == path):
+                if runtime == "onnx" and decoder != "infilling":
+                    continue
                 for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
                     opts = DecodeOptions(banned_ids=banned, **({"max_length": args.length} | options))
                     result = bench_decoder(model, sources[:n + 2 * batch], decoder, opts, batch, warmup=2)
-                    emit({"label": f"{label}, {precision}", "precision": precision} | result)
+                    emit({"label": f"{label}, {variant_name(precision, runtime)}", "precision": precision,
+                          "runtime": runtime} | result)
     if baseline is not None:
         for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
             opts = DecodeOptions(max_length=args.length, min_length=args.length)
@@ -198,15 +265,15 @@ def main() -> None:
     write_results(args.output, rows, **meta, ar_model=args.ar_model, nar_model=args.nar_model,
                   elmer_model=args.elmer_model, elmer_soft_model=args.elmer_soft_model)
 
-    print("\n| row | step ms | x floor | prefill ms | ms/sample (batch 1) | samples/s (batch "
-          f"{big}) |\n|---|---:|---:|---:|---:|---:|")
+    print("\n| row | step ms | x floor | x ONNX Runtime floor | prefill ms | ms/sample (batch 1) | samples/s (batch "
+          f"{big}) |\n|---|---:|---:|---:|---:|---:|---:|")
     for label in dict.fromkeys(r["label"] for r in rows):
         mine = [r for r in rows if r["label"] == label]
         b1 = next((r["median_ms_per_sample"] for r in mine if r.get("batch_size") == 1), "")
         bl = next((r["samples_per_s"] for r in mine if r.get("batch_size") == big), "")
         first = mine[0]
         print(f"| {label} | {first.get('step_ms', '')} | {first.get('vs_floor', '')} | "
-              f"{first.get('prefill_ms', '')} | {b1} | {bl} |")
+              f"{first.get('vs_onnx_floor', '')} | {first.get('prefill_ms', '')} | {b1} | {bl} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The matrix products of a batch-1 decode step at one and two rows, in the stored (out, in) layout
 (``F.linear``) and in a transposed contiguous copy (``addmm``), fp32 (issue 13; BENCHMARKS.md section 3);
-and, if onnxruntime is installed (``pip install onnxruntime onnx``), the same product as one ONNX ``Gemm``
+and, if onnxruntime is installed (``pip install "erniegen[onnx]"``), the same product as one ONNX ``Gemm``
 node run by ONNX Runtime on the same threads, the kernel an ONNX export of the step would use.
 
     .venv/bin/python benchmarks/matvec_layouts.py
@@ -10,11 +10,9 @@ projection. Median of 200 calls after 50 warm-up calls; prints microseconds and 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-from inference_precision import median_ms
+from inference_precision import median_ms, onnx_runtime_gemm
 
 SHAPES = [(384, 384), (384, 1536), (1536, 384), (384, 30522)]  # (in, out)
 
@@ -22,27 +20,6 @@ SHAPES = [(384, 384), (384, 1536), (1536, 384), (384, 30522)]  # (in, out)
 def median_us(fn) -> float:
     """Median of 200 calls after 50 warm-up calls, in microseconds."""
     return median_ms(fn, 200, warmup=50) * 1000
-
-
-def onnx_runtime_gemm(wt: torch.Tensor, b: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """``x -> x @ wt + b`` as an ONNX Runtime session over one ``Gemm`` node, or None without onnxruntime."""
-    try:
-        import onnxruntime
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return None
-    n_in, n_out = wt.shape
-    graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "W", "B"], ["y"])], "gemm",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", n_in])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n_out])],
-        [numpy_helper.from_array(wt.numpy(), "W"), numpy_helper.from_array(b.numpy(), "B")])
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = onnxruntime.InferenceSession(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), options,
-        providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ on the placeholder's row) as one function of tensors, run eagerly by PyTorch (th
 inference mode, so the head reads its transposed CPU copy as decoding does) and exported to ONNX and run by
 ONNX Runtime on the same threads. Checks that both give the same logits, then prints the median ms of each
 (two rounds, after warm-up) beside the fp32 floor as inference_precision.py measures it (weight bytes over
-PyTorch's vector x matrix bandwidth, in the same run), the CPU model and the date. Needs ``pip install onnxruntime onnx``.
+PyTorch's vector x matrix bandwidth, in the same run), the CPU model and the date. Needs ``pip install "erniegen[onnx]"``.
 """
 from __future__ import annotations
 

@@ -9,13 +9,19 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path: str = "minilm", precision: str = "fp32", **settings):
+def load(path: str = "minilm", precision: str = "fp32", runtime: str = "torch", **settings):
     """Load an erniegen (or any BERT-family) checkpoint; ``.generate(sources, **options)`` returns strings.
 
     ``precision`` (fp32 | bf16 | int8) is applied after loading the fp32 weights, every time: int8
     re-quantizes on load and nothing quantized is ever saved (see :mod:`erniegen.precision`).
+    ``runtime="onnx"`` exports the infilling step to ONNX Runtime on load (fp32, infilling decoder only;
+    ``pip install "erniegen[onnx]"``, see :mod:`erniegen.onnx_runtime`); the default runs it in PyTorch.
     """
     from .model import Transformer
+    from .onnx_runtime import check_runtime, import_onnxruntime, use_onnx_runtime
     from .precision import apply_precision, check_precision
     check_precision(precision)  # before the load, which can be slow
-    return apply_precision(Transformer.from_pretrained(path, **settings).eval(), precision)
+    if check_runtime(runtime, precision) == "onnx":
+        import_onnxruntime()
+    model = apply_precision(Transformer.from_pretrained(path, **settings).eval(), precision)
+    return use_onnx_runtime(model) if runtime == "onnx" else model

@@ -63,6 +63,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     from . import registry
+    from .onnx_runtime import RUNTIMES
     from .precision import PRECISIONS
     g = p.add_argument_group("decoding (defaults: the task preset saved with the model)")
     g.add_argument("--decoder", default=None, choices=list(registry.DECODERS),
@@ -83,6 +84,20 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference weights: fp32, bf16, or int8 (dynamic quantization of every linear layer and "
                         "of the vocabulary projection; applied on load, the checkpoint stays fp32)")
+    g.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                   help="what runs the infilling decode step: torch, or onnx (ONNX Runtime, exported on load; fp32 "
+                        "and the infilling decoder only, greedy or beam; needs pip install \"erniegen[onnx]\")")
+
+
+def _check_runtime(args) -> None:
+    """Refuse --runtime onnx with a precision or decoder it cannot run, or without ONNX Runtime, before any work.
+    (A model whose own decoder is not infilling is refused when it loads, before the export.)"""
+    from .onnx_runtime import check_runtime, import_onnxruntime
+    if check_runtime(args.runtime, args.precision, args.decoder) == "onnx":
+        try:
+            import_onnxruntime()
+        except ImportError as e:
+            raise ValueError(str(e)) from None
 
 
 def _decode_options(args) -> dict:
@@ -121,7 +136,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    """Check output, input and resume state first; then decode, saving every batch to OUTPUT.partial."""
+    """Check options, output, input and resume state first; then decode, saving every batch to OUTPUT.partial."""
+    _check_runtime(args)
     from .data import read_examples
     from .decoding import iter_generate_text
     from .model import resolve_model_path
@@ -135,12 +151,12 @@ def cmd_generate(args) -> None:
     settings = {"input": file_stamps([args.input]), "rows": len(examples), "source_field": args.source_field,
                 "model": str(model_dir), "model_files": file_stamps(sorted(model_dir.iterdir())),
                 "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args),
-                "precision": args.precision}
+                "precision": args.precision, "runtime": args.runtime}
     partial = PartialPredictions(args.output, settings, len(examples))
     done = partial.start(args.resume)
     if done:
         print(f"resuming {partial.path}: {len(done)} of {len(examples)} rows already decoded", file=sys.stderr)
-    model = load(str(model_dir), precision=args.precision)
+    model = load(str(model_dir), precision=args.precision, runtime=args.runtime)
     partial.open()
     for rows, preds in iter_generate_text(model, [e.source for e in examples], args.decoder, args.batch_size,
                                           progress=True, skip=done, **_decode_options(args)):
@@ -176,8 +192,9 @@ def cmd_bench(args) -> None:
     from .search import default_banned_ids, options_from_settings
     from . import load
     import torch
+    _check_runtime(args)
     torch.manual_seed(0)
-    model = load(args.model, precision=args.precision)
+    model = load(args.model, precision=args.precision, runtime=args.runtime)
     examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
     need = args.num_samples + 2 * args.batch_size
     sources = encode_sources(model, [e.source for e in examples][:need])
@@ -190,7 +207,7 @@ def cmd_bench(args) -> None:
     warm = sources[: 2 * args.batch_size]
     result = bench_decoder(model, warm + timed, decoder, opts, args.batch_size,
                            warmup=len(warm) // args.batch_size)
-    result |= {"precision": args.precision, "threads": torch.get_num_threads()}
+    result |= {"precision": args.precision, "runtime": args.runtime, "threads": torch.get_num_threads()}
     if args.hf_baseline:
         base = bench_hf_baseline(hf_gpt2_like(model), warm + timed, opts, args.batch_size,
                                  warmup=len(warm) // args.batch_size)

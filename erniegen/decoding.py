@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 
 from .network import Network
+from .onnx_runtime import check_runtime, runtime_of
 from .registry import decoder as decoder_named
 from .registry import default_decoder
 from .search import DecodeOptions, Decoder, decode_in_batches, in_input_order, options_from_settings
@@ -23,9 +24,11 @@ from .search import beam_search, block_ngrams, default_banned_ids, gnmt_penalty,
 def decode_batches(model: Network, sources: Sequence[Sequence[int]], decoder: str | Decoder = "infilling",
                    batch_size: int = 32, opts: DecodeOptions | None = None, progress: bool = False,
                    skip: Collection[int] = ()) -> Iterator[tuple[list[int], list[list[int]]]]:
-    """:func:`erniegen.search.decode_in_batches` with the decoder given by name or as a :class:`Decoder`."""
+    """:func:`erniegen.search.decode_in_batches` with the decoder given by name or as a :class:`Decoder`;
+    a decoder the model's runtime cannot run is refused."""
     if isinstance(decoder, str):
         decoder = decoder_named(decoder)
+    check_runtime(runtime_of(model), model.precision, decoder.name)
     yield from decode_in_batches(model, sources, decoder, batch_size, opts, progress, skip)
 
 

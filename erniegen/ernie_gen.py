@@ -28,7 +28,7 @@ from torch import nn
 
 from .data import TaskPreset
 from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
-from .network import Network
+from .network import KV, Network, PastSlot
 from .passes import KVCache, encode_context, placeholder_pass, target_positions
 from .search import AutoregressiveDecoder, Decoder
 
@@ -161,8 +161,21 @@ def pretrain_word_weight(method: str) -> float:
 # ---- decoding ----------------------------------------------------------------------------------
 
 
+def step_log_probs(model: Network, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                   past: list[KV] | list[PastSlot]) -> tuple[torch.Tensor, list[KV]]:
+    """A decoding step's tokens through the network against ``past``: the (N, V) fp32 log-probabilities of the
+    next token, read at the last of them, and every layer's (k, v) of the tokens. What ONNX Runtime runs
+    instead when the model carries an export of it (erniegen.onnx_runtime)."""
+    hidden, kv = model(ids, pos, types, mask, past=past)
+    return torch.log_softmax(model.logits(hidden[:, -1]).float(), -1), kv
+
+
 class InfillingStepper:
-    """ERNIE-GEN's infilling decoding over a key/value cache."""
+    """ERNIE-GEN's infilling decoding over a key/value cache.
+
+    The step's network and head run in PyTorch, or in ONNX Runtime when the model was loaded with
+    ``runtime="onnx"`` (``model.onnx_step``); the cache and its bookkeeping are the same for both.
+    """
 
     def __init__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, max_length: int):
         self.model, self.src_len = model, src_len
@@ -195,12 +208,16 @@ class InfillingStepper:
         new = Roles(self._roles[t].code.expand(n, t), (self._roles[t].index + i).expand(n, t))
         past, _ = self.cache.past(t)
         pos = self.src_len[:, None] + new.index
-        hidden, _ = self.model(ids, pos, self._types[:, :t].expand(n, t), self.cache.step_mask(new, self._own[t]),
-                               past=past)
+        types = self._types[:, :t].expand(n, t)
+        onnx = self.model.onnx_step
+        if onnx is None:
+            logp, _ = step_log_probs(self.model, ids, pos, types, self.cache.step_mask(new, self._own[t]), past)
+        else:  # the cache's buffers whole, so none is copied
+            logp = onnx(ids, pos, types, self.cache.step_mask(new, self._own[t], whole=True), past)
         if prev is not None:
             self.cache.commit(new, keep=1)
         self.step_no += 1
-        return torch.log_softmax(self.model.logits(hidden[:, -1]).float(), -1)
+        return logp
 
 
 class TypicalStepper(InfillingStepper):

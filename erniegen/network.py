@@ -22,6 +22,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -271,6 +272,9 @@ class Network(nn.Module):
         self.head_was_missing = False  # the loaded checkpoint had no masked-LM head (see head_warmup.py)
         self.trained_by_erniegen = False  # the loaded checkpoint carries erniegen settings (a trained [ATTN])
         self.precision = "fp32"  # of inference, set by erniegen.precision.apply_precision; checkpoints stay fp32
+        # the infilling step exported to ONNX Runtime, set by erniegen.onnx_runtime.use_onnx_runtime (runtime
+        # "onnx"); None: PyTorch runs it (runtime "torch")
+        self.onnx_step: Callable[..., torch.Tensor] | None = None
         self._pending_extras: dict[str, torch.Tensor] = {}
         self.apply(self._init_weights)
 

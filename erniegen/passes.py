@@ -86,18 +86,21 @@ class KVCache:
         return ([PastSlot(k, v, n) for k, v in zip(self.k, self.v)],
                 Roles(self.roles.code[:, :n], self.roles.index[:, :n]))
 
-    def step_mask(self, new: Roles, own: torch.Tensor | None = None) -> torch.Tensor:
+    def step_mask(self, new: Roles, own: torch.Tensor | None = None, whole: bool = False) -> torch.Tensor:
         """The (B, T, n+T) mask of an autoregressive step's tokens ``new`` against the n committed keys and
         themselves, equal to ``attention_mask(new, committed.cat(new))``.
 
         Every committed key but padding (the source, the target tokens before the step) is visible to
         every query of a step, so only the new tokens' own T x T block needs the role arithmetic: a step
         never rebuilds the mask over the whole cache. ``own`` is that block when the caller already has it
-        (a stepper's is the same at every step).
+        (a stepper's is the same at every step). ``whole``: (B, T, capacity+T), against every slot of the
+        buffers, the ones not committed hidden, for a runtime that takes the buffers as they are
+        (erniegen.onnx_runtime).
         """
         b, t = new.code.shape
         own = attention_mask(new, new) if own is None else own.expand(b, t, t)
-        return torch.cat([self.visible[:, None, :self.length].expand(b, t, -1), own], 2)
+        keys = self.visible if whole else self.visible[:, :self.length]
+        return torch.cat([keys[:, None].expand(b, t, -1), own], 2)
 
     def commit(self, roles: Roles, keep: int) -> None:
         """Keep the first ``keep`` tokens of the last step (already written by the layers)."""

@@ -1,0 +1,132 @@
+"""The infilling decode step run by ONNX Runtime: ``erniegen.load(path, runtime="onnx")``, ``--runtime onnx``.
+
+Why: an infilling step multiplies two rows (the previous word and the [ATTN] placeholder) by every weight
+matrix. Every PyTorch kernel tried reads a matrix once per row, so the fp32 step paid twice for its weights;
+ONNX Runtime's Gemm reads the matrix once for both rows. Exported, the step's work ran at 0.7-0.9x the fp32
+memory-bandwidth floor against PyTorch's 1.8-2.1x (BENCHMARKS.md section 3).
+
+How: :func:`use_onnx_runtime` exports :func:`erniegen.ernie_gen.step_log_probs` (the step's tokens through
+every layer over each layer's cached keys/values, then the next-token log-probabilities at the last token)
+with PyTorch's TorchScript exporter, in memory, and opens one ONNX Runtime CPU session on it, on as many
+threads as PyTorch uses. :class:`erniegen.ernie_gen.InfillingStepper` calls the session instead of the
+network when the model carries one (``model.onnx_step``); the prefill (the source's pass that fills the
+cache), the search and the cache's bookkeeping (commit, beam expansion and reordering, all
+:class:`erniegen.passes.KVCache`) stay PyTorch's. The session is handed each layer's whole cache buffer as a
+numpy view, uncopied, with the slots not committed masked out (``KVCache.step_mask(..., whole=True)``), and
+returns the step tokens' keys/values, which are written into the buffer where the PyTorch network writes
+them (:meth:`erniegen.network.PastSlot.extend`). Inside the graph, attention concatenates the buffer with the
+step's own keys/values (``torch.cat``'s path in :class:`erniegen.network.Attention`): a copy of the cache per
+layer and step, small beside the weights at batch 1, which PyTorch's in-place path does not make.
+
+fp32 and the infilling decoder (greedy and beam search) only. The session holds its own copy of the weights,
+taken when it is made: a model changed afterwards needs :func:`use_onnx_runtime` again.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from .ernie_gen import step_log_probs
+from .network import Network, PastSlot
+from .registry import default_decoder
+
+RUNTIMES: tuple[str, ...] = ("torch", "onnx")
+ONNX_DECODERS: tuple[str, ...] = ("infilling",)
+OPSET = 17
+
+
+def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:
+    """``runtime`` if it runs ``precision`` and ``decoder`` (None: not chosen yet), else an error naming them."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime == "onnx" and precision != "fp32":
+        raise ValueError(f"runtime 'onnx' runs fp32 weights only, got precision {precision!r}; use precision fp32, "
+                         "or runtime torch")
+    if runtime == "onnx" and decoder is not None and decoder not in ONNX_DECODERS:
+        raise ValueError(f"runtime 'onnx' runs the {' and '.join(ONNX_DECODERS)} decoder only (greedy and beam "
+                         f"search), got decoder {decoder!r}; use runtime torch for it")
+    return runtime
+
+
+def runtime_of(model: Network) -> str:
+    """The runtime of ``model``'s infilling steps."""
+    return "torch" if model.onnx_step is None else "onnx"
+
+
+def import_onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module, or an error saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ImportError('runtime onnx needs ONNX Runtime: pip install "erniegen[onnx]"') from e
+    return onnxruntime
+
+
+def use_onnx_runtime(model: Network) -> Network:
+    """Run ``model``'s infilling steps with ONNX Runtime from now on (exported here); returns the model."""
+    check_runtime("onnx", model.precision, default_decoder(model.settings.method))
+    model.onnx_step = OnnxInfillingStep(model)
+    return model
+
+
+class _Step(nn.Module):
+    """:func:`~erniegen.ernie_gen.step_log_probs` with the past as flat inputs and the keys/values as flat outputs."""
+
+    def __init__(self, model: Network):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logp, kv = step_log_probs(self.model, ids, pos, types, mask, list(zip(past[0::2], past[1::2])))
+        return (logp, *(x for pair in kv for x in pair))
+
+
+class OnnxInfillingStep:
+    """An ONNX Runtime session running ``model``'s infilling step. Called with ``step_log_probs``' inputs, but the
+    mask over the cache's whole buffers; returns the log-probabilities and writes the step's keys/values into
+    the buffers itself."""
+
+    def __init__(self, model: Network):
+        ort = import_onnxruntime()
+        cfg = model.config
+        heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.past_names = [f"past_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
+        new_names = [f"new_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
+        # any sizes will do, every axis is dynamic; distinct ones, so that the tracer cannot confuse two axes
+        b, t, cached = 3, 2, 5
+        ids = torch.full((b, t), model.attn_id)
+        pos = torch.arange(t).expand(b, t)
+        types = torch.full((b, t), model.target_type_id)
+        mask = torch.ones(b, t, cached + t, dtype=torch.bool)
+        past = [torch.zeros(b, heads, cached, width) for _ in self.past_names]
+        tokens, batch = {0: "batch", 1: "tokens"}, {0: "batch"}
+        axes = ({"ids": tokens, "pos": tokens, "types": tokens, "mask": tokens | {2: "keys"}, "logp": batch}
+                | {name: batch | {2: "cached"} for name in self.past_names}
+                | {name: batch | {2: "tokens"} for name in new_names})
+        onnx_model = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated in favour of torch.export's, which would also need onnxscript
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(_Step(model).eval(), (ids, pos, types, mask, *past), onnx_model, dynamo=False,
+                              input_names=["ids", "pos", "types", "mask", *self.past_names],
+                              output_names=["logp", *new_names], dynamic_axes=axes, opset_version=OPSET)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(onnx_model.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                 past: list[PastSlot]) -> torch.Tensor:
+        """The (N, V) next-token log-probabilities; the step's keys/values go into ``past``'s buffers, after the
+        committed ones. ``mask`` is (N, T, capacity + T), ``KVCache.step_mask(..., whole=True)``."""
+        feed = {"ids": ids, "pos": pos, "types": types, "mask": mask}
+        feed |= zip(self.past_names, (x for slot in past for x in (slot.k, slot.v)))
+        # contiguous tensors (the cache buffers are) reach ONNX Runtime as numpy views of their memory, uncopied
+        logp, *new = self.session.run(None, {name: x.contiguous().numpy() for name, x in feed.items()})
+        for slot, k, v in zip(past, new[0::2], new[1::2]):
+            slot.extend(torch.from_numpy(k), torch.from_numpy(v))
+        return torch.from_numpy(logp)

@@ -1,10 +1,12 @@
 """Print BENCHMARKS.md tables from the result files the benchmark scripts write.
 
     python3 benchmarks/tables.py results/qg_quality.jsonl [results/decode_speed.json]
-    python3 benchmarks/tables.py --seeds results/qg_recipe.jsonl default=qg-n02,qg-s1 e12=qg-e12
+    python3 benchmarks/tables.py --seeds results/qg_recipe.jsonl default=qg-n02,qg-s1 e12=qg-e12 \
+        "α 3=qg-n02,qg-s1:--length-penalty 3.0"
 
 ``--seeds`` gives, per setting, the mean ± sample standard deviation over its runs (one per seed) of each
-run's latest full-dev score with its default decoding (`qg_recipe.sh score NAME`), and the runs' values.
+run's latest full-dev score with its default decoding (`qg_recipe.sh score NAME`), or with the decoding
+after ``:`` (the flags given to `qg_recipe.sh score NAME FLAGS`), and the runs' values.
 """
 from __future__ import annotations
 
@@ -44,11 +46,13 @@ def seeds(path: str, settings: list[str]) -> None:
     print("|---|---:|---:|---:|---:|---|")
     for setting in settings:
         name, _, listed = setting.partition("=")
+        listed, _, decoding = listed.partition(":")
+        decoding = decoding or "default decoding"
         runs = listed.split(",")
-        missing = [run for run in runs if f"{run} default decoding" not in latest]
+        missing = [run for run in runs if f"{run} {decoding}" not in latest]
         if missing:
-            raise SystemExit(f"{path}: no default-decoding score for {', '.join(missing)} (run qg_recipe.sh score)")
-        rows = [latest[f"{run} default decoding"] for run in runs]
+            raise SystemExit(f"{path}: no '{decoding}' score for {', '.join(missing)} (run qg_recipe.sh score)")
+        rows = [latest[f"{run} {decoding}"] for run in runs]
         cells = []
         for key in ("bleu4", "meteor", "rougeL"):
             values = [r[key] for r in rows]

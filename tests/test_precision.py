@@ -131,6 +131,9 @@ def _int8_by_hand(q, x: torch.Tensor, levels: int) -> torch.Tensor:
 def test_int8_linear_quantizes_activations_to_7_or_8_bits(reduce_range, levels):
     from erniegen.precision import Int8Linear, _quantize_linears, full_range_activations
     assert Int8Linear.reduce_range is not full_range_activations()  # 8 bits only where VNNI cannot overflow
+    if not reduce_range and not full_range_activations():
+        pytest.skip("8-bit activations saturate fbgemm's 16-bit pair sums on a CPU without VNNI (AVX2 only): "
+                    "erniegen keeps 7 bits there, which the 7-bit case checks")
     torch.manual_seed(0)
     lin = nn.Linear(64, 16)
     x = torch.randn(3, 64) * 2 + 0.5

@@ -123,7 +123,15 @@ class Embeddings(nn.Module):
 
 
 class Attention(nn.Module):
-    """The one attention primitive: new tokens attend to past keys/values plus their own."""
+    """The one attention primitive: new tokens attend to past keys/values plus their own.
+
+    With gradients (training) the query, key and value are three products, scaled in the attention, as in
+    BERT. Without (inference, the ONNX export) they are one product with a derived weight
+    (:meth:`fused_qkv`), and a past given as a (k, v) tuple is scored in two parts, so that the past is never
+    concatenated with the new keys/values (a copy of the whole cache per layer and step in the ONNX
+    graph, where the keys/values come back as outputs instead of being written in place as in
+    :class:`PastSlot`).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,6 +144,10 @@ class Attention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_probs_dropout_prob
+        self.scale = (cfg.hidden_size // cfg.num_attention_heads) ** -0.5  # 1/sqrt(d), folded into fused_qkv
+        # fused_qkv's cache and what it was built from: plain attributes, so never in the state dict
+        self._qkv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._qkv_key: tuple | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -145,6 +157,22 @@ class Attention(nn.Module):
         """The (k, v), each (B,h,T,d), that tokens with hidden states ``x`` (B,T,H) offer this layer."""
         return self._split(self.key(x)), self._split(self.value(x))
 
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The query, key and value projections stacked as one (3H, H) weight and (3H,) bias, the query's rows
+        pre-multiplied by 1/sqrt(d): one matrix product instead of three, and no multiply of the scores.
+        Derived from the three linears, which stay the saved weights, and rebuilt when any of them changes
+        (:func:`_values_key`); None when they are not plain linears (int8 replaces them)."""
+        linears = (self.query, self.key, self.value)
+        if not all(isinstance(m, nn.Linear) for m in linears):
+            return None
+        key = _values_key(*(t for m in linears for t in (m.weight, m.bias)))
+        if self._qkv_key != key:
+            with torch.no_grad():
+                self._qkv = (torch.cat([self.query.weight * self.scale, self.key.weight, self.value.weight]),
+                             torch.cat([self.query.bias * self.scale, self.key.bias, self.value.bias]))
+            self._qkv_key = key
+        return self._qkv
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None = None
                 ) -> tuple[torch.Tensor, KV]:
         """``x`` (B,T,H), ``mask`` (B,T,P+T) bool, ``past`` (k, v) each (B,h,P,d) or a PastSlot.
@@ -152,21 +180,40 @@ class Attention(nn.Module):
         Returns the attention output and the (k, v) of the T new tokens only; the caller decides
         which of them to keep (decoders drop the placeholder's).
         """
-        q = self._split(self.query(x))
-        k, v = self.keys_values(x)
-        if past is None:
-            keys, values = k, v
-        elif isinstance(past, PastSlot):
-            keys, values = past.extend(k, v)
+        fused = None if torch.is_grad_enabled() else self.fused_qkv()
+        if fused is None:
+            q = self._split(self.query(x))
+            k, v = self.keys_values(x)
+            scale = None  # the kernels' default, 1/sqrt(d)
         else:
-            keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            b, t, _ = x.shape
+            q, k, v = F.linear(x, *fused).view(b, t, 3 * self.heads, -1).transpose(1, 2).split(self.heads, 1)
+            scale = 1.0  # already in the query
         dropout = self.dropout if self.training else 0.0
-        if _use_math_attention(q, keys):
-            out = _math_attention(q, keys, values, mask[:, None], dropout)
+        mask = mask[:, None]
+        # fp32 only: in bf16 the explicit scores would be rounded to bf16 before the softmax, where the fused
+        # kernel keeps them in fp32
+        if fused is not None and q.dtype == torch.float32 and past is not None and not isinstance(past, PastSlot):
+            out = _split_attention(q, past, k, v, mask, dropout)
         else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None], dropout_p=dropout)
-        b, _, t, _ = out.shape
-        return self.out(out.transpose(1, 2).reshape(b, t, -1)), (k, v)
+            if past is None:
+                keys, values = k, v
+            elif isinstance(past, PastSlot):
+                keys, values = past.extend(k, v)
+            else:
+                keys, values = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            if _use_math_attention(q, keys):
+                out = _math_attention(q, keys, values, mask, dropout, scale)
+            else:
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
+        return self.out(out.transpose(1, 2).reshape_as(x)), (k, v)
+
+
+def _values_key(*tensors: torch.Tensor) -> tuple:
+    """What a copy derived from ``tensors`` is valid for: an in-place update (an optimizer step,
+    ``load_state_dict``, ``copy_`` under no_grad) moves a tensor's version counter, a move, cast or replacement
+    gives it a new address or dtype. Writes through ``.data`` move none of them, so they are not seen."""
+    return tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
 
 
 # Largest query x key count per head for which training on CPU uses the explicit product below.
@@ -188,11 +235,32 @@ def _math_attention_fits(q: torch.Tensor, keys: torch.Tensor) -> bool:
 
 
 def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                    dropout: float) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d), masked) v: what the fused kernel computes (same mask convention)."""
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+                    dropout: float, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v, ``scale`` 1/sqrt(d) when None: what the fused kernel computes (same
+    mask and scale conventions)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _probs(q @ k.transpose(-1, -2), mask, dropout, scale).to(v.dtype) @ v
+
+
+def _split_attention(q: torch.Tensor, past: KV, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     dropout: float) -> torch.Tensor:
+    """:func:`_math_attention` of a pre-scaled ``q`` over the past's keys/values followed by the new tokens'
+    ``k``, ``v``, without concatenating them (which copies the past): the scores against each part are joined
+    instead, (T, P+T) per head and small, one softmax over both, and each part's probabilities weight its
+    own values. ``mask`` is (B,1,T,P+T), the past's columns first."""
+    p = past[0].shape[2]
+    scores = torch.cat([q @ past[0].transpose(-1, -2), q @ k.transpose(-1, -2)], -1)
+    probs = _probs(scores, mask, dropout, 1.0).to(v.dtype)
+    return probs[..., :p] @ past[1] + probs[..., p:] @ v
+
+
+def _probs(scores: torch.Tensor, mask: torch.Tensor, dropout: float, scale: float) -> torch.Tensor:
+    """Attention probabilities of the raw scores q k^T: scaled (no multiply when the query already is),
+    masked, softmaxed, dropped out."""
+    if scale != 1.0:
+        scores = scores * scale
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return F.dropout(probs, dropout, training=dropout > 0).to(v.dtype) @ v
+    return F.dropout(probs, dropout) if dropout > 0 else probs
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:
@@ -246,9 +314,9 @@ class LMHead(nn.Module):
     def _transposed(self) -> torch.Tensor:
         """The output matrix as a contiguous (H, V) copy, for inference on CPU: a vector times the
         30,522 x 384 matrix read row by row ran at half the bandwidth of the transposed layout (3.5 vs 1.8 ms,
-        BENCHMARKS.md section 3). Rebuilt whenever the weights change (their version counter moves)."""
+        BENCHMARKS.md section 3). Rebuilt whenever the weights change (:func:`_values_key`)."""
         w = self.word.weight
-        key = (w._version, w.data_ptr(), w.dtype)
+        key = _values_key(w)
         if getattr(self, "_t_key", None) != key:
             self._t, self._t_key = w.detach().t().contiguous(), key
         return self._t

@@ -14,9 +14,12 @@ cache), the search and the cache's bookkeeping (commit, beam expansion and reord
 :class:`erniegen.passes.KVCache`) stay PyTorch's. The session is handed each layer's whole cache buffer as a
 numpy view, uncopied, with the slots not committed masked out (``KVCache.step_mask(..., whole=True)``), and
 returns the step tokens' keys/values, which are written into the buffer where the PyTorch network writes
-them (:meth:`erniegen.network.PastSlot.extend`). Inside the graph, attention concatenates the buffer with the
-step's own keys/values (``torch.cat``'s path in :class:`erniegen.network.Attention`): a copy of the cache per
-layer and step, small beside the weights at batch 1, which PyTorch's in-place path does not make.
+them (:meth:`erniegen.network.PastSlot.extend`). Inside the graph, each layer's attention is
+:class:`erniegen.network.Attention`'s inference path, exported as PyTorch runs it: one matrix product for the
+query, key and value (one constant weight, 1/sqrt(d) folded into the query's rows), and the buffer's keys
+scored apart from the step's own, so that the buffer is never concatenated with them (a copy of the whole
+cache per layer and step, which at batch 32 made the merged export slower than PyTorch, BENCHMARKS.md
+section 3).
 
 fp32 and the infilling decoder (greedy and beam search) only. The session holds its own copy of the weights,
 taken when it is made: a model changed afterwards needs :func:`use_onnx_runtime` again.

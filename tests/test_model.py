@@ -7,8 +7,9 @@ import transformers
 
 from erniegen.masks import CONTEXT, attention_mask, source_roles, target_roles
 from erniegen.model import Transformer
+from erniegen.network import Attention, PastSlot
 
-from conftest import VOCAB
+from conftest import VOCAB, tiny_config
 
 
 def _hf_tiny(kind: str):
@@ -158,3 +159,81 @@ def test_inference_projection_equals_the_tied_one_and_follows_weight_updates(tin
         tiny_model.embeddings.word.weight.mul_(2)  # an in-place update (what an optimizer step does)
         again = tiny_model.logits(h)
     assert torch.allclose(again, tiny_model.logits(h).detach(), atol=1e-5) and not torch.allclose(again, fast)
+
+
+def _attention_case(past_len: int):
+    """An Attention with weights far from zero, a batch of 2 x 3 new tokens over ``past_len`` past ones, and a
+    mask that blocks some past and some new keys (every row keeps one)."""
+    torch.manual_seed(3)
+    attn = Attention(tiny_config()).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 3, 32)
+    past = (torch.randn(2, 4, past_len, 8), torch.randn(2, 4, past_len, 8))
+    mask = torch.rand(2, 3, past_len + 3) < 0.6
+    mask[..., -1] = True
+    return attn, x, mask, past
+
+
+def _past(kind: str, past) -> tuple | PastSlot | None:
+    """``past`` as the given kind, in fresh storage (a PastSlot is written into)."""
+    k, v = past
+    if kind == "none":
+        return None
+    if kind == "tuple":
+        return k.clone(), v.clone()
+    grow = torch.zeros(k.shape[0], k.shape[1], 3, k.shape[3])  # room for the 3 new tokens
+    return PastSlot(torch.cat([k, grow], 2), torch.cat([v, grow], 2), k.shape[2])
+
+
+@pytest.mark.parametrize("kind", ["none", "tuple", "slot"])
+def test_inference_attention_equals_the_three_projections(kind):
+    """Without gradients, one product with the pre-scaled fused weight (and, for a tuple past, the past and the
+    new keys scored apart) gives what the three projections give with gradients (training)."""
+    attn, x, mask, past = _attention_case(0 if kind == "none" else 4)
+    want, want_kv = attn(x, mask, _past(kind, past))
+    calls = []
+    attn.query.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        got, got_kv = attn(x, mask, _past(kind, past))
+    assert not calls  # the fused weight ran, not the query projection
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=1e-5)
+    for a, b in zip(got_kv, want_kv):
+        torch.testing.assert_close(a, b.detach(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["query.weight", "key.bias", "value.weight", "load_state_dict", "double"])
+def test_fused_projection_follows_weight_changes(change):
+    """The fused weight is a copy: it is rebuilt after an in-place update, a load or a cast."""
+    attn, x, mask, past = _attention_case(4)
+    with torch.no_grad():
+        before, _ = attn(x, mask, past)
+        if change == "load_state_dict":
+            attn.load_state_dict({k: torch.randn_like(v) * 0.3 for k, v in attn.state_dict().items()})
+        elif change == "double":
+            attn.double()
+            x, past = x.double(), (past[0].double(), past[1].double())
+        else:  # an in-place update, as an optimizer step makes
+            attn.get_parameter(change).add_(0.5)
+        after, _ = attn(x, mask, past)
+    want, _ = attn(x, mask, past)  # with gradients: the three projections of the weights now in place
+    torch.testing.assert_close(after, want.detach(), rtol=0, atol=1e-5)
+    if change == "double":  # same values, rebuilt in the new dtype (a stale fp32 copy would not even multiply)
+        assert after.dtype == torch.float64
+    else:
+        assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_the_fused_projection_is_never_saved(tiny_model, tmp_path):
+    keys = list(tiny_model.state_dict())
+    ids = torch.tensor([[4, 10, 11, 5]])
+    with torch.no_grad():
+        tiny_model(ids, torch.arange(4)[None], torch.zeros_like(ids), torch.ones(1, 4, 4, dtype=torch.bool))
+    assert tiny_model.layers[0].attn.fused_qkv() is not None
+    assert list(tiny_model.state_dict()) == keys
+    assert [k for k in keys if ".attn." in k and k.startswith("layers.0.")] == [
+        f"layers.0.attn.{m}.{p}" for m in ("query", "key", "value", "out") for p in ("weight", "bias")]
+    tiny_model.save_pretrained(tmp_path)
+    transformers.BertForMaskedLM.from_pretrained(tmp_path)  # still a plain BERT checkpoint
+    assert list(Transformer.from_pretrained(str(tmp_path)).state_dict()) == keys

@@ -57,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from erniegen.config import dataclass_to_dict
+from erniegen.precision import native_bf16
 
 CHECKPOINT_LAST = "checkpoint-last"
 BEST = "best"
@@ -181,19 +182,6 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
         raise ValueError("ema_decay with fsdp=True is not supported: each rank holds only a shard of the weights")
     if cfg.eval_raw_weights and cfg.ema_decay is None:
         raise ValueError("eval_raw_weights compares the raw weights with their moving average: set ema_decay")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run in hardware: CUDA with bf16, or a CPU with AVX512-BF16 or AMX.
-
-    Elsewhere bf16 is emulated and slower than fp32, so ``precision="auto"`` stays in fp32 there.
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:

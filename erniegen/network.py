@@ -138,7 +138,7 @@ class Attention(nn.Module):
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
                              f"num_attention_heads {cfg.num_attention_heads}")
-        self.heads = cfg.num_attention_heads
+        self.heads, self.width = cfg.num_attention_heads, cfg.hidden_size
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -180,13 +180,15 @@ class Attention(nn.Module):
         Returns the attention output and the (k, v) of the T new tokens only; the caller decides
         which of them to keep (decoders drop the placeholder's).
         """
+        # B and T read off the mask, which every layer shares, not off x: in the exported step the sizes are then
+        # computed once for all layers instead of once per layer
+        b, t = mask.shape[:2]
         fused = None if torch.is_grad_enabled() else self.fused_qkv()
         if fused is None:
             q = self._split(self.query(x))
             k, v = self.keys_values(x)
             scale = None  # the kernels' default, 1/sqrt(d)
         else:
-            b, t, _ = x.shape
             q, k, v = F.linear(x, *fused).view(b, t, 3 * self.heads, -1).transpose(1, 2).split(self.heads, 1)
             scale = 1.0  # already in the query
         dropout = self.dropout if self.training else 0.0
@@ -206,7 +208,7 @@ class Attention(nn.Module):
                 out = _math_attention(q, keys, values, mask, dropout, scale)
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
-        return self.out(out.transpose(1, 2).reshape_as(x)), (k, v)
+        return self.out(out.transpose(1, 2).reshape(b, t, self.width)), (k, v)
 
 
 def _values_key(*tensors: torch.Tensor) -> tuple:
@@ -247,8 +249,8 @@ def _split_attention(q: torch.Tensor, past: KV, k: torch.Tensor, v: torch.Tensor
     """:func:`_math_attention` of a pre-scaled ``q`` over the past's keys/values followed by the new tokens'
     ``k``, ``v``, without concatenating them (which copies the past): the scores against each part are joined
     instead, (T, P+T) per head and small, one softmax over both, and each part's probabilities weight its
-    own values. ``mask`` is (B,1,T,P+T), the past's columns first."""
-    p = past[0].shape[2]
+    own values. ``mask`` is (B,1,T,P+T), the past's columns first; P is read off it, as every layer shares it."""
+    p = mask.shape[-1] - mask.shape[-2]
     scores = torch.cat([q @ past[0].transpose(-1, -2), q @ k.transpose(-1, -2)], -1)
     probs = _probs(scores, mask, dropout, 1.0).to(v.dtype)
     return probs[..., :p] @ past[1] + probs[..., p:] @ v

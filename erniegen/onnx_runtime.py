@@ -11,10 +11,11 @@ with PyTorch's TorchScript exporter, in memory, and opens one ONNX Runtime CPU s
 threads as PyTorch uses. :class:`erniegen.ernie_gen.InfillingStepper` calls the session instead of the
 network when the model carries one (``model.onnx_step``); the prefill (the source's pass that fills the
 cache), the search and the cache's bookkeeping (commit, beam expansion and reordering, all
-:class:`erniegen.passes.KVCache`) stay PyTorch's. The session is handed each layer's whole cache buffer as a
-numpy view, uncopied, with the slots not committed masked out (``KVCache.step_mask(..., whole=True)``), and
-returns the step tokens' keys/values, which are written into the buffer where the PyTorch network writes
-them (:meth:`erniegen.network.PastSlot.extend`). Inside the graph, each layer's attention is
+:class:`erniegen.passes.KVCache`) stay PyTorch's. The session reads each layer's whole cache buffer in place
+through an IOBinding (bound again only when a beam reorder moves the buffers), with the slots not committed
+masked out (``KVCache.step_mask(..., whole=True)``), and returns the step tokens' keys/values into bound
+tensors (reused while their shape holds), which are written into the buffer where the PyTorch network writes them
+(:meth:`erniegen.network.PastSlot.extend`). Inside the graph, each layer's attention is
 :class:`erniegen.network.Attention`'s inference path, exported as PyTorch runs it: one matrix product for the
 query, key and value (one constant weight, 1/sqrt(d) folded into the query's rows), and the buffer's keys
 scored apart from the step's own, so that the buffer is never concatenated with them (a copy of the whole
@@ -29,7 +30,9 @@ from __future__ import annotations
 import io
 import warnings
 from types import ModuleType
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,9 +40,13 @@ from .ernie_gen import step_log_probs
 from .network import Network, PastSlot
 from .registry import default_decoder
 
+if TYPE_CHECKING:
+    import onnxruntime
+
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
 ONNX_DECODERS: tuple[str, ...] = ("infilling",)
 OPSET = 17
+_NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
 
 
 def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:
@@ -76,6 +83,13 @@ def use_onnx_runtime(model: Network) -> Network:
     return model
 
 
+def session_options() -> onnxruntime.SessionOptions:
+    """The step session's options: PyTorch's thread count, so the two runtimes share the same cores."""
+    options = import_onnxruntime().SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
 class _Step(nn.Module):
     """:func:`~erniegen.ernie_gen.step_log_probs` with the past as flat inputs and the keys/values as flat outputs."""
 
@@ -89,38 +103,63 @@ class _Step(nn.Module):
         return (logp, *(x for pair in kv for x in pair))
 
 
+def export_step(model: Network) -> bytes:
+    """:func:`~erniegen.ernie_gen.step_log_probs` of ``model`` as an ONNX model: inputs ``ids``, ``pos``,
+    ``types``, ``mask`` and each layer's ``past_k_<i>``, ``past_v_<i>``; outputs ``logp`` and each layer's
+    ``new_k_<i>``, ``new_v_<i>``."""
+    cfg = model.config
+    heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+    past_names = [f"past_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
+    new_names = [f"new_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
+    # any sizes will do, every axis is dynamic; distinct ones, so that the tracer cannot confuse two axes
+    b, t, cached = 3, 2, 5
+    ids = torch.full((b, t), model.attn_id)
+    pos = torch.arange(t).expand(b, t)
+    types = torch.full((b, t), model.target_type_id)
+    mask = torch.ones(b, t, cached + t, dtype=torch.bool)
+    past = [torch.zeros(b, heads, cached, width) for _ in past_names]
+    tokens, batch = {0: "batch", 1: "tokens"}, {0: "batch"}
+    axes = ({"ids": tokens, "pos": tokens, "types": tokens, "mask": tokens | {2: "keys"}, "logp": batch}
+            | {name: batch | {2: "cached"} for name in past_names}
+            | {name: batch | {2: "tokens"} for name in new_names})
+    onnx_model = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of torch.export's, which would also need onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(_Step(model).eval(), (ids, pos, types, mask, *past), onnx_model, dynamo=False,
+                          input_names=["ids", "pos", "types", "mask", *past_names],
+                          output_names=["logp", *new_names], dynamic_axes=axes, opset_version=OPSET)
+    return onnx_model.getvalue()
+
+
 class OnnxInfillingStep:
     """An ONNX Runtime session running ``model``'s infilling step. Called with ``step_log_probs``' inputs, but the
     mask over the cache's whole buffers; returns the log-probabilities and writes the step's keys/values into
-    the buffers itself."""
+    the buffers itself.
 
-    def __init__(self, model: Network):
+    Inputs and outputs go through one IOBinding kept across calls: ONNX Runtime reads the tensors' memory and
+    writes into tensors made here, with no numpy arrays made or outputs copied per call, and an input is bound
+    again only when its memory or shape changed (the cache buffers stay the same between beam reorders)."""
+
+    def __init__(self, model: Network, options: onnxruntime.SessionOptions | None = None):
+        """``options``: ONNX Runtime SessionOptions to use instead of :func:`session_options`' (a profiler's)."""
         ort = import_onnxruntime()
         cfg = model.config
-        heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         self.past_names = [f"past_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
-        new_names = [f"new_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
-        # any sizes will do, every axis is dynamic; distinct ones, so that the tracer cannot confuse two axes
-        b, t, cached = 3, 2, 5
-        ids = torch.full((b, t), model.attn_id)
-        pos = torch.arange(t).expand(b, t)
-        types = torch.full((b, t), model.target_type_id)
-        mask = torch.ones(b, t, cached + t, dtype=torch.bool)
-        past = [torch.zeros(b, heads, cached, width) for _ in self.past_names]
-        tokens, batch = {0: "batch", 1: "tokens"}, {0: "batch"}
-        axes = ({"ids": tokens, "pos": tokens, "types": tokens, "mask": tokens | {2: "keys"}, "logp": batch}
-                | {name: batch | {2: "cached"} for name in self.past_names}
-                | {name: batch | {2: "tokens"} for name in new_names})
-        onnx_model = io.BytesIO()
-        with torch.no_grad(), warnings.catch_warnings():
-            # the TorchScript exporter is deprecated in favour of torch.export's, which would also need onnxscript
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(_Step(model).eval(), (ids, pos, types, mask, *past), onnx_model, dynamo=False,
-                              input_names=["ids", "pos", "types", "mask", *self.past_names],
-                              output_names=["logp", *new_names], dynamic_axes=axes, opset_version=OPSET)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(onnx_model.getvalue(), options, providers=["CPUExecutionProvider"])
+        self.new_names = [f"new_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
+        self.heads, self.vocab = cfg.num_attention_heads, cfg.vocab_size
+        self.session = ort.InferenceSession(export_step(model), options or session_options(),
+                                            providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        self._bound: dict[str, tuple[int, tuple[int, ...]]] = {}  # input name -> (address, shape) bound
+        self._new: list[torch.Tensor] = []  # the step's keys/values as bound, reused while their shape holds
+
+    def _bind(self, name: str, x: torch.Tensor) -> None:
+        """Bind input ``name`` to contiguous ``x``'s memory, unless that memory with that shape already is."""
+        key = (x.data_ptr(), tuple(x.shape))
+        if self._bound.get(name) != key:
+            self.binding.bind_input(name, "cpu", 0, _NUMPY_TYPES[x.dtype], key[1], key[0])
+            self._bound[name] = key
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
                  past: list[PastSlot]) -> torch.Tensor:
@@ -128,8 +167,18 @@ class OnnxInfillingStep:
         committed ones. ``mask`` is (N, T, capacity + T), ``KVCache.step_mask(..., whole=True)``."""
         feed = {"ids": ids, "pos": pos, "types": types, "mask": mask}
         feed |= zip(self.past_names, (x for slot in past for x in (slot.k, slot.v)))
-        # contiguous tensors (the cache buffers are) reach ONNX Runtime as numpy views of their memory, uncopied
-        logp, *new = self.session.run(None, {name: x.contiguous().numpy() for name, x in feed.items()})
-        for slot, k, v in zip(past, new[0::2], new[1::2]):
-            slot.extend(torch.from_numpy(k), torch.from_numpy(v))
-        return torch.from_numpy(logp)
+        feed = {name: x.contiguous() for name, x in feed.items()}  # held until the run is over
+        for name, x in feed.items():
+            self._bind(name, x)
+        n, t = ids.shape
+        shape = (n, self.heads, t, past[0].k.shape[3])
+        if not self._new or self._new[0].shape != shape:
+            self._new = [past[0].k.new_empty(shape) for _ in self.new_names]
+            for name, x in zip(self.new_names, self._new):
+                self.binding.bind_output(name, "cpu", 0, _NUMPY_TYPES[x.dtype], shape, x.data_ptr())
+        logp = torch.empty(n, self.vocab)  # the caller's to keep: a new one every step
+        self.binding.bind_output("logp", "cpu", 0, _NUMPY_TYPES[logp.dtype], tuple(logp.shape), logp.data_ptr())
+        self.session.run_with_iobinding(self.binding)
+        for slot, new_k, new_v in zip(past, self._new[0::2], self._new[1::2]):
+            slot.extend(new_k, new_v)
+        return logp

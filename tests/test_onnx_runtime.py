@@ -58,6 +58,42 @@ def test_step_log_probs_equal_pytorchs(pair):
     assert steppers[1].cache.length == steppers[0].cache.length == 8 + 6
 
 
+@torch.no_grad()
+def test_bound_step_equals_a_plain_run_of_the_session(pair):
+    """The IOBinding path (inputs read in place, bound again only when the cache's buffers move) gives exactly
+    what ``session.run`` on numpy copies gives, through the first step, beam expansion and reordering; every
+    step's log-probabilities are a tensor of their own, not overwritten by the next step."""
+    _, onnx = pair
+    step = onnx.onnx_step
+    earlier: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def checked(ids, pos, types, mask, past):
+        feed = {"ids": ids, "pos": pos, "types": types, "mask": mask}
+        feed |= zip(step.past_names, (x for slot in past for x in (slot.k, slot.v)))
+        logp, *new = step.session.run(None, {name: x.numpy().copy() for name, x in feed.items()})
+        got = step(ids, pos, types, mask, past)
+        assert torch.equal(got, torch.from_numpy(logp))
+        t = ids.shape[1]
+        for slot, k, v in zip(past, new[0::2], new[1::2]):
+            assert torch.equal(slot.k[:, :, slot.length:slot.length + t], torch.from_numpy(k))
+            assert torch.equal(slot.v[:, :, slot.length:slot.length + t], torch.from_numpy(v))
+        earlier.append((got, got.clone()))
+        return got
+
+    onnx.onnx_step = checked
+    src_ids = torch.tensor([s + [0] * (8 - len(s)) for s in SOURCES])
+    stepper = InfillingStepper(onnx, src_ids, torch.tensor([len(s) for s in SOURCES]), 8)
+    prev = None
+    for i in range(5):
+        if i == 2:
+            stepper.expand(2)
+            stepper.reorder(torch.tensor([5, 0, 2, 2, 1, 4]))
+            prev = prev.repeat_interleave(2)[[5, 0, 2, 2, 1, 4]]
+        prev = stepper.step(prev).argmax(-1)
+    assert len(earlier) == 5
+    assert all(torch.equal(got, kept) for got, kept in earlier)
+
+
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_greedy_and_beam_decode_pytorchs_ids(pair, num_beams):
     model, onnx = pair

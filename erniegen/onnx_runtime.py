@@ -129,7 +129,27 @@ def export_step(model: Network) -> bytes:
         torch.onnx.export(_Step(model).eval(), (ids, pos, types, mask, *past), onnx_model, dynamo=False,
                           input_names=["ids", "pos", "types", "mask", *past_names],
                           output_names=["logp", *new_names], dynamic_axes=axes, opset_version=OPSET)
-    return onnx_model.getvalue()
+    return with_symbolic_shapes(onnx_model.getvalue())
+
+
+def with_symbolic_shapes(onnx_model: bytes) -> bytes:
+    """``onnx_model`` with every intermediate tensor's shape annotated in the graph's symbolic sizes (ONNX
+    Runtime's symbolic shape inference). The exporter's reshapes to runtime sizes hide the hidden states' shape,
+    and ONNX Runtime fuses each residual add, bias add and LayerNorm into one SkipLayerNormalization only where
+    both inputs' shapes are known to match: with the shapes, 13 of 13 instead of 1 (188 -> 164 nodes)."""
+    import logging
+
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    logger = logging.getLogger()  # the inference logs each comparison of sizes it cannot decide; all are harmless
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(onnx.load_from_string(onnx_model), auto_merge=True)
+    finally:
+        logger.setLevel(level)
+    return inferred.SerializeToString()
 
 
 class OnnxInfillingStep:

@@ -151,3 +151,21 @@ def test_without_onnxruntime_the_error_says_what_to_install(tmp_path, capsys, mo
         erniegen.load(str(tmp_path / "absent"), runtime="onnx")
     assert 'pip install "erniegen[onnx]"' in _refused(tmp_path, capsys, "--runtime", "onnx")
     assert "absent.jsonl" in _refused(tmp_path, capsys)  # the torch runtime does not need it: stops at the input
+
+
+def test_every_layer_norm_is_fused_with_its_residual_add(decisive, tmp_path):
+    """With the shapes annotated (with_symbolic_shapes), ONNX Runtime folds each residual add, bias add and
+    LayerNorm into one SkipLayerNormalization: two per layer and the embeddings' (the sum of word, position and
+    type rows); only the LM head's LayerNorm, which has no residual, stays plain (without the shapes, 1 of the
+    2 * layers + 1 was fused)."""
+    import onnx
+    import onnxruntime
+
+    from erniegen.onnx_runtime import export_step, session_options
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / "step.onnx")
+    onnxruntime.InferenceSession(export_step(decisive), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "step.onnx")).graph.node]
+    layers = decisive.config.num_hidden_layers
+    assert ops.count("SkipLayerNormalization") == 2 * layers + 1
+    assert ops.count("LayerNormalization") == 1

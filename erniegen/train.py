@@ -41,6 +41,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -639,6 +640,9 @@ class _Run:
         self.main = rank == 0
         self.out_dir = Path(cfg.output_dir)
         self.dtype = resolve_precision(cfg.precision, device)
+        if self.main and cfg.precision == "auto" and device.type == "cpu" and self.dtype == torch.float32:
+            print("note: training in fp32: this CPU has no native bf16 (AVX512-BF16 or AMX), with which `auto` trains "
+                  "in bf16, ~2.6x faster a step (BENCHMARKS.md section 2)", file=sys.stderr)
         self.streaming = isinstance(train_data, ResumableStream)
         if cfg.fsdp and world < 2:
             raise ValueError(f"fsdp=True shards the model over processes, but world_size={world}: launch with "

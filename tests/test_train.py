@@ -420,3 +420,15 @@ def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
     assert spread < 10  # random batches of 10 would spread ~80
     assert batches == epoch_batches(1000, 0, 1, 10, lengths=lengths)  # deterministic for resume
     assert batches != epoch_batches(1000, 1, 1, 10, lengths=lengths)
+
+
+@pytest.mark.parametrize("native, precision, noted", [(False, "auto", True), (True, "auto", False),
+                                                       (False, "fp32", False)])
+def test_auto_precision_says_when_it_falls_back_to_fp32(tmp_path, monkeypatch, capsys, native, precision, noted):
+    """A CPU without native bf16 trains several times slower; ``auto`` says why instead of leaving it silent."""
+    import erniegen.train as train_module
+    monkeypatch.setattr(train_module, "native_bf16", lambda device=None: native)
+    model = make_model()
+    train(model, make_data(), noisy_collate, cfg_for(tmp_path / "run", max_steps=1, warmup_steps=0,
+                                                     precision=precision), save_model=saver(model))
+    assert ("note: training in fp32: this CPU has no native bf16" in capsys.readouterr().err) is noted

@@ -140,9 +140,11 @@ def with_symbolic_shapes(onnx_model: bytes) -> bytes:
     import logging
 
     import onnx
+    from onnxruntime.tools import symbolic_shape_infer
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    logger = logging.getLogger()  # the inference logs each comparison of sizes it cannot decide; all are harmless
+    # the inference logs each comparison of sizes it cannot decide, all harmless: quiet its own logger only
+    logger = logging.getLogger(symbolic_shape_infer.__name__)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:

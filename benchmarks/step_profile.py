@@ -1,0 +1,68 @@
+"""Where an fp32 ERNIE-GEN fine-tuning step's time goes on this CPU: torch.profiler over real batches.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_profile.py [--data ../shared/data] [--profiled 3]
+
+Length-bucketed batches of 32 from the first 3,200 squad_qg_sent training pairs (as `erniegen finetune` draws
+them), all-MiniLM-L6-v2, the squad_qg preset (its frozen word table included), fp32, fused AdamW. Prints the mean seconds per step over 6 steps
+after 2 warm-up steps, then the profiler's table (self CPU time by operator) over ``--profiled`` more steps.
+Run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from erniegen import registry  # noqa: E402
+from erniegen.batch import collate_pairs  # noqa: E402
+from erniegen.finetune import FinetuneConfig, load_pairs, resolve_preset  # noqa: E402
+from erniegen.model import Transformer  # noqa: E402
+from erniegen.train import epoch_batches  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--profiled", type=int, default=3)
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    model = Transformer.from_pretrained("minilm")
+    model.set_attention_dropout(0.0)
+    cfg = FinetuneConfig(train=f"{args.data}/squad_qg_sent/train.jsonl", output="unused")
+    preset = resolve_preset(cfg, model.config.max_position_embeddings)
+    if preset.freeze_embeddings:  # as `erniegen finetune` does: no gradient for the tied word table
+        model.embeddings.word.weight.requires_grad_(False)
+    _, feats = load_pairs(cfg.train, preset, model.tokenizer, 3200)
+    lengths = [len(f.source_ids) + len(f.target_ids) for f in feats]
+    order = epoch_batches(len(feats), 0, 0, 32, lengths=lengths)[:8 + args.profiled]
+    batches = [collate_pairs([feats[i] for i in b], model.config.pad_token_id) for b in order]
+    objective = registry.family("ernie-gen").build_objective("ernie-gen", model, preset, {}).train()
+    optimizer = torch.optim.AdamW([q for q in objective.parameters() if q.requires_grad], lr=1e-6, fused=True)
+
+    def step(batch: dict) -> None:
+        objective(**batch)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for b in batches[:2]:
+        step(b)
+    t0 = time.perf_counter()
+    for b in batches[2:8]:
+        step(b)
+    print(f"mean s/step over 6 steps: {(time.perf_counter() - t0) / 6:.3f}")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches[8:]:
+            step(b)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .batch import pad
 from .network import Network
 from .passes import encode_context
-from .train import lr_factor, resolve_precision
+from .train import epoch_batches, lr_factor, resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
 # squad_qg_sent (8,699 sources + 8,699 questions), ~40 s on two CPU cores (BENCHMARKS.md section 1).
@@ -95,6 +95,14 @@ def adapt_to_task(model: Network, texts: Sequence[Sequence[int]], steps: int, *,
                            progress=progress, name="task adaptation", schedule=True)
 
 
+def masked_lm_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Text indices of each masked-LM step, pass after pass over the texts, length-bucketed as fine-tuning's
+    batches are (``epoch_batches``): the task's texts mix ~46-token sources with ~14-token questions, and
+    drawn at random a batch of squad_qg_sent's is 30% real tokens and 70% padding (bucketed: 93%)."""
+    for epoch in range(sys.maxsize):
+        yield from epoch_batches(len(lengths), epoch, seed, batch_size, lengths=lengths)
+
+
 def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, params: list[torch.nn.Parameter],
                     *, lr: float, batch_size: int, seed: int, progress: bool, name: str,
                     schedule: bool = False) -> dict[str, float]:
@@ -116,16 +124,14 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
     model.train()  # dropout on, as in fine-tuning
     losses: list[float] = []
     t0 = time.time()
-    order = torch.randperm(len(texts), generator=gen).tolist()
+    batches = masked_lm_batches([len(t) for t in texts], batch_size, seed)
     try:
         for p in frozen:
             p.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # dropout's draws leave the caller's stream alone
             torch.manual_seed(seed)
             for step in tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True):
-                start = (step * batch_size) % len(order)
-                rows = [texts[order[(start + i) % len(order)]] for i in range(min(batch_size, len(order)))]
-                ids, lengths = pad(rows, pad_id)
+                ids, lengths = pad([texts[i] for i in next(batches)], pad_id)
                 inner = torch.arange(ids.shape[1])[None, :]
                 valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
                 where = mask_tokens(ids, valid, mask_id, MASK_PROB, gen)

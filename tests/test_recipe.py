@@ -11,7 +11,7 @@ from erniegen.batch import collate_pairs
 from erniegen.ernie_gen import ErnieGenConfig, ErnieGenObjective, noise_at, replacement_vocab
 from erniegen.finetune import dev_loss
 from erniegen.data import Features, get_task
-from erniegen.head_warmup import adapt_to_task, head_parameters, init_attn_embedding, warm_up_head
+from erniegen.head_warmup import adapt_to_task, head_parameters, init_attn_embedding, masked_lm_batches, warm_up_head
 from erniegen.model import Transformer, _math_attention
 
 from conftest import VOCAB
@@ -64,6 +64,18 @@ def test_head_warm_up_trains_the_head_alone_and_lowers_its_loss(headless):
         assert moved == (id(p) in head), n
         assert p.requires_grad  # frozen parameters are given back
     assert stats["steps"] == 40 and stats["loss_last"] < stats["loss_first"] - 0.5
+
+
+def test_masked_lm_batches_group_lengths_and_use_every_text_once_a_pass():
+    lengths = [3, 30] * 16  # short questions and long sources, interleaved as the recipe's texts are not
+    batches = masked_lm_batches(lengths, batch_size=8, seed=0)
+    passes = [[next(batches) for _ in range(4)] for _ in range(2)]
+    for one_pass in passes:
+        assert sorted(i for b in one_pass for i in b) == list(range(32))
+        assert all(len({lengths[i] for i in b}) == 1 for b in one_pass)  # no batch pads a 3 to 30
+    assert passes[0] != passes[1]  # each pass is drawn afresh
+    again = masked_lm_batches(lengths, batch_size=8, seed=0)
+    assert [next(again) for _ in range(4)] == passes[0]
 
 
 def test_recipe_skips_the_warm_up_when_a_head_exists(tmp_path, tiny_model, capsys):

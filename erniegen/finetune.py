@@ -44,7 +44,7 @@ class FinetuneConfig:
     max_target_len: int | None = None
     source_field: str | None = None
     target_field: str | None = None
-    eval_samples: int | None = 300  # dev examples decoded at each evaluation (None = all)
+    eval_samples: int | None = 300  # dev examples decoded at each evaluation, evenly spaced (None = all)
     eval_beams: int = 1  # greedy during training keeps evaluation cheap; final scoring uses the preset
     attention_dropout: float | None = None  # None: the checkpoint's on GPU, 0 on CPU (see resolve_attention_dropout)
     hidden_dropout: float | None = None  # None: the preset's, else the checkpoint's
@@ -74,9 +74,14 @@ def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
     return preset
 
 
-def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None):
+def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None, spread: bool = False):
+    """Read and encode ``path``; with ``limit``, its first ``limit`` rows, or with ``spread`` ``limit`` rows
+    evenly spaced over the file: dev files are often grouped by article (squad_qg_sent's first 300 dev pairs
+    come from 2 of its 4 articles), and a checkpoint chosen on a subset should be chosen on the whole mix."""
     examples = read_examples(path, preset.source_field, preset.target_field)
-    if limit is not None:
+    if limit is not None and spread and limit < len(examples):
+        examples = [examples[i * len(examples) // limit] for i in range(limit)]
+    elif limit is not None:
         examples = examples[:limit]
     feats, stats = encode_examples(examples, tokenizer, preset.max_source_len, preset.max_target_len,
                                    marker_id(tokenizer, preset.answer_marker))
@@ -201,7 +206,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
     evaluate = None
     if cfg.dev:
-        dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples)
+        dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples, spread=True)
         opts = DecodeOptions(num_beams=cfg.eval_beams, max_length=preset.max_decode_len,
                              min_length=max(preset.min_decode_len, 1), length_penalty=preset.length_penalty,
                              no_repeat_ngram_size=preset.no_repeat_ngram_size,

@@ -387,3 +387,13 @@ def test_limits_are_validated(tokenizer) -> None:
         encode_examples([ex("s", "t")], tokenizer, 16, 1)
     with pytest.raises(ValueError, match="max_source_len must be at least 3"):
         encode_examples([ex("s", "t")], tokenizer, 2, 8)
+
+
+def test_dev_subset_is_evenly_spaced_over_the_file(tmp_path, tiny_tokenizer):
+    from erniegen.finetune import load_pairs
+    path = write_jsonl(tmp_path / "dev.jsonl", [json.dumps({"source": "a", "target": f"q{i}"}) for i in range(10)])
+    preset = get_task("squad_qg")
+    pick = lambda **kw: [e.target for e in load_pairs(path, preset, tiny_tokenizer, 4, **kw)[0]]  # noqa: E731
+    assert pick() == ["q0", "q1", "q2", "q3"]
+    assert pick(spread=True) == ["q0", "q2", "q5", "q7"]  # rows i * 10 // 4: every part of the file
+    assert len(load_pairs(path, preset, tiny_tokenizer, 20, spread=True)[0]) == 10

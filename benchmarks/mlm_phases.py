@@ -40,7 +40,7 @@ def texts_of(feats, cls_id: int) -> list[list[int]]:
 
 @torch.no_grad()
 def heldout_mlm_loss(model: Transformer, texts: list[list[int]], seed: int = 0, batch_size: int = 64) -> float:
-    """Mean masked-LM cross-entropy over ``texts`` with fixed masks, dropout off: one number per model."""
+    """Mean masked-LM cross-entropy per masked token over ``texts`` with fixed masks, dropout off."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # padding does not change the loss
@@ -61,9 +61,11 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--head-steps", type=int, default=100)
     p.add_argument("--adapt-steps", type=int, default=200)
+    p.add_argument("--seed", type=int, default=42, help="finetune's --seed (its default)")
     p.add_argument("--output")
     args = p.parse_args()
 
+    torch.manual_seed(args.seed)  # as `erniegen finetune` seeds before loading: the missing head starts from it
     model = Transformer.from_pretrained("minilm")
     cfg = FinetuneConfig(train=f"{args.data}/squad_qg_sent/train.jsonl", output="unused")
     preset = resolve_preset(cfg, model.config.max_position_embeddings)
@@ -74,14 +76,24 @@ def main() -> None:
     _, train = load_pairs(cfg.train, preset, model.tokenizer, None)
     _, dev = load_pairs(f"{args.data}/squad_qg_sent/dev.jsonl", preset, model.tokenizer, None)
     texts, dev_texts = texts_of(train, cls_id), texts_of(dev, cls_id)
-    result: dict = {"head_steps": args.head_steps, "adapt_steps": args.adapt_steps,
-                    "heldout_loss_before": heldout_mlm_loss(model, dev_texts)}
-    for name, run, steps, seed in (("head", warm_up_head, args.head_steps, 0), ("adapt", adapt_to_task, args.adapt_steps, 1)):
+    n_dev = len(dev)
+
+    def heldout(when: str) -> dict[str, float]:
+        """All dev texts (a token-weighted mean, three quarters source tokens), then sources and questions apart:
+        the questions are what fine-tuning will predict."""
+        return {f"heldout_loss_{when}": heldout_mlm_loss(model, dev_texts),
+                f"heldout_sources_{when}": heldout_mlm_loss(model, dev_texts[:n_dev]),
+                f"heldout_questions_{when}": heldout_mlm_loss(model, dev_texts[n_dev:])}
+
+    result: dict = {"head_steps": args.head_steps, "adapt_steps": args.adapt_steps, "seed": args.seed,
+                    **heldout("before")}
+    for name, run, steps, seed in (("head", warm_up_head, args.head_steps, args.seed),
+                                   ("adapt", adapt_to_task, args.adapt_steps, args.seed + 1)):
         t0 = time.perf_counter()
         run(model, texts, steps, seed=seed, progress=False)
         seconds = time.perf_counter() - t0
         result[f"{name}_s"], result[f"{name}_s_per_step"] = round(seconds, 1), round(seconds / max(steps, 1), 3)
-    result["heldout_loss_after"] = heldout_mlm_loss(model, dev_texts)
+    result.update(heldout("after"))
     result["commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                       text=True).stdout.strip()
     result["cpu"] = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()

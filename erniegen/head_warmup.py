@@ -35,7 +35,7 @@ from .passes import encode_context
 from .train import epoch_batches, lr_factor, resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
-# squad_qg_sent (8,699 sources + 8,699 questions), ~40 s on two CPU cores (BENCHMARKS.md section 1).
+# squad_qg_sent (8,699 sources + 8,699 questions); its time per CPU is in BENCHMARKS.md section 2.
 HEAD_WARMUP_STEPS = 300
 HEAD_WARMUP_LR = 1e-3
 MASK_PROB = 0.15
@@ -125,6 +125,10 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
     losses: list[float] = []
     t0 = time.time()
     batches = masked_lm_batches([len(t) for t in texts], batch_size, seed)
+    # every masked token weighs the same in every step, as in batches drawn at random: a bucketed batch of
+    # questions holds a third of the masked tokens of a batch of sources, and a per-batch mean would weigh
+    # each of its tokens three times as much. So the sum over a batch is divided by the mean count instead.
+    per_batch = max(1.0, MASK_PROB * min(batch_size, len(texts)) * sum(len(t) - 2 for t in texts) / len(texts))
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -141,11 +145,11 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
                 with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
                     # a frozen encoder builds no graph: none of its parameters asks for a gradient
                     hidden, _, _ = encode_context(model, ids.masked_fill(where, mask_id), lengths)
-                    loss = F.cross_entropy(model.logits(hidden[where]).float(), ids[where])
+                    token_losses = F.cross_entropy(model.logits(hidden[where]).float(), ids[where], reduction="none")
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (token_losses.sum() / per_batch).backward()
                 optimizer.step()
-                losses.append(float(loss.detach()))
+                losses.append(float(token_losses.detach().mean()))
     finally:
         for p in frozen:
             p.requires_grad_(True)

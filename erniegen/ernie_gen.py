@@ -110,7 +110,9 @@ class ErnieGenObjective(nn.Module):
         valid = torch.arange(lt, device=tgt_ids.device)[None, :] < tgt_len[:, None]
         rate = self.current_noise if self.training else 0.0
         tgt_in = noise_ids(tgt_ids, valid, rate, self.replacements)
-        hidden, kv, roles = encode_context(self.model, src_ids, src_len, tgt_in, tgt_len)
+        # the infilling flows read the contextual flow's keys/values only; the typical baseline its states
+        hidden, kv, roles = encode_context(self.model, src_ids, src_len, tgt_in, tgt_len,
+                                           hidden=self.cfg.method == "typical")
         n_tokens = int(src_len.sum() + tgt_len.sum())
         if self.cfg.method == "typical":
             # t_0 is predicted from the source's last token ([SEP]), t_i from t_{i-1}.

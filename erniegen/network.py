@@ -432,15 +432,25 @@ class Network(nn.Module):
         return self.layers[i](x, mask, past)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: torch.Tensor,
-                mask: torch.Tensor, past: list[KV] | list[PastSlot] | None = None) -> tuple[torch.Tensor, list[KV]]:
+                mask: torch.Tensor, past: list[KV] | list[PastSlot] | None = None, hidden: bool = True
+                ) -> tuple[torch.Tensor | None, list[KV]]:
         """Run new tokens through every layer against optional per-layer past keys/values.
 
         ``mask`` is (B, T, P+T) bool. Returns the last hidden states (B,T,H) and each layer's (k, v)
-        for the T new tokens.
+        for the T new tokens. ``hidden=False`` (no ``past``): the caller needs only the keys/values, as
+        ERNIE-GEN's contextual flow in training does, so the last layer computes its key and value
+        products alone, not its attention and feed-forward (~10/12 of a layer's products); returns None
+        for the hidden states.
         """
+        if not hidden and past is not None:
+            raise ValueError("hidden=False is for a pass without past: a PastSlot would miss its last write")
         x = self.embed(input_ids, position_ids, token_type_ids)
         new_kv = []
+        last = len(self.layers) - 1
         for i in range(len(self.layers)):
+            if i == last and not hidden:
+                new_kv.append(self.layers[i].attn.keys_values(x))
+                return None, new_kv
             x, kv = self.run_layer(i, x, mask, None if past is None else past[i])
             new_kv.append(kv)
         return x, new_kv

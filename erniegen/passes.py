@@ -27,10 +27,11 @@ def target_positions(src_len: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def encode_context(model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
-                   tgt_in: torch.Tensor | None = None, tgt_len: torch.Tensor | None = None):
+                   tgt_in: torch.Tensor | None = None, tgt_len: torch.Tensor | None = None, hidden: bool = True):
     """Run the source (and optionally a target prefix) through the contextual flow.
 
-    Returns hidden states, per-layer K/V and the key roles, ready to be ``past`` of later calls.
+    Returns hidden states (None with ``hidden=False``: see ``Network.forward``), per-layer K/V and the key
+    roles, ready to be ``past`` of later calls.
     """
     b, ls = src_ids.shape
     roles = source_roles(src_len, ls)
@@ -42,8 +43,8 @@ def encode_context(model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
         ids = torch.cat([ids, tgt_in], 1)
         pos = torch.cat([pos, target_positions(src_len, lt)], 1)
         types = torch.cat([types, torch.full_like(tgt_in, model.target_type_id)], 1)
-    hidden, kv = model(ids, pos, types, attention_mask(roles, roles))
-    return hidden, kv, roles
+    out, kv = model(ids, pos, types, attention_mask(roles, roles), hidden=hidden)
+    return out, kv, roles
 
 
 def placeholder_pass(model: Network, attn_id: int, src_len: torch.Tensor, query: Roles,

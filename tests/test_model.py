@@ -106,6 +106,36 @@ def test_past_keys_values_equal_one_full_pass(tiny_model):
     assert torch.allclose(kv_t[1][0], full_kv[1][0][:, :, 4:], atol=1e-6)  # only the new tokens' keys
 
 
+def test_a_keys_values_only_pass_equals_the_full_pass_and_its_gradients(tiny_model):
+    """hidden=False (ERNIE-GEN's contextual flow in training) skips the last layer's attention and
+    feed-forward: every layer's keys/values and every gradient through them stay bit-identical."""
+    tiny_model.train()  # with gradients: the training path (tiny_config has no dropout)
+    b, t = 2, 6
+    ids = torch.tensor([[4, 10, 11, 12, 5, 0], [4, 13, 14, 15, 16, 5]])
+    roles = source_roles(torch.tensor([5, 6]), t)
+    args = (ids, torch.arange(t).expand(b, t), torch.zeros_like(ids), attention_mask(roles, roles))
+    weights = [(torch.randn(b, 4, t, 8), torch.randn(b, 4, t, 8)) for _ in tiny_model.layers]
+
+    def run(hidden: bool):
+        tiny_model.zero_grad(set_to_none=True)
+        out, kv = tiny_model(*args, hidden=hidden)
+        sum(((k * wk).sum() + (v * wv).sum()) for (k, v), (wk, wv) in zip(kv, weights)).backward()
+        grads = {n: None if p.grad is None else p.grad.clone() for n, p in tiny_model.named_parameters()}
+        return out, [(k.detach(), v.detach()) for k, v in kv], grads
+
+    full_out, full_kv, full_grads = run(True)
+    out, kv, grads = run(False)
+    assert out is None and full_out.shape == (b, t, 32)
+    assert all(torch.equal(a, c) and torch.equal(b_, d) for (a, b_), (c, d) in zip(kv, full_kv))
+    for name, g in full_grads.items():
+        assert (g is None) == (grads[name] is None), name
+        assert g is None or torch.equal(g, grads[name]), name
+    last = len(tiny_model.layers) - 1
+    assert grads[f"layers.{last}.attn.key.weight"] is not None and grads[f"layers.{last}.ffn_in.weight"] is None
+    with pytest.raises(ValueError, match="without past"):
+        tiny_model(*args, past=kv, hidden=False)
+
+
 def test_mask_really_blocks_attention(tiny_model):
     """Changing a later target token leaves the source and earlier target states unchanged."""
     r = source_roles(torch.tensor([3]), 3).cat(target_roles(CONTEXT, torch.tensor([3]), 3))

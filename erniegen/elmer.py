@@ -32,6 +32,10 @@ drawn per token (as LPLM pre-training does) would tie each layer to the exit pat
 as in the released code, copied states are detached. Soft-exit training follows the released code
 in feeding the gold token's embedding instead of the predicted one with probability 0.3
 (``gold_rate``); with ``exits: all`` no state is copied, so there is nothing to detach.
+``mask_mode: glat`` adds glancing training (nar.py's GLAT, as NAT and MIST train by default): a no-grad
+first pass predicts every slot with the last off-ramp, ⌊f_ratio · d⌋ of the labelled slots (d = that
+prediction's Hamming distance from the labels) show their reference token instead of [MASK], and only
+the other labelled slots carry a loss.
 
 What comes from elsewhere: the slot roles and positions of passes.py (ELMER's slots are NAR slots
 that all count as real), masks from masks.attention_mask, the layers stepped through
@@ -55,7 +59,7 @@ from torch import nn
 
 from .data import TaskPreset
 from .masks import NAR, PAD, Roles, attention_mask
-from .nar import position_limit
+from .nar import GLAT_F_RATIO, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
 from .search import DecodeOptions, Decoder, until_end
@@ -65,6 +69,7 @@ HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer
 IGNORE = -100
 SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
 EXIT_TRAINING = ("all", "drawn")
+ELMER_MASK_MODES = ("all", "glat")
 
 
 @dataclass
@@ -77,6 +82,8 @@ class ElmerConfig:
     # hard exit: all = a loss at every off-ramp for every slot (the released code; module docstring);
     # drawn = each slot's loss at one exit layer drawn uniformly, as LPLM pre-trains (the ablation)
     exits: str = "all"
+    mask_mode: str = "all"  # all: every slot [MASK]; glat: glancing training (module docstring)
+    f_ratio: float | None = None  # glat: share of the first pass's wrong slots revealed; None: GLAT_F_RATIO
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
@@ -92,6 +99,14 @@ class ElmerConfig:
             raise ValueError("exits: drawn trains hard exits; --method elmer-soft runs every layer for every slot")
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
+        if self.mask_mode not in ELMER_MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {ELMER_MASK_MODES}, got {self.mask_mode!r}")
+        if self.f_ratio is not None and self.mask_mode != "glat":
+            raise ValueError("f_ratio is only used with mask_mode: glat")
+        if self.mask_mode == "glat" and self.f_ratio is None:
+            self.f_ratio = GLAT_F_RATIO
+        if self.f_ratio is not None and not 0.0 <= self.f_ratio <= 1.0:
+            raise ValueError(f"f_ratio must be in [0, 1], got {self.f_ratio}")
 
 
 
@@ -169,14 +184,16 @@ class Slots:
     mask: torch.Tensor  # (N,T,S+T): the source's real tokens and every slot
 
 
-def make_slots(model: Network, source: EncodedSource, width: int) -> Slots:
-    """Every slot is a visible NAR slot: ELMER has no length, so a row has no padding slots."""
+def make_slots(model: Network, source: EncodedSource, width: int, ids: torch.Tensor | None = None) -> Slots:
+    """Every slot is a visible NAR slot: ELMER has no length, so a row has no padding slots. Their input
+    ids are [MASK] unless given (glancing training reveals some reference tokens)."""
     n = len(source.length)
     if int(source.length.max()) + width > position_limit(model):
         raise ValueError(f"a source of {int(source.length.max())} tokens leaves no room for {width} target "
                          f"slots in {position_limit(model)} positions")
     roles = slot_roles(torch.full((n,), width, device=source.length.device), width)
-    ids = torch.full((n, width), model.tokenizer.mask_token_id, device=source.length.device)
+    if ids is None:
+        ids = torch.full((n, width), model.tokenizer.mask_token_id, device=source.length.device)
     x = model.embed(ids, target_positions(source.length, width), torch.full_like(ids, model.target_type_id))
     return Slots(x, roles, attention_mask(roles, source.roles.cat(roles)))
 
@@ -302,10 +319,10 @@ def exit_shares(counts: Counter[int], n_layers: int) -> list[float]:
 
 
 def soft_exit_layers(model: Network, source: EncodedSource, width: int, gold: torch.Tensor | None = None,
-                     gold_rate: float = 0.0) -> Iterator[torch.Tensor]:
+                     gold_rate: float = 0.0, slot_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Each layer's off-ramp logits (N,T,V) of a soft-exit pass; between layers the argmax (or, with
     probability ``gold_rate``, the ``gold`` id where it is not IGNORE) is fused into the next input."""
-    slots = make_slots(model, source, width)
+    slots = make_slots(model, source, width, slot_ids)
     x, n_layers = slots.x, len(model.layers)
     for layer in range(n_layers):
         x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
@@ -366,7 +383,7 @@ def draw_exit_layers(shape: tuple[int, ...], n_layers: int, device: torch.device
 
 
 def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
-                    label_smoothing: float) -> torch.Tensor:
+                    label_smoothing: float, slot_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Each slot runs up to an exit layer drawn uniformly (:func:`draw_exit_layers`), is predicted by
     that layer's off-ramp and is copied unchanged above it; the mean cross-entropy of the labelled slots.
 
@@ -374,7 +391,7 @@ def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
     its exit, not the layers above through the keys/values it offers there.
     """
     exits = draw_exit_layers(labels.shape, len(model.layers), labels.device)
-    slots = make_slots(model, source, labels.shape[1])
+    slots = make_slots(model, source, labels.shape[1], slot_ids)
     x, logits, gold = slots.x, [], []
     for layer in range(len(model.layers)):
         out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
@@ -400,26 +417,45 @@ class ElmerObjective(nn.Module):
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:
         source, _ = encode_source(self.model, src_ids, src_len)
-        labels = slot_labels(tgt_ids, tgt_len, self.width)
-        where = labels != IGNORE
+        gold = slot_labels(tgt_ids, tgt_len, self.width)
         n_tokens = src_len.sum() + len(src_len) * self.width
+        slot_ids, labels = None, gold
+        if self.cfg.mask_mode == "glat" and self.training:
+            revealed = glancing_reveal(self.first_pass(source), gold, gold != IGNORE, self.cfg.f_ratio)
+            slot_ids = torch.where(revealed, gold, self.model.tokenizer.mask_token_id)
+            labels = gold.masked_fill(revealed, IGNORE)  # a revealed slot shows its answer: no loss there
+            n_tokens = n_tokens + len(src_len) * self.width  # the first pass's slots (the source is encoded once)
+        where = labels != IGNORE
         if self.cfg.exits == "drawn":
-            return {"loss": drawn_exit_loss(self.model, source, labels, self.cfg.label_smoothing),
+            return {"loss": drawn_exit_loss(self.model, source, labels, self.cfg.label_smoothing, slot_ids),
                     "num_tokens": n_tokens}
         if self.soft:
             gold_rate = self.cfg.gold_rate if self.training else 0.0
-            logits = [lg[where] for lg in soft_exit_layers(self.model, source, self.width, labels, gold_rate)]
+            logits = [lg[where] for lg in soft_exit_layers(self.model, source, self.width, gold, gold_rate, slot_ids)]
         else:
-            logits = list(self._layer_logits(source, where))
+            logits = list(self._layer_logits(source, where, slot_ids))
         losses = torch.stack([F.cross_entropy(lg.float(), labels[where], label_smoothing=self.cfg.label_smoothing)
                               for lg in logits])
         return {"loss": losses.mean(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
                 "num_tokens": n_tokens}
 
-    def _layer_logits(self, source: EncodedSource, where: torch.Tensor) -> Iterator[torch.Tensor]:
+    @torch.no_grad()
+    def first_pass(self, source: EncodedSource) -> torch.Tensor:
+        """GLAT's first pass: every slot [MASK], the argmax (N,T) of the last off-ramp, in the current mode."""
+        if self.soft:
+            *_, logits = soft_exit_layers(self.model, source, self.width)
+            return logits.argmax(-1)
+        slots = make_slots(self.model, source, self.width)
+        x = slots.x
+        for layer in range(len(self.model.layers)):
+            x, _ = self.model.run_layer(layer, x, slots.mask, source.kv[layer])
+        return layer_logits(self.model, len(self.model.layers) - 1, x).argmax(-1)
+
+    def _layer_logits(self, source: EncodedSource, where: torch.Tensor,
+                      slot_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Hard-exit training: every slot runs every layer; each off-ramp scores the labelled slots."""
         model = self.model
-        slots = make_slots(model, source, self.width)
+        slots = make_slots(model, source, self.width, slot_ids)
         x = slots.x
         for layer in range(len(model.layers)):
             x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])

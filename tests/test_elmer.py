@@ -226,7 +226,12 @@ def test_hard_and_soft_models_are_not_mixed_up(elmer_model, soft_model, tiny_mod
 def test_records_and_options():
     assert registry.default_decoder("elmer") == "elmer-hard"
     assert registry.default_decoder("elmer-soft") == "elmer-soft"
-    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits"]
+    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits", "mask_mode", "f_ratio"]
+    assert ElmerConfig(mask_mode="glat").f_ratio == 0.5 and ElmerConfig().f_ratio is None
+    with pytest.raises(ValueError, match="f_ratio is only used with mask_mode: glat"):
+        ElmerConfig(f_ratio=0.5)
+    with pytest.raises(ValueError, match="mask_mode must be one of"):
+        ElmerConfig(mask_mode="partial")
     assert ElmerConfig(method="elmer-soft").gold_rate == 0.3
     assert ElmerConfig(method="elmer").gold_rate is None
     with pytest.raises(ValueError, match="gold_rate is only used with --method elmer-soft"):
@@ -261,8 +266,53 @@ def test_loss_is_the_mean_of_the_off_ramps(tiny_tokenizer):
     assert len(model.extras[HEADS]) == 2  # the last layer reads the model's own head
 
 
+@pytest.mark.parametrize("method", ["elmer", "elmer-soft"])
+def test_glat_reveals_in_proportion_to_the_first_pass_distance_and_revealed_slots_carry_no_loss(
+        tiny_tokenizer, monkeypatch, method):
+    model = _model(tiny_tokenizer, soft=method == "elmer-soft")
+    obj = build_objective(method, model, PRESET, {"mask_mode": "glat", **({"gold_rate": 0.0} if method == "elmer-soft"
+                                                                          else {})}).train()
+    batch = collate_pairs(ITEMS)  # labelled slots: 4 and 3 (end [SEP] included)
+    gold = slot_labels(batch["tgt_ids"], batch["tgt_len"], T)
+    scripted = torch.where(gold == IGNORE, 0, gold)
+    scripted[0, :3] = 99  # row 0: 3 of its 4 labelled slots wrong -> 1 revealed; row 1: all 3 wrong -> 1
+    scripted[1, :3] = 98
+    scripted[1, 5] = 97  # a wrong guess past the end is not counted
+    monkeypatch.setattr(obj, "first_pass", lambda source: scripted)
+    seen = []
+    real_make_slots = elmer.make_slots
+    monkeypatch.setattr(elmer, "make_slots", lambda m, src, w, ids=None: seen.append(ids) or real_make_slots(m, src, w, ids))
+    torch.manual_seed(0)
+    out = obj(**batch)
+    (ids,) = seen
+    labelled = gold != IGNORE
+    revealed = labelled & (ids != MASK)
+    assert revealed.sum(1).tolist() == [1, 1]  # floor(0.5 * 3) each
+    assert torch.equal(ids[revealed], gold[revealed]) and bool((ids[~labelled] == MASK).all())
+    # the loss: every off-ramp's cross-entropy over the labelled slots left masked, averaged over layers
+    monkeypatch.setattr(elmer, "make_slots", real_make_slots)
+    with torch.no_grad():
+        source = encode_source(model, batch["src_ids"], batch["src_len"])[0]
+        left = labelled & ~revealed
+        if method == "elmer-soft":
+            per_layer = [lg[left] for lg in soft_exit_layers(model, source, T, gold, 0.0, ids)]
+        else:
+            slots, per_layer = make_slots(model, source, T, ids), []
+            x = slots.x
+            for layer in range(3):
+                x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+                per_layer.append(layer_logits(model, layer, x[left]))
+        expect = torch.stack([torch.nn.functional.cross_entropy(lg, gold[left]) for lg in per_layer]).mean()
+    assert torch.allclose(out["loss"], expect, atol=1e-5)
+    assert out["num_tokens"].item() == 5 + 3 + 2 * (2 * T)  # sources, then 2 rows of T slots in each of two passes
+    with torch.no_grad():
+        assert torch.allclose(obj.eval()(**batch)["loss"], obj(**batch)["loss"])  # evaluation never glances
+        seen.clear()
+
+
 @pytest.mark.parametrize("method,options", [("elmer", {}), ("elmer", {"layer_heads": True}), ("elmer-soft", {}),
-                                            ("elmer", {"exits": "drawn"})])
+                                            ("elmer", {"exits": "drawn"}), ("elmer", {"mask_mode": "glat"}),
+                                            ("elmer-soft", {"mask_mode": "glat"})])
 def test_training_steps_reduce_the_loss(tiny_model, method, options):
     obj = build_objective(method, tiny_model, PRESET, options).train()
     batch = collate_pairs(ITEMS)

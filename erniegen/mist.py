@@ -82,6 +82,8 @@ def mist_batch(model: Network, pseudo: Sequence[Sequence[int]], sources: Sequenc
 class MistConfig(NarOptions):
     """``method_options`` of ``--method nat|mist``: the NAR ones (nar.py) and MIST's mixing."""
 
+    # glancing training by default: the MIST paper trains every encoder-based NAR model with it, NAT included
+    mask_mode: str = "glat"
     mixing: str = "dynamic"  # dynamic (MIST) | none (plain NAT) | static (pseudo_ids from a trained model)
     pseudo_from: str | None = None  # static: the trained model folder that writes the pseudo targets
 

@@ -183,7 +183,7 @@ def glancing_reveal(predicted: torch.Tensor, target: torch.Tensor, valid: torch.
 class NarOptions:
     """``method_options`` every NAR method takes (label smoothing comes from the task preset)."""
 
-    mask_mode: str = "all"  # all: every slot [MASK]; partial: a uniform count, as CMLM; glat: glancing
+    mask_mode: str = "all"  # all: every slot [MASK]; partial: a uniform count, as CMLM; glat: glancing (nat, mist)
     f_ratio: float | None = None  # glat: share of the first pass's wrong tokens revealed; None: GLAT_F_RATIO
     length_weight: float = 0.1
     label_smoothing: float = 0.1

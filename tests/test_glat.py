@@ -132,8 +132,9 @@ def test_mist_uses_its_glancing_first_pass_as_the_pseudo_target(tiny_model):
 def test_glat_options_are_checked():
     assert MistConfig(mask_mode="glat").f_ratio == 0.5
     assert MistConfig(mask_mode="glat", f_ratio=0.3).f_ratio == 0.3
+    assert MistConfig().mask_mode == "glat" and MistConfig().f_ratio == 0.5  # nat and mist train with GLAT
     with pytest.raises(ValueError, match="f_ratio is only used with mask_mode: glat"):
-        MistConfig(f_ratio=0.5)
+        MistConfig(mask_mode="all", f_ratio=0.5)
     with pytest.raises(ValueError, match="f_ratio must be in"):
         MistConfig(mask_mode="glat", f_ratio=1.5)
 

@@ -165,7 +165,7 @@ def test_mist_source_puts_pseudo_target_first_and_truncates_it():
 
 def test_mist_pass_inputs_and_no_gradient_through_first_pass(nat_model):
     """Dynamic MIST runs: source, NAT slots, pseudo slots (no grad), [CLS] Y_p [SEP] X [SEP], MIST slots."""
-    obj = build_mist_objective("mist", nat_model, PRESET, {}).train()
+    obj = build_mist_objective("mist", nat_model, PRESET, {"mask_mode": "all"}).train()  # GLAT's: test_glat.py
     batch = collate_pairs(ITEMS[1:])  # source [CLS 30 SEP], target [40 SEP]
     calls = []
     hook = nat_model.register_forward_hook(
@@ -307,7 +307,8 @@ def test_dedup_is_post_processing(nat_model):
 # ---- training ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,options", [("nat", {}), ("mist", {}), ("nat", {"mask_mode": "partial"})])
+@pytest.mark.parametrize("method,options", [("nat", {"mask_mode": "all"}), ("mist", {"mask_mode": "all"}),
+                                            ("nat", {"mask_mode": "partial"})])  # glat (the default): test_glat.py
 def test_training_steps_reduce_the_loss(tiny_model, method, options):
     obj = build_mist_objective(method, tiny_model, PRESET, options).train()
     batch = collate_pairs(ITEMS)

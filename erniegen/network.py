@@ -282,7 +282,12 @@ class Layer(nn.Module):
             raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
         self.act = _ACTIVATIONS[cfg.hidden_act]
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None) -> tuple[torch.Tensor, KV]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None,
+                keys_values_only: bool = False) -> tuple[torch.Tensor | None, KV]:
+        # keys_values_only inside the layer's own call, so that a wrapper's hooks (FSDP gathering the
+        # layer's sharded weights) run for it too
+        if keys_values_only:
+            return None, self.attn.keys_values(x)
         a, kv = self.attn(x, mask, past)
         drop = self.dropout if self.training else _unchanged  # at inference a module call is pure overhead
         x = self.attn_norm(x + drop(a))
@@ -449,7 +454,7 @@ class Network(nn.Module):
         last = len(self.layers) - 1
         for i in range(len(self.layers)):
             if i == last and not hidden:
-                new_kv.append(self.layers[i].attn.keys_values(x))
+                new_kv.append(self.layers[i](x, mask, None, keys_values_only=True)[1])
                 return None, new_kv
             x, kv = self.run_layer(i, x, mask, None if past is None else past[i])
             new_kv.append(kv)

@@ -59,7 +59,7 @@ from torch import nn
 
 from .data import TaskPreset
 from .masks import NAR, PAD, Roles, attention_mask
-from .nar import GLAT_F_RATIO, glancing_reveal, position_limit
+from .nar import checked_f_ratio, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
 from .search import DecodeOptions, Decoder, until_end
@@ -99,14 +99,7 @@ class ElmerConfig:
             raise ValueError("exits: drawn trains hard exits; --method elmer-soft runs every layer for every slot")
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
-        if self.mask_mode not in ELMER_MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {ELMER_MASK_MODES}, got {self.mask_mode!r}")
-        if self.f_ratio is not None and self.mask_mode != "glat":
-            raise ValueError("f_ratio is only used with mask_mode: glat")
-        if self.mask_mode == "glat" and self.f_ratio is None:
-            self.f_ratio = GLAT_F_RATIO
-        if self.f_ratio is not None and not 0.0 <= self.f_ratio <= 1.0:
-            raise ValueError(f"f_ratio must be in [0, 1], got {self.f_ratio}")
+        self.f_ratio = checked_f_ratio(self.mask_mode, self.f_ratio, ELMER_MASK_MODES)
 
 
 

@@ -179,6 +179,20 @@ def glancing_reveal(predicted: torch.Tensor, target: torch.Tensor, valid: torch.
 # ---- training ----------------------------------------------------------------------------------
 
 
+def checked_f_ratio(mask_mode: str, f_ratio: float | None, modes: Sequence[str]) -> float | None:
+    """Check a method's ``mask_mode`` against the ``modes`` it offers and its GLAT ``f_ratio``; returns the
+    ratio to use (GLAT_F_RATIO when glat is asked for without one)."""
+    if mask_mode not in modes:
+        raise ValueError(f"mask_mode must be one of {tuple(modes)}, got {mask_mode!r}")
+    if f_ratio is not None and mask_mode != "glat":
+        raise ValueError("f_ratio is only used with mask_mode: glat")
+    if mask_mode == "glat" and f_ratio is None:
+        f_ratio = GLAT_F_RATIO
+    if f_ratio is not None and not 0.0 <= f_ratio <= 1.0:
+        raise ValueError(f"f_ratio must be in [0, 1], got {f_ratio}")
+    return f_ratio
+
+
 @dataclass
 class NarOptions:
     """``method_options`` every NAR method takes (label smoothing comes from the task preset)."""
@@ -189,14 +203,7 @@ class NarOptions:
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
-        if self.f_ratio is not None and self.mask_mode != "glat":
-            raise ValueError("f_ratio is only used with mask_mode: glat")
-        if self.mask_mode == "glat" and self.f_ratio is None:
-            self.f_ratio = GLAT_F_RATIO
-        if self.f_ratio is not None and not 0.0 <= self.f_ratio <= 1.0:
-            raise ValueError(f"f_ratio must be in [0, 1], got {self.f_ratio}")
+        self.f_ratio = checked_f_ratio(self.mask_mode, self.f_ratio, MASK_MODES)
         if self.length_weight < 0:
             raise ValueError(f"length_weight must be >= 0, got {self.length_weight}")
 

@@ -106,6 +106,37 @@ def _decode_options(args) -> dict:
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 
+# sysexits.h EX_TEMPFAIL: the run stopped at --max-time with its work saved; the same command with
+# --resume goes on (schedulers and scripts can tell it from success, 0, and from an error, 2)
+EXIT_STOPPED = 75
+
+
+def _max_time(args) -> float | None:
+    from .train import parse_duration
+    try:
+        return None if args.max_time is None else parse_duration(args.max_time)
+    except ValueError as e:
+        raise ValueError(f"--max-time: {e}") from None
+
+
+def _report(summary: dict) -> None:
+    """Print the run's summary (rank 0); a run stopped by --max-time says so and exits EXIT_STOPPED."""
+    from .train import is_main_process
+    if is_main_process():
+        print(json.dumps(summary, default=str))
+    if summary.get("stopped"):
+        if is_main_process():
+            print(f"stopped by --max-time after step {summary['global_step']} of {summary['total_steps']}: "
+                  "checkpoint-last is saved; run the same command with --resume to go on", file=sys.stderr)
+        raise SystemExit(EXIT_STOPPED)
+
+
+def _add_max_time(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-time", metavar="[[DD:]HH:]MM:SS",
+                   help="wall-time budget for the whole command: after the first optimizer step that ends past "
+                        f"it, save checkpoint-last and exit with status {EXIT_STOPPED}; --resume goes on")
+
+
 def cmd_finetune(args) -> None:
     from .finetune import FinetuneConfig, finetune
     from .train import TrainConfig
@@ -113,7 +144,7 @@ def cmd_finetune(args) -> None:
                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                           warmup_ratio=args.warmup_ratio, seed=args.seed, eval_every=args.eval_every,
                           save_every=args.save_every, log_every=args.log_every, precision=args.precision,
-                          resume=args.resume, eval_raw_weights=args.eval_raw_weights)
+                          resume=args.resume, eval_raw_weights=args.eval_raw_weights, max_time=_max_time(args))
     options = {}
     if args.config:
         import yaml
@@ -129,10 +160,7 @@ def cmd_finetune(args) -> None:
                          attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, ema_decay=args.ema_decay,
                          answer_marker=args.answer_marker, method_options=options.get("method_options", {}))
-    summary = finetune(cfg)
-    from .train import is_main_process
-    if is_main_process():
-        print(json.dumps(summary, default=str))
+    _report(finetune(cfg))
 
 
 def cmd_generate(args) -> None:
@@ -226,19 +254,16 @@ def cmd_pretrain(args) -> None:
     import dataclasses
 
     from .pretrain import PretrainConfig, default_trainer, pretrain
-    from .train import is_main_process
     trainer = dataclasses.replace(
         default_trainer(), max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, save_every=args.save_every, log_every=args.log_every,
-        precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed)
+        precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed, max_time=_max_time(args))
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
                          objective=args.objective, method=args.method, word_weight=args.word_weight,
                          noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field,
                          paragraphs=args.paragraphs,
                          shuffle_window=args.shuffle_window, trainer=trainer)
-    summary = pretrain(cfg)
-    if is_main_process():
-        print(json.dumps(summary, default=str))
+    _report(pretrain(cfg))
 
 
 def cmd_plot(args) -> None:
@@ -308,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--config", help="YAML with method_options (e.g. MIST's mixing switches)")
     f.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint-last")
+    _add_max_time(f)
     f.set_defaults(func=cmd_finetune)
 
     g = sub.add_parser("generate", help="write each input row back with a 'prediction' field")
@@ -386,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shuffle documents within windows of this many, per process (1 = corpus order); "
                          "memory holds one window of text")
     pt.add_argument("--seed", type=int, default=42)
+    _add_max_time(pt)
     pt.set_defaults(func=cmd_pretrain)
 
     pl = sub.add_parser("plot", help="training-loss and dev-metric curves of runs, side by side, as an image")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
 from .search import DecodeOptions, default_banned_ids
-from .train import TrainConfig, check_config, check_output_dir, is_main_process, train
+from .train import TrainConfig, check_config, check_output_dir, is_main_process, time_left, train
 
 
 @dataclass
@@ -168,6 +169,7 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    t_start = time.monotonic()  # trainer.max_time counts the loading and warm-ups too
     family = registry.family(cfg.method)
     registry.check_options(cfg.method, cfg.method_options)
     recipe = get_task(cfg.task)  # the preset's lr and epochs where the trainer leaves them unset
@@ -217,5 +219,5 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4,rougeL" if preset.metric == "qg" else "rougeL",
                                    greater_is_better=True)
     lengths = [len(f.source_ids) + len(f.target_ids) for f in train_feats]
-    return train(objective, train_feats, collate, tcfg,
+    return train(objective, train_feats, collate, time_left(tcfg, t_start),
                  evaluate=evaluate, save_model=model.save_pretrained, lengths=lengths)

@@ -29,6 +29,7 @@ import dataclasses
 import os
 import random
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,7 @@ from .train import (
     check_output_dir,
     is_main_process,
     setup_distributed,
+    time_left,
     train,
 )
 
@@ -244,6 +246,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     OUTPUT/best (the model after the last step) and OUTPUT/checkpoint-last (the latest resumable
     checkpoint) are Hugging Face model folders that ``erniegen finetune --model`` loads directly.
     """
+    t_start = time.monotonic()  # trainer.max_time counts the span vocabulary build and loading too
     word_weight = cfg.resolved_word_weight()
     tcfg = fit_warmup(dataclasses.replace(cfg.trainer, output_dir=cfg.output))
     check_config(tcfg, has_evaluate=False)  # before the span vocabulary build and the model load
@@ -285,7 +288,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
                   f"step = {tcfg.batch_size}×{tcfg.grad_accum}×{world} sequences of <= {cfg.max_len} tokens "
                   f"(<= {nominal} tokens; the paper used {PAPER_BATCH_TOKENS})", file=sys.stderr)
         pad_id = model.config.pad_token_id
-        summary = train(objective, data, lambda items: collate_pairs(items, pad_id), tcfg,
+        summary = train(objective, data, lambda items: collate_pairs(items, pad_id), time_left(tcfg, t_start),
                         save_model=model.save_pretrained, fsdp_units=(Layer,))
         return summary | {"model_dir": str(Path(cfg.output) / "best")}
     finally:

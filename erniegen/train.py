@@ -24,7 +24,9 @@ Resume, as a caller wires it::
 
 ``train`` restores everything else (optimizer, scheduler, grad scaler, step, data position, RNGs,
 ``extra_state``) from ``output_dir/checkpoint-last`` and skips the micro-batches already consumed,
-so the continued run is bit-identical to an uninterrupted one on the same hardware.
+so the continued run is bit-identical to an uninterrupted one on the same hardware. With
+``max_time`` a run that would outlast its wall-clock allowance saves and returns early instead of
+being killed (``summary["stopped"]``); the next resume carries on.
 
 Output directory layout::
 
@@ -46,7 +48,7 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
@@ -67,6 +69,7 @@ LOG_FILE = "log.jsonl"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that fix the data order; changing one between a run and its resume breaks exactness.
 _ORDER_KEYS = ("seed", "batch_size", "grad_accum")
+_clock = time.monotonic  # what max_time is measured with (a test steps it by hand)
 
 
 @dataclass
@@ -99,6 +102,10 @@ class TrainConfig:
     # decay ramps in as min(ema_decay, (1 + step) / (10 + step)); None: the raw weights.
     ema_decay: float | None = None
     eval_raw_weights: bool = False      # with ema_decay: also evaluate the raw weights (logged as eval_raw)
+    # Wall-time budget in seconds, counted from train()'s start: once an optimizer step ends past it, the
+    # run saves checkpoint-last and returns with summary["stopped"] = "max_time" (a later resume goes on).
+    # For jobs with a wall-clock limit (batch schedulers, sessions): the work done is never lost.
+    max_time: float | None = None
 
 
 # ---- distributed helpers ------------------------------------------------------------------------
@@ -183,6 +190,30 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
         raise ValueError("ema_decay with fsdp=True is not supported: each rank holds only a shard of the weights")
     if cfg.eval_raw_weights and cfg.ema_decay is None:
         raise ValueError("eval_raw_weights compares the raw weights with their moving average: set ema_decay")
+    if cfg.max_time is not None and not 0 <= cfg.max_time < math.inf:
+        raise ValueError(f"max_time={cfg.max_time} must be a number of seconds >= 0")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``[[[DD:]HH:]MM:]SS`` (PyTorch Lightning's ``max_time`` format: ``00:02:30:00`` or
+    ``2:30:00``); a ValueError that quotes ``text`` otherwise."""
+    parts = text.strip().split(":")
+    try:
+        values = [float(x) for x in parts]
+    except ValueError:
+        values = []
+    if not 1 <= len(values) <= 4 or any(not 0 <= v < math.inf for v in values):
+        raise ValueError(f"{text!r} is not a duration: use [[[DD:]HH:]MM:]SS, e.g. 1:50:00 for 1 h 50 min")
+    return sum(v * u for v, u in zip(reversed(values), (1, 60, 3600, 86400)))
+
+
+def time_left(cfg: TrainConfig, since: float) -> TrainConfig:
+    """``cfg`` with ``max_time`` reduced by the wall time since ``since`` (a ``time.monotonic()``): recipes
+    that work before train() (loading, tokenizing, a head warm-up) pass their own start, so that the
+    budget counts the whole command."""
+    if cfg.max_time is None:
+        return cfg
+    return replace(cfg, max_time=max(0.0, cfg.max_time - (_clock() - since)))
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -634,6 +665,7 @@ class _Run:
                  device: torch.device, lengths: Sequence[int] | None,
                  fsdp_units: tuple[type[torch.nn.Module], ...]):
         self.t_begin = time.time()
+        self.t_start = _clock()       # max_time counts from here
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.data, self.collate, self.lengths = train_data, collate, lengths
         self.evaluate_fn, self.save_model, self.extra_state = evaluate, save_model, extra_state
@@ -697,6 +729,7 @@ class _Run:
         self.run_counts = torch.zeros(2, dtype=torch.float64, device=device)      # [tokens, examples]
         self.window_counts = torch.zeros(2, dtype=torch.float64, device=device)
         self.last_log: dict[str, Any] = {}
+        self.stopped: str | None = None           # why the run ended before total_steps ("max_time")
         # the moving average of every trained parameter (frozen ones never change), in fp32
         self.trained = [p for p in self.raw.parameters() if p.requires_grad]
         self.ema = [p.detach().float().clone() for p in self.trained] if cfg.ema_decay is not None else None
@@ -780,7 +813,8 @@ class _Run:
                 self.log(epoch_pos, lr, grad_norm)
             epoch_end = n_micro is not None and micro + 1 == n_micro
             do_eval = done or (epoch_end if cfg.eval_every is None else self.step % cfg.eval_every == 0)
-            do_save = done or (do_eval if cfg.save_every is None else self.step % cfg.save_every == 0)
+            stop = not done and self.out_of_time()
+            do_save = done or stop or (do_eval if cfg.save_every is None else self.step % cfg.save_every == 0)
             t_pause = time.time()
             if do_eval and self.main and self.evaluate_fn is not None:
                 self.evaluate()
@@ -793,11 +827,26 @@ class _Run:
                 if do_save:
                     self.save(epoch, micro)
             paused += time.time() - t_pause
-            if done:
+            if stop:
+                self.stopped = "max_time"
+                if self.main:
+                    _append_jsonl(self.out_dir / LOG_FILE, {"step": self.step, "stopped": self.stopped})
+                    tqdm.write(f"stopped at the time limit ({cfg.max_time:.0f} s) after step {self.step} of "
+                               f"{self.total_steps}; resume to go on")
+            if done or stop:
                 break
         micro_batches.close()
         self.pbar.close()
         return self.summary(time.time() - t_train - paused)
+
+    def out_of_time(self) -> bool:
+        """Past ``max_time``? Every rank takes rank 0's answer, so all stop after the same step."""
+        if self.cfg.max_time is None:
+            return False
+        flag = torch.tensor([float(_clock() - self.t_start >= self.cfg.max_time)], device=self.device)
+        if self.world > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def forward_backward(self, batch: dict, group_size: int, sync_now: bool) -> None:
         """One micro-batch: forward and backward; DDP syncs gradients on the group's last one only.
@@ -976,4 +1025,5 @@ class _Run:
                 "metric_for_best": self.cfg.metric_for_best,
                 "train_tokens_per_s": float(self.run_counts[0]) / max(train_time, 1e-9),
                 "train_examples_per_s": float(self.run_counts[1]) / max(train_time, 1e-9),
-                "wall_time_s": time.time() - self.t_begin}
+                "wall_time_s": time.time() - self.t_begin, "total_steps": self.total_steps,
+                "stopped": self.stopped}

@@ -306,6 +306,23 @@ def test_fresh_run_never_appends_to_a_leftover_log(tiny_dir, rows, tmp_path):
     assert_refused(p, "finetune", f"resume: {out} holds no checkpoint-last/trainer_state.pt to resume from")
 
 
+def test_max_time_saves_exits_75_and_resume_finishes(tiny_dir, rows, tmp_path):
+    """A zero budget stops after the first step with its work saved; the same command plus --resume
+    finishes the run (exit 0); a budget that is not a duration is refused before any work."""
+    out = tmp_path / "run"
+    p = run(*finetune_args(tiny_dir, rows, out, "--max-time", "0"))
+    assert p.returncode == 75, p.stderr[-3000:]
+    assert "stopped by --max-time after step 1 of 3" in p.stderr and "--resume" in p.stderr.splitlines()[-1]
+    assert json.loads(p.stdout.splitlines()[-1])["stopped"] == "max_time"
+    assert sorted(os.listdir(out)) == ["checkpoint-last", "log.jsonl"]
+    p = run(*finetune_args(tiny_dir, rows, out, "--max-time", "1:00:00", "--resume"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.splitlines()[-1])
+    assert (summary["global_step"], summary["stopped"]) == (3, None) and (out / "best").is_dir()
+    p = run(*finetune_args(tiny_dir, rows, tmp_path / "other", "--max-time", "1h"))
+    assert_refused(p, "finetune", "--max-time: '1h' is not a duration")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("file", ["trainer_state.pt", "rng_state_0.pt", "model.safetensors"])
 def test_damaged_checkpoint_file_is_named_on_resume(file, tiny_dir, rows, tmp_path):

@@ -432,3 +432,50 @@ def test_auto_precision_says_when_it_falls_back_to_fp32(tmp_path, monkeypatch, c
     train(model, make_data(), noisy_collate, cfg_for(tmp_path / "run", max_steps=1, warmup_steps=0,
                                                      precision=precision), save_model=saver(model))
     assert ("note: training in fp32: this CPU has no native bf16" in capsys.readouterr().err) is noted
+
+
+def test_max_time_saves_and_stops_then_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    """A clock that moves one second per reading: max_time=5 ends the run after step 5, mid-epoch and
+    between two periodic saves; checkpoint-last holds step 5, and a resume ends where run A ends."""
+    import erniegen.train as train_module
+    data, dev = make_data(), make_data(12, seed=1)
+    kw = dict(max_steps=14, save_every=4, log_every=3, eval_every=6, metric_for_best="neg_abs",
+              greater_is_better=True)
+    model_a = make_model()
+    train(model_a, data, noisy_collate, cfg_for(tmp_path / "a", **kw), evaluate=evaluator(model_a, dev),
+          save_model=saver(model_a))
+
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(ticks)))
+    model_b, out_b = make_model(), tmp_path / "b"
+    stopped = train(model_b, data, noisy_collate, cfg_for(out_b, max_time=5, **kw), evaluate=evaluator(model_b, dev),
+                    save_model=saver(model_b))
+    assert (stopped["stopped"], stopped["global_step"], stopped["total_steps"]) == ("max_time", 5, 14)
+    state = torch.load(out_b / "checkpoint-last" / "trainer_state.pt", weights_only=True)
+    assert (state["global_step"], state["epoch"], state["micro_step"]) == (5, 0, 10)
+    assert read_log(out_b)[-1] == {"step": 5, "stopped": "max_time"}
+    assert not (out_b / "best").exists()                     # no evaluation ran before the stop
+
+    model_c = make_model(seed=123)
+    model_c.load_state_dict(torch.load(out_b / "checkpoint-last" / "model.pt", weights_only=True))
+    done = train(model_c, data, noisy_collate, cfg_for(out_b, resume=True, max_time=1000, **kw),
+                 evaluate=evaluator(model_c, dev), save_model=saver(model_c))
+    assert done["stopped"] is None and done["global_step"] == 14
+    for (name, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc), name
+    log_b = [e for e in read_log(out_b) if "stopped" not in e]
+    assert comparable(read_log(tmp_path / "a")) == comparable(log_b)
+
+
+@pytest.mark.parametrize("text, seconds", [("45", 45), ("2:30", 150), ("1:50:00", 6600), ("01:00:00:00", 86400),
+                                           ("0", 0), ("1.5:00", 90)])
+def test_parse_duration(text, seconds):
+    from erniegen.train import parse_duration
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "1h", "1:2:3:4:5", "-1:00", "nan", "1::00"])
+def test_parse_duration_refuses_what_is_not_a_duration(text):
+    from erniegen.train import parse_duration
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)

@@ -101,7 +101,14 @@ def option_keys(method: str) -> list[str]:
 
 
 def check_options(method: str, options: dict) -> None:
-    """Refuse unknown ``method_options`` keys before any model or data is loaded."""
+    """Refuse unknown ``method_options`` keys, and values the options dataclass refuses, before any model
+    or data is loaded."""
     unknown = sorted(set(options) - set(option_keys(method)))
     if unknown:
         raise ValueError(f"unknown {method} method_options {unknown}; valid keys: {option_keys(method)}")
+    options_type = family(method).options
+    given = options | ({"method": method} if "method" in {f.name for f in fields(options_type)} else {})
+    try:
+        options_type(**given)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{method} method_options {options}: {e}") from None

@@ -111,3 +111,30 @@ def test_finetune_under_torchrun_with_two_processes(tmp_path, tiny_minilm_dir):
                                                                                         "rng_state_1.pt"]
     import erniegen
     assert isinstance(erniegen.load(str(out / "best")).generate(["a passage [SEP] an answer"], max_length=4)[0], str)
+
+
+def test_every_campaign_run_is_a_valid_command():
+    """benchmarks/campaign.txt spends whole sessions: a line erniegen would refuse must fail here, not there."""
+    from pathlib import Path
+
+    import yaml
+
+    from erniegen import registry
+    from erniegen.cli import build_parser, check_options
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import campaign
+    finally:
+        sys.path.pop(0)
+    entries = campaign.read_queue(root / "benchmarks" / "campaign.txt")
+    assert len({e.name for e in entries}) == len(entries) > 0
+    parser = build_parser()
+    for e in entries:
+        flags = campaign.flags_of(e, Path("runs"), Path("data"))
+        args = parser.parse_args([e.command, *flags, "--output", f"runs/{e.name}"])
+        check_options(args)
+        if e.command == "finetune":
+            options = yaml.safe_load((root / args.config).read_text()) if args.config else {}
+            registry.check_options(args.method, options.get("method_options", {}))
+            assert campaign.dev_file(flags).endswith("dev.jsonl")

@@ -55,6 +55,12 @@ def test_records_of_today():
         registry.family("lplm")
     with pytest.raises(ValueError, match=r"unknown nat method_options \['mixingg'\]"):
         registry.check_options("nat", {"mixingg": "none"})
+    # values too, before any model or data is loaded (the options dataclass's own checks)
+    with pytest.raises(ValueError, match=r"nat method_options \{'mask_mode': 'glatt'\}: mask_mode must be one of"):
+        registry.check_options("nat", {"mask_mode": "glatt"})
+    with pytest.raises(ValueError, match="gold_rate is only used with --method elmer-soft"):
+        registry.check_options("elmer", {"gold_rate": 0.5})
+    registry.check_options("elmer-soft", {"gold_rate": 0.5})
 
 
 METHOD_NAMES = set(registry.METHODS)

@@ -1,0 +1,200 @@
+"""Work through a queue of training runs across sessions that each end at a hard wall-clock limit.
+
+A full squad_qg_sent run takes ~45 min on a CPU with native bf16 and ~2.3 h on an AVX2-only one, and a
+session ends hard at 180 minutes, so the comparisons issues 10 and 12 ask for (3 seeds a side, a dozen
+arms) span many sessions. Each call of this script spends one budget: it finishes what the last call
+left (``--resume``), then starts the next queued run, and stops every training at the budget with
+``--max-time`` (which saves checkpoint-last and exits 75) instead of letting the session kill it.
+A finished fine-tuning run is scored at once on the full dev set with its default decoding, into the
+results file with ``"label": "NAME default decoding"`` (as ``qg_recipe.sh score`` labels, so
+``tables.py --seeds results/campaign.jsonl "default=qg-s42,qg-s1,qg-s2"`` reads it); a run already scored
+there is skipped.
+
+    .venv/bin/python benchmarks/campaign.py --budget 2:20:00          # spend 2 h 20 min, then stop cleanly
+    .venv/bin/python benchmarks/campaign.py --status                  # where every queued run stands
+
+Queue lines (``benchmarks/campaign.txt``): ``NAME finetune|pretrain [FLAGS...]``; ``{data}`` in a flag is
+the ``--data`` folder (the shared benchmark data) and ``{runs}`` the ``--runs`` folder. A finetune run
+gets ``--model minilm --task squad_qg`` and squad_qg_sent's train and dev files first, so its own flags
+override them; it is scored on its own ``--dev`` file.
+One training at a time: this machine has two cores and two trainings side by side each crawl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_STOPPED = 75  # erniegen's exit status for a run stopped by --max-time with its work saved
+EG = [sys.executable, "-m", "erniegen.cli"]
+
+
+@dataclass
+class Entry:
+    name: str
+    command: str        # finetune | pretrain
+    flags: list[str]
+    line: int
+
+
+def read_queue(path: Path) -> list[Entry]:
+    entries, seen = [], set()
+    for i, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        words = shlex.split(raw, comments=True)
+        if not words:
+            continue
+        if len(words) < 2 or words[1] not in ("finetune", "pretrain"):
+            raise SystemExit(f"{path}:{i}: expected 'NAME finetune|pretrain [FLAGS...]', got {raw.strip()!r}")
+        if words[0] in seen:
+            raise SystemExit(f"{path}:{i}: run name {words[0]!r} is queued twice")
+        seen.add(words[0])
+        entries.append(Entry(words[0], words[1], words[2:], i))
+    return entries
+
+
+LABEL = "{} default decoding"
+
+
+def scored(results: Path) -> dict[str, dict]:
+    """Run name -> its latest score row."""
+    if not results.exists():
+        return {}
+    rows = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return {r["label"].removesuffix(LABEL.format("")): r for r in rows if r.get("label", "").endswith(LABEL.format(""))}
+
+
+def flags_of(e: Entry, runs: Path, data: Path) -> list[str]:
+    """The entry's erniegen arguments, defaults first (later flags win in argparse)."""
+    base = []
+    if e.command == "finetune":
+        base = ["--model", "minilm", "--task", "squad_qg", "--train", str(data / "squad_qg_sent" / "train.jsonl"),
+                "--dev", str(data / "squad_qg_sent" / "dev.jsonl")]
+    return base + [f.replace("{data}", str(data)).replace("{runs}", str(runs)) for f in e.flags]
+
+
+def dev_file(flags: list[str]) -> str:
+    return flags[max(i for i, f in enumerate(flags) if f == "--dev") + 1]
+
+
+def last_step(run: Path) -> int | None:
+    log = run / "log.jsonl"
+    if not log.exists():
+        return None
+    steps = [json.loads(x).get("step") for x in log.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return max((s for s in steps if isinstance(s, int)), default=None)
+
+
+def hms(seconds: float) -> str:
+    s = max(0, int(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
+    for e in entries:
+        run = runs / e.name
+        if e.name in results:
+            r = results[e.name]
+            state = f"scored: BLEU-4 {r.get('bleu4', float('nan')):.2f}  ROUGE-L {r.get('rougeL', float('nan')):.2f}"
+        elif (runs / f"{e.name}.done").exists():
+            state = "trained" + ("" if e.command == "pretrain" else ", not scored")
+        elif (run / "checkpoint-last").exists():
+            state = f"stopped at step {last_step(run)} (resumable)"
+        elif run.exists():
+            state = "started, no checkpoint yet"
+        else:
+            state = "queued"
+        print(f"{e.name:24s} {e.command:9s} {state}")
+
+
+def train(e: Entry, runs: Path, data: Path, seconds: float) -> int:
+    out = runs / e.name
+    cmd = [*EG, e.command, *flags_of(e, runs, data), "--output", str(out), "--max-time", hms(seconds)]
+    if (out / "checkpoint-last").exists():
+        cmd.append("--resume")
+    print(f"[{time.strftime('%H:%M:%S')}] {e.name}: {shlex.join(cmd[2:])}", flush=True)
+    with open(runs / f"{e.name}.out", "a", encoding="utf-8") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def score(e: Entry, runs: Path, data: Path, results: Path) -> None:
+    """Full dev set, the model's default decoding; one JSON line labelled NAME in ``results``."""
+    pred = results.parent / f"{e.name}.jsonl"
+    print(f"[{time.strftime('%H:%M:%S')}] {e.name}: scoring", flush=True)
+    subprocess.run([*EG, "generate", "--model", str(runs / e.name / "best"),
+                    "--input", dev_file(flags_of(e, runs, data)), "--output", str(pred)], check=True, cwd=ROOT)
+    out = subprocess.run([*EG, "evaluate", "--task", "squad_qg", "--predictions", str(pred)], check=True, cwd=ROOT,
+                         capture_output=True, text=True).stdout
+    row = json.loads(out) | {"label": LABEL.format(e.name), "flags": shlex.join(e.flags)}
+    with open(results, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def cpu() -> str:
+    """The CPU model and PyTorch's kernel level (runs on AVX2-only CPUs train in fp32, on others in bf16)."""
+    import torch
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown")
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--queue", type=Path, default=ROOT / "benchmarks" / "campaign.txt")
+    p.add_argument("--runs", type=Path, default=ROOT / "runs", help="where run folders live (keep it outside a clone "
+                                                                   "that CI deletes)")
+    p.add_argument("--results", type=Path, default=ROOT / "results" / "campaign.jsonl")
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data", help="the shared benchmark data")
+    p.add_argument("--budget", help="wall time to spend, [[DD:]HH:]MM:SS (required unless --status)")
+    p.add_argument("--score-reserve", type=float, default=15.0,
+                   help="minutes kept back from each training for scoring it if it finishes")
+    p.add_argument("--min-train", type=float, default=10.0, help="minutes below which no training is started")
+    p.add_argument("--status", action="store_true", help="print where every queued run stands, and exit")
+    args = p.parse_args()
+    entries = read_queue(args.queue)
+    if args.status:
+        status(entries, args.runs, scored(args.results))
+        return
+    if args.budget is None:
+        p.error("--budget is required (or --status)")
+    sys.path.insert(0, str(ROOT))
+    from erniegen.train import parse_duration
+    deadline = time.monotonic() + parse_duration(args.budget)
+    args.runs.mkdir(parents=True, exist_ok=True)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for e in entries:
+        if e.name in scored(args.results):
+            continue
+        done = args.runs / f"{e.name}.done"
+        if not done.exists():
+            reserve = 0.0 if e.command == "pretrain" else 60 * args.score_reserve
+            left = deadline - time.monotonic() - reserve
+            if left < 60 * args.min_train:
+                print(f"{hms(deadline - time.monotonic())} left: not enough to start or continue {e.name}")
+                break
+            rc = train(e, args.runs, args.data, left)
+            if rc == EXIT_STOPPED:
+                print(f"{e.name}: stopped at the budget at step {last_step(args.runs / e.name)}; the next call resumes it")
+                break
+            if rc != 0:
+                raise SystemExit(f"{e.name}: erniegen {e.command} failed with status {rc}; see "
+                                 f"{args.runs / (e.name + '.out')}")
+            done.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu()}) + "\n")
+        if e.command == "finetune":
+            score(e, args.runs, args.data, args.results)
+    status(entries, args.runs, scored(args.results))
+
+
+if __name__ == "__main__":
+    main()

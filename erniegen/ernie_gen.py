@@ -16,11 +16,20 @@ Infilling decoding (§3.3): the source is encoded once into a key/value cache; s
 ``[t_{i-1}, [ATTN]_i]``, reads the next-token distribution at [ATTN], appends only t_{i-1}'s keys and
 values to the cache and drops the placeholder's. Both steppers run under the shared greedy and beam
 searches of search.py.
+
+Copying (``method_options: copy: true``, not in the paper): a pointer-generator (See et al. 2017) over
+the source. The predicting state h attends with one extra query, W_q h, over the source tokens' keys of
+the last layer (already computed by the contextual flow and held in the decoding cache), and a gate
+g = σ(w·h + b) mixes the vocabulary distribution with that attention scattered onto the source's ids:
+p(w) = g·softmax(logits)_w + (1 - g)·Σ_{i: x_i = w} a_i. Training and both decoders read
+:func:`next_token_log_probs`, so they compute one distribution.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +53,7 @@ class ErnieGenConfig:
     # Fraction of the run over which ρ rises linearly from 0 to noise_rate (0: ρ_f from the first step).
     # Not in the paper, whose models start from checkpoints that already predict well.
     noise_ramp: float = 0.0
+    copy: bool = False  # a pointer-generator over the source (module docstring); the model keeps it
 
     def __post_init__(self) -> None:
         if self.method not in ("ernie-gen", "typical"):
@@ -89,6 +99,85 @@ def replacement_vocab(tokenizer, vocab_size: int, reserved: list[int]) -> torch.
     return torch.tensor([i for i in range(vocab_size) if i not in banned], dtype=torch.long)
 
 
+COPY = "copy"  # the model extra holding the copy head; settings.extra["copy"] says the model uses it
+# A fresh gate starts at g = σ(2) ≈ 0.88: close to the vocabulary distribution the model had before.
+COPY_GATE_BIAS = 2.0
+
+
+class CopyHead(nn.Module):
+    """The copy query W_q and the gate (w, b) of the pointer-generator (module docstring)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.gate = nn.Linear(hidden, 1)
+
+
+@dataclass
+class CopySource:
+    """What a copy attends to, per row: the source tokens' last-layer keys (heads side by side), ids, validity."""
+
+    keys: torch.Tensor   # (B, S, H)
+    ids: torch.Tensor    # (B, S)
+    valid: torch.Tensor  # (B, S) bool
+
+    def rows(self, rows: torch.Tensor) -> "CopySource":
+        return CopySource(self.keys[rows], self.ids[rows], self.valid[rows])
+
+
+def copy_head(model: Network, create: bool = False) -> CopyHead | None:
+    """The model's copy head (restored from its checkpoint on first use); None for a model without copying.
+    ``create``: attach one (training with ``copy: true``), a fresh one with its gate at COPY_GATE_BIAS."""
+    if not (create or model.settings.extra.get(COPY)):
+        return None
+    fresh = COPY not in model.extras and not model.has_saved_extra(COPY)
+    head = model.add_extra(COPY, CopyHead(model.config.hidden_size))
+    if fresh:
+        with torch.no_grad():
+            head.gate.bias.fill_(COPY_GATE_BIAS)
+    return head
+
+
+def copy_source(model: Network, kv: list[KV], src_ids: torch.Tensor, src_len: torch.Tensor) -> CopySource | None:
+    """The source part of the contextual flow's last-layer keys, for a model that copies (else None). Special
+    tokens ([CLS], [SEP], markers) are never copied."""
+    if copy_head(model) is None:
+        return None
+    b, ls = src_ids.shape
+    keys = kv[-1][0][:, :, :ls].transpose(1, 2).reshape(b, ls, -1)
+    valid = torch.arange(ls, device=src_ids.device)[None, :] < src_len[:, None]
+    # words only: a copied [SEP] would be an end token, and beam search collects every cheap end it sees
+    special = [model.config.pad_token_id, model.attn_id, *(model.tokenizer.all_special_ids if model.tokenizer else [])]
+    if model.settings.answer_marker is not None:
+        special.append(model.tokenizer.convert_tokens_to_ids(model.settings.answer_marker))
+    return CopySource(keys, src_ids, valid & ~torch.isin(src_ids, torch.tensor(special, device=src_ids.device)))
+
+
+def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | None,
+                         select: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-probabilities of the next token at the (B, T, H) predicting states ``h``; with ``select``
+    (B, T) bool, at the selected states only, (N, V). With a ``source``, the pointer-generator mixture."""
+    if source is None:
+        return torch.log_softmax(model.logits(h if select is None else h[select]).float(), -1)
+    head = copy_head(model)
+    scores = head.query(h).float() @ source.keys.float().transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, T, S)
+    # a source with no word to copy (only special tokens) keeps the vocabulary distribution; its scores stay
+    # finite so that no NaN reaches a gradient
+    copies = source.valid.any(-1)
+    attn = torch.softmax(scores.masked_fill(~(source.valid | ~copies[:, None])[:, None, :], float("-inf")), -1)
+    ids = source.ids[:, None, :].expand(-1, h.shape[1], -1)
+    gate = head.gate(h).float()
+    copies = copies[:, None, None].expand(-1, h.shape[1], 1)
+    if select is not None:
+        h, attn, ids, gate, copies = h[select], attn[select], ids[select], gate[select], copies[select]
+    logp = torch.log_softmax(model.logits(h).float(), -1)
+    p_copy = torch.zeros_like(logp).scatter_add_(-1, ids, attn)
+    # log(g·p_vocab + (1-g)·p_copy) without underflow; words the source lacks have p_copy = 0 (clamped: log 0
+    # would give NaN gradients where the mixture ignores it anyway)
+    mixed = torch.logaddexp(F.logsigmoid(gate) + logp, F.logsigmoid(-gate) + p_copy.clamp_min(1e-30).log())
+    return torch.where(copies, mixed, logp)
+
+
 class ErnieGenObjective(nn.Module):
     """``forward(**batch)`` -> named losses; wraps the model so DDP sees a single forward."""
 
@@ -99,6 +188,9 @@ class ErnieGenObjective(nn.Module):
         self.attn_id = attn_id
         self.register_buffer("replacements", replacements, persistent=False)
         self.current_noise = cfg.noise_rate if cfg.noise_ramp == 0 else 0.0
+        if cfg.copy:
+            copy_head(model, create=True)
+        model.settings.extra[COPY] = cfg.copy  # saved with the model: its decoders copy as it was trained to
 
     def set_progress(self, step: int, total_steps: int) -> None:
         """Called by the training loop before each step: ρ of the noise ramp at ``step`` (0-based)."""
@@ -113,6 +205,7 @@ class ErnieGenObjective(nn.Module):
         # the infilling flows read the contextual flow's keys/values only; the typical baseline its states
         hidden, kv, roles = encode_context(self.model, src_ids, src_len, tgt_in, tgt_len,
                                            hidden=self.cfg.method == "typical")
+        source = copy_source(self.model, kv, src_ids, src_len)
         n_tokens = int(src_len.sum() + tgt_len.sum())
         if self.cfg.method == "typical":
             # t_0 is predicted from the source's last token ([SEP]), t_i from t_{i-1}.
@@ -120,7 +213,7 @@ class ErnieGenObjective(nn.Module):
             prev = torch.cat([(src_len - 1)[:, None], ls + torch.arange(lt - 1, device=tgt_ids.device)[None, :]
                               .expand(len(src_len), -1)], 1)
             h = hidden.gather(1, prev[:, :, None].expand(-1, -1, hidden.shape[-1]))
-            loss = self._loss(h[valid], tgt_ids[valid])
+            loss = self._loss(h, valid, tgt_ids, source)
             return {"loss": loss, "loss_word": loss.detach(), "num_tokens": torch.tensor(n_tokens)}
 
         query = target_roles(WORD, tgt_len, lt)
@@ -131,19 +224,26 @@ class ErnieGenObjective(nn.Module):
             query = query.cat(target_roles(SPAN, tgt_len, lt, span_start=span_start))
         h = placeholder_pass(self.model, self.attn_id, src_len, query, kv, roles)
         out = {"num_tokens": torch.tensor(n_tokens + int(tgt_len.sum()) * (2 if use_span else 1))}
-        loss_word = self._loss(h[:, :lt][valid], tgt_ids[valid])
+        loss_word = self._loss(h[:, :lt], valid, tgt_ids, source)
         out["loss_word"] = loss_word.detach()
         loss = loss_word
         if use_span:
-            loss_span = self._loss(h[:, lt:][valid], tgt_ids[valid])
+            loss_span = self._loss(h[:, lt:], valid, tgt_ids, source)
             out["loss_span"] = loss_span.detach()
             loss = self.cfg.word_weight * loss_word + (1 - self.cfg.word_weight) * loss_span
         out["loss"] = loss
         return out
 
-    def _loss(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model.logits(h).float()
-        return F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing)
+    def _loss(self, h: torch.Tensor, valid: torch.Tensor, tgt_ids: torch.Tensor,
+              source: CopySource | None) -> torch.Tensor:
+        """Label-smoothed cross-entropy at the (B, T, H) predicting states ``h`` where ``valid``."""
+        if source is None:
+            logits = self.model.logits(h[valid]).float()
+            return F.cross_entropy(logits, tgt_ids[valid], label_smoothing=self.cfg.label_smoothing)
+        logp = next_token_log_probs(self.model, h, source, valid)
+        eps = self.cfg.label_smoothing  # as cross_entropy smooths: ε spread evenly over the vocabulary
+        nll = -logp.gather(1, tgt_ids[valid][:, None]).squeeze(1)
+        return ((1 - eps) * nll - eps * logp.mean(-1)).mean()
 
 
 def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ErnieGenObjective:
@@ -164,12 +264,13 @@ def pretrain_word_weight(method: str) -> float:
 
 
 def step_log_probs(model: Network, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-                   past: list[KV] | list[PastSlot]) -> tuple[torch.Tensor, list[KV]]:
+                   past: list[KV] | list[PastSlot], source: CopySource | None = None
+                   ) -> tuple[torch.Tensor, list[KV]]:
     """A decoding step's tokens through the network against ``past``: the (N, V) fp32 log-probabilities of the
     next token, read at the last of them, and every layer's (k, v) of the tokens. What ONNX Runtime runs
-    instead when the model carries an export of it (erniegen.onnx_runtime)."""
+    instead when the model carries an export of it (erniegen.onnx_runtime; models that copy excepted)."""
     hidden, kv = model(ids, pos, types, mask, past=past)
-    return torch.log_softmax(model.logits(hidden[:, -1]).float(), -1), kv
+    return next_token_log_probs(model, hidden[:, -1:], source)[:, 0], kv
 
 
 class InfillingStepper:
@@ -183,6 +284,7 @@ class InfillingStepper:
         self.model, self.src_len = model, src_len
         dev = src_ids.device
         _, kv, roles = encode_context(model, src_ids, src_len)
+        self.source = copy_source(model, kv, src_ids, src_len)
         self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
         self.step_no = 0
         # a step's tokens are [t_{i-1} (CONTEXT), [ATTN]_i (WORD)], the first step's the placeholder alone:
@@ -194,12 +296,13 @@ class InfillingStepper:
         self._own = {t: attention_mask(r, r) for t, r in self._roles.items()}
 
     def expand(self, k: int) -> None:
-        self.src_len = self.src_len.repeat_interleave(k)
-        self.cache.reorder(torch.arange(len(self.cache.k[0]), device=self.src_len.device).repeat_interleave(k))
+        self.reorder(torch.arange(len(self.src_len), device=self.src_len.device).repeat_interleave(k))
 
     def reorder(self, rows: torch.Tensor) -> None:
         self.cache.reorder(rows)
         self.src_len = self.src_len[rows]
+        if self.source is not None:
+            self.source = self.source.rows(rows)
 
     def step(self, prev: torch.Tensor | None) -> torch.Tensor:
         """Log-probabilities (N, V) of target token ``step_no`` given the previous one."""
@@ -213,7 +316,8 @@ class InfillingStepper:
         types = self._types[:, :t].expand(n, t)
         onnx = self.model.onnx_step
         if onnx is None:
-            logp, _ = step_log_probs(self.model, ids, pos, types, self.cache.step_mask(new, self._own[t]), past)
+            logp, _ = step_log_probs(self.model, ids, pos, types, self.cache.step_mask(new, self._own[t]), past,
+                                     self.source)
         else:  # the cache's buffers whole, so none is copied
             logp = onnx(ids, pos, types, self.cache.step_mask(new, self._own[t], whole=True), past)
         if prev is not None:
@@ -228,13 +332,14 @@ class TypicalStepper(InfillingStepper):
     def __init__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, max_length: int):
         self.model, self.src_len = model, src_len
         hidden, kv, roles = encode_context(model, src_ids, src_len)
+        self.source = copy_source(model, kv, src_ids, src_len)
         self.first = hidden[torch.arange(len(src_len)), src_len - 1]  # the source's [SEP]
         self.cache = KVCache(kv, roles, src_ids.shape[1] + max_length + 1)  # +1: the step's placeholder
         self.step_no = 0
 
-    def expand(self, k: int) -> None:
-        super().expand(k)
-        self.first = self.first.repeat_interleave(k, 0)
+    def reorder(self, rows: torch.Tensor) -> None:
+        super().reorder(rows)
+        self.first = self.first[rows]
 
     def step(self, prev: torch.Tensor | None) -> torch.Tensor:
         i, n, dev = self.step_no, len(self.src_len), self.src_len.device
@@ -249,7 +354,7 @@ class TypicalStepper(InfillingStepper):
             self.cache.commit(new, keep=1)
             h = hidden[:, -1]
         self.step_no += 1
-        return torch.log_softmax(self.model.logits(h).float(), -1)
+        return next_token_log_probs(self.model, h[:, None], self.source)[:, 0]
 
 
 DECODERS: dict[str, Callable[[], Decoder]] = {

@@ -79,6 +79,9 @@ def import_onnxruntime() -> ModuleType:
 def use_onnx_runtime(model: Network) -> Network:
     """Run ``model``'s infilling steps with ONNX Runtime from now on (exported here); returns the model."""
     check_runtime("onnx", model.precision, default_decoder(model.settings.method))
+    if model.settings.extra.get("copy"):
+        raise ValueError("runtime 'onnx' does not run models trained with copy: true (the exported step has no "
+                         "copy head); use runtime torch")
     model.onnx_step = OnnxInfillingStep(model)
     return model
 

@@ -6,11 +6,24 @@ import torch
 
 from erniegen.decoding import (DecodeOptions, InfillingStepper, TypicalStepper, beam_search, block_ngrams,
                                generate_ids, gnmt_penalty, greedy_search)
-from erniegen.ernie_gen import encode_context, placeholder_pass
+from erniegen.ernie_gen import COPY, copy_head, copy_source, encode_context, next_token_log_probs, placeholder_pass
 from erniegen.masks import WORD, target_roles
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 NO_EOS = DecodeOptions(max_length=8, min_length=8)  # fixed length: random weights would stop anywhere
+
+
+@pytest.fixture(params=["plain", "copy"])
+def model(request, tiny_model):
+    """The tiny model as trained without and with copying (a copy head whose attention is far from uniform
+    and whose gate is open to both sides)."""
+    if request.param == "copy":
+        tiny_model.settings.extra[COPY] = True
+        head = copy_head(tiny_model, create=True)
+        with torch.no_grad():
+            head.query.weight.normal_(0, 1.0)
+            head.gate.bias.zero_()
+    return tiny_model
 
 
 def _recompute_greedy(model, src, steps, typical=False):
@@ -26,7 +39,7 @@ def _recompute_greedy(model, src, steps, typical=False):
         else:
             q = target_roles(WORD, torch.tensor([1]), 1, offset=i)
             h = placeholder_pass(model, model.attn_id, src_len, q, kv, roles)[:, 0]
-        logp = torch.log_softmax(model.logits(h), -1)
+        logp = next_token_log_probs(model, h[:, None], copy_source(model, kv, src_ids, src_len))[:, 0]
         logp[:, 5] = float("-inf")  # the end token, banned as min_length does
         logps.append(logp)
         out.append(int(logp.argmax()))
@@ -34,17 +47,18 @@ def _recompute_greedy(model, src, steps, typical=False):
 
 
 @pytest.mark.parametrize("decoder", ["infilling", "typical"])
-def test_cached_decoding_equals_full_recomputation(tiny_model, decoder):
+def test_cached_decoding_equals_full_recomputation(model, decoder):
     typical = decoder == "typical"
     for src in SOURCES:
-        expected, _ = _recompute_greedy(tiny_model, src, 8, typical)
-        got = generate_ids(tiny_model, [src], decoder, opts=DecodeOptions(max_length=9, min_length=9,
+        expected, _ = _recompute_greedy(model, src, 8, typical)
+        got = generate_ids(model, [src], decoder, opts=DecodeOptions(max_length=9, min_length=9,
                                                                           banned_ids=[0]))
         assert got[0][:8] == expected
 
 
-def test_step_logprobs_equal_one_training_pass(tiny_model):
+def test_step_logprobs_equal_one_training_pass(model):
     """Given the tokens it chose, the cached decoder's distributions equal the training flows'."""
+    tiny_model = model
     src = SOURCES[0]
     tokens, ref_logp = _recompute_greedy(tiny_model, src, 6)
     stepper = InfillingStepper(tiny_model, torch.tensor([src]), torch.tensor([len(src)]), 8)
@@ -59,13 +73,14 @@ def test_step_logprobs_equal_one_training_pass(tiny_model):
     t = torch.tensor([tokens])
     _, kv, roles = encode_context(tiny_model, src_ids, src_len, t, torch.tensor([6]))
     h = placeholder_pass(tiny_model, tiny_model.attn_id, src_len, target_roles(WORD, torch.tensor([6]), 6), kv, roles)
-    full = torch.log_softmax(tiny_model.logits(h[0]), -1)
+    full = next_token_log_probs(tiny_model, h, copy_source(tiny_model, kv, src_ids, src_len))[0]
     full[:, 5] = float("-inf")
     assert torch.allclose(full, ref_logp, atol=1e-5)
 
 
 @pytest.mark.parametrize("decoder", ["infilling", "typical"])
-def test_beam_one_equals_greedy(tiny_model, decoder):
+def test_beam_one_equals_greedy(model, decoder):
+    tiny_model = model
     greedy = generate_ids(tiny_model, SOURCES, decoder, opts=DecodeOptions(num_beams=1, max_length=10))
     src_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s in SOURCES], batch_first=True)
     src_len = torch.tensor([len(s) for s in SOURCES])
@@ -79,8 +94,9 @@ def test_beam_one_equals_greedy(tiny_model, decoder):
 
 
 @pytest.mark.parametrize("beams", [1, 4])
-def test_batched_equals_one_by_one(tiny_model, beams):
-    opts = dict(num_beams=beams, max_length=10, no_repeat_ngram_size=2)
+def test_batched_equals_one_by_one(model, beams):
+    tiny_model = model
+    opts = dict(num_beams=beams, max_length=10, min_length=3, no_repeat_ngram_size=2)
     batched = generate_ids(tiny_model, SOURCES, "infilling", batch_size=3, opts=DecodeOptions(**opts))
     single = [generate_ids(tiny_model, [s], "infilling", opts=DecodeOptions(**opts))[0] for s in SOURCES]
     assert batched == single

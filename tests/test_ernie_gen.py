@@ -84,3 +84,109 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="typical"):
         ErnieGenConfig(method="typical", word_weight=0.5)
     assert span_start_per_token([[0, 1, 3]], 5).tolist() == [[0, 1, 1, 3, 3]]
+
+
+# ---- copying (pointer-generator over the source) ------------------------------------------------
+
+
+def _copying(model, gate_bias: float | None = None):
+    """``model`` with a copy head whose query is large enough that attention is far from uniform."""
+    from erniegen.ernie_gen import COPY, copy_head
+    model.settings.extra[COPY] = True
+    head = copy_head(model, create=True)
+    with torch.no_grad():
+        head.query.weight.normal_(0, 1.0)
+        if gate_bias is not None:
+            head.gate.weight.zero_()
+            head.gate.bias.fill_(gate_bias)
+    return head
+
+
+def test_copy_mixture_by_hand(tiny_model):
+    """p(w) = g·softmax(logits)_w + (1-g)·Σ_{i: x_i=w} a_i, with a = softmax(W_q h · k_i / √H) over the
+    source's words (special tokens and padding never copied); a repeated word gets both its attention
+    weights; the gate's extremes give the plain distribution and the pure copy distribution; a source
+    with nothing to copy keeps the plain distribution, and its gradients stay finite."""
+    from erniegen.ernie_gen import copy_source, next_token_log_probs
+    head = _copying(tiny_model)
+    src_ids, src_len = torch.tensor([[4, 10, 11, 10, 5], [4, 30, 5, 0, 0], [4, 5, 0, 0, 0]]), torch.tensor([5, 3, 2])
+    _, kv, _ = encode_context(tiny_model, src_ids, src_len)
+    source = copy_source(tiny_model, kv, src_ids, src_len)
+    assert source.valid.tolist() == [[False, True, True, True, False], [False, True, False, False, False],
+                                     [False] * 5]
+    h = torch.randn(3, 3, 32, requires_grad=True)
+    got = next_token_log_probs(tiny_model, h, source).exp()
+    words = {0: [1, 2, 3], 1: [1]}
+    for b, positions in words.items():
+        keys = kv[-1][0][b].transpose(0, 1).reshape(5, 32)[positions]
+        for t in range(3):
+            a = torch.softmax(head.query(h[b, t]) @ keys.T / 32 ** 0.5, -1)
+            g = torch.sigmoid(head.gate(h[b, t]))
+            expected = g * torch.softmax(tiny_model.logits(h[b, t]), -1)
+            for i, pos in enumerate(positions):
+                expected[src_ids[b, pos]] += (1 - g[0]) * a[i]
+            assert torch.allclose(got[b, t], expected, atol=1e-6)
+    assert torch.allclose(got[2], torch.softmax(tiny_model.logits(h[2]), -1), atol=1e-6)   # nothing to copy
+    assert torch.allclose(got.sum(-1), torch.ones(3, 3), atol=1e-5)
+    got.log()[:, :, 10:12].sum().backward()
+    assert torch.isfinite(h.grad).all() and torch.isfinite(head.query.weight.grad).all()
+    valid = torch.tensor([[True, False, True], [False, True, True], [True, False, False]])
+    assert torch.allclose(next_token_log_probs(tiny_model, h, source, valid), got.log()[valid], atol=1e-5)
+
+    _copying(tiny_model, gate_bias=60.0)                        # g = 1: the vocabulary distribution
+    assert torch.allclose(next_token_log_probs(tiny_model, h, source),
+                          torch.log_softmax(tiny_model.logits(h), -1), atol=1e-5)
+    _copying(tiny_model, gate_bias=-60.0)                       # g = 0: the source's words only
+    p = next_token_log_probs(tiny_model, h, source).exp()
+    assert set((p[0].sum(0) > 1e-6).nonzero().flatten().tolist()) == {10, 11}
+    assert set((p[1].sum(0) > 1e-6).nonzero().flatten().tolist()) == {30}
+
+
+def test_copy_objective_is_the_smoothed_loss_of_the_mixture_and_trains_the_head(tiny_model):
+    from erniegen.ernie_gen import COPY, copy_source, next_token_log_probs
+    obj = _objective(tiny_model.train(), noise_rate=0.0, copy=True, label_smoothing=0.1)
+    assert tiny_model.settings.extra[COPY] is True and COPY in tiny_model.extras
+    batch = collate_pairs(ITEMS, 0)
+    out = obj(**batch)
+    src_ids, src_len, tgt, tgt_len = batch["src_ids"], batch["src_len"], batch["tgt_ids"], batch["tgt_len"]
+    _, kv, roles = encode_context(tiny_model, src_ids, src_len, tgt, tgt_len)
+    lt = tgt.shape[1]
+    valid = torch.arange(lt)[None, :] < tgt_len[:, None]
+    h = placeholder_pass(tiny_model, tiny_model.attn_id, src_len, target_roles(WORD, tgt_len, lt), kv, roles)
+    logp = next_token_log_probs(tiny_model, h, copy_source(tiny_model, kv, src_ids, src_len), valid)
+    expected = (0.9 * -logp.gather(1, tgt[valid][:, None]).squeeze(1) - 0.1 * logp.mean(-1)).mean()
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    out["loss"].backward()
+    head = tiny_model.extras[COPY]
+    assert head.query.weight.grad.abs().sum() > 0 and head.gate.weight.grad.abs().sum() > 0
+    assert torch.isfinite(torch.cat([p.grad.flatten() for p in tiny_model.parameters() if p.grad is not None])).all()
+
+
+def test_without_copy_the_objective_records_it_and_adds_no_head(tiny_model):
+    from erniegen.ernie_gen import COPY, build_objective
+    from erniegen.data import get_task
+    build_objective("ernie-gen", tiny_model, get_task("default"), {})
+    assert tiny_model.settings.extra[COPY] is False and COPY not in tiny_model.extras
+
+
+def test_a_copying_model_saves_loads_and_decodes_alike_in_every_precision(tiny_model, tmp_path):
+    """The head and the switch travel with the checkpoint; bf16 and int8 decode it too (ONNX Runtime refuses)."""
+    import erniegen
+    from erniegen.decoding import DecodeOptions, generate_ids
+    from erniegen.model import Transformer
+    _copying(tiny_model, gate_bias=0.0)
+    sources, opts = [[4, 10, 11, 12, 5], [4, 20, 21, 5]], DecodeOptions(max_length=8, min_length=8, num_beams=2)
+    before = generate_ids(tiny_model, sources, "infilling", opts=opts)
+    tiny_model.save_pretrained(tmp_path / "m")
+    loaded = Transformer.from_pretrained(str(tmp_path / "m")).eval()
+    assert loaded.settings.extra["copy"] is True
+    assert generate_ids(loaded, sources, "infilling", opts=opts) == before
+    assert torch.equal(loaded.extras["copy"].query.weight, tiny_model.extras["copy"].query.weight)
+    for precision in ("bf16", "int8"):
+        other = erniegen.load(str(tmp_path / "m"), precision=precision)
+        out = generate_ids(other, sources, "infilling", opts=opts)
+        assert [len(x) for x in out] == [len(x) for x in before]
+    pytest.importorskip("onnxruntime")
+    from erniegen.onnx_runtime import use_onnx_runtime
+    with pytest.raises(ValueError, match="copy: true"):
+        use_onnx_runtime(loaded)

@@ -36,8 +36,9 @@ def train_reversal(method: str, tokenizer, steps: int = 300, lr: float = 3e-3) -
     torch.manual_seed(0)
     model = Transformer(tiny_config(hidden_size=64, intermediate_size=128))
     model.tokenizer = tokenizer
-    if method in ("ernie-gen", "typical"):
-        cfg = ErnieGenConfig(method=method, noise_rate=0.0, label_smoothing=0.0)
+    if method in ("ernie-gen", "typical", "ernie-gen+copy"):
+        cfg = ErnieGenConfig(method=method.removesuffix("+copy"), noise_rate=0.0, label_smoothing=0.0,
+                             copy=method.endswith("+copy"))
         objective = ErnieGenObjective(model, cfg, model.attn_id,
                                       replacement_vocab(tokenizer, model.config.vocab_size, [model.attn_id]))
     else:
@@ -63,6 +64,7 @@ def exact_match(model: Transformer, decoder: str, **opts) -> float:
 # (two summed losses, twice the gradient) collapses to predicting word frequencies.
 @pytest.mark.parametrize("method,lr,steps,decoders", [
     ("ernie-gen", 3e-3, 300, [("infilling", {}), ("infilling", {"num_beams": 3})]),
+    ("ernie-gen+copy", 3e-3, 300, [("infilling", {}), ("infilling", {"num_beams": 3})]),
     ("typical", 3e-3, 300, [("typical", {})]),
     ("nat", 1e-3, 500, [("nar", {}), ("mask-predict", {"iterations": 3})]),
     ("mist", 1e-3, 500, [("nar", {}), ("mist-iter", {"iterations": 3})]),

@@ -49,7 +49,7 @@ def test_records_of_today():
         "ernie-gen": "infilling", "typical": "typical", "nat": "nar", "mist": "nar", "elmer": "elmer-hard",
         "elmer-soft": "elmer-soft"}
     assert [registry.family(m).uses_noise for m in registry.METHODS] == [True, True, False, False, False, False]
-    assert registry.option_keys("ernie-gen") == ["word_weight"]
+    assert registry.option_keys("ernie-gen") == ["word_weight", "copy"]
     assert set(registry.option_keys("mist")) == {"mask_mode", "f_ratio", "length_weight", "mixing", "pseudo_from"}
     with pytest.raises(ValueError, match="unknown method 'lplm'"):
         registry.family("lplm")

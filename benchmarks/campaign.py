@@ -96,6 +96,12 @@ def hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def resumable(run: Path) -> bool:
+    """What erniegen would resume (its own test: a checkpoint-last, or one caught mid-swap by a kill)."""
+    from erniegen.train import last_checkpoint
+    return run.is_dir() and last_checkpoint(run) is not None
+
+
 def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
     for e in entries:
         run = runs / e.name
@@ -104,7 +110,7 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
             state = f"scored: BLEU-4 {r.get('bleu4', float('nan')):.2f}  ROUGE-L {r.get('rougeL', float('nan')):.2f}"
         elif (runs / f"{e.name}.done").exists():
             state = "trained" + ("" if e.command == "pretrain" else ", not scored")
-        elif (run / "checkpoint-last").exists():
+        elif resumable(run):
             state = f"stopped at step {last_step(run)} (resumable)"
         elif run.exists():
             state = "started, no checkpoint yet"
@@ -116,8 +122,12 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
 def train(e: Entry, runs: Path, data: Path, seconds: float) -> int:
     out = runs / e.name
     cmd = [*EG, e.command, *flags_of(e, runs, data), "--output", str(out), "--max-time", hms(seconds)]
-    if (out / "checkpoint-last").exists():
+    if resumable(out):
         cmd.append("--resume")
+    elif out.exists():  # killed before its first checkpoint: nothing to resume, and erniegen refuses the leftovers
+        aside = out.with_name(f"{out.name}.abandoned-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(aside)
+        print(f"{e.name}: {out} held no checkpoint (a run killed before its first save); moved to {aside}")
     print(f"[{time.strftime('%H:%M:%S')}] {e.name}: {shlex.join(cmd[2:])}", flush=True)
     with open(runs / f"{e.name}.out", "a", encoding="utf-8") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
@@ -129,8 +139,9 @@ def score(e: Entry, runs: Path, data: Path, results: Path) -> None:
     """Full dev set, the model's default decoding; one JSON line labelled NAME in ``results``."""
     pred = results.parent / f"{e.name}.jsonl"
     print(f"[{time.strftime('%H:%M:%S')}] {e.name}: scoring", flush=True)
+    resume = ["--resume"] if pred.with_name(pred.name + ".partial").exists() else []  # a scoring cut short
     subprocess.run([*EG, "generate", "--model", str(runs / e.name / "best"),
-                    "--input", dev_file(flags_of(e, runs, data)), "--output", str(pred)], check=True, cwd=ROOT)
+                    "--input", dev_file(flags_of(e, runs, data)), "--output", str(pred), *resume], check=True, cwd=ROOT)
     out = subprocess.run([*EG, "evaluate", "--task", "squad_qg", "--predictions", str(pred)], check=True, cwd=ROOT,
                          capture_output=True, text=True).stdout
     row = json.loads(out) | {"label": LABEL.format(e.name), "flags": shlex.join(e.flags)}
@@ -161,12 +172,12 @@ def main() -> None:
     p.add_argument("--status", action="store_true", help="print where every queued run stands, and exit")
     args = p.parse_args()
     entries = read_queue(args.queue)
+    sys.path.insert(0, str(ROOT))
     if args.status:
         status(entries, args.runs, scored(args.results))
         return
     if args.budget is None:
         p.error("--budget is required (or --status)")
-    sys.path.insert(0, str(ROOT))
     from erniegen.train import parse_duration
     deadline = time.monotonic() + parse_duration(args.budget)
     args.runs.mkdir(parents=True, exist_ok=True)

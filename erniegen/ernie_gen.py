@@ -64,6 +64,8 @@ class ErnieGenConfig:
             raise ValueError(f"word_weight (λ) must be in [0, 1], got {self.word_weight}")
         if not 0.0 <= self.noise_ramp <= 1.0:
             raise ValueError(f"noise_ramp must be in [0, 1], got {self.noise_ramp}")
+        if not isinstance(self.copy, bool):
+            raise ValueError(f"copy must be true or false, got {self.copy!r}")
         if self.method == "typical" and self.word_weight != 1.0:
             raise ValueError("the typical baseline has no span flow: word_weight must be 1.0")
 
@@ -128,6 +130,8 @@ class CopySource:
 def copy_head(model: Network, create: bool = False) -> CopyHead | None:
     """The model's copy head (restored from its checkpoint on first use); None for a model without copying.
     ``create``: attach one (training with ``copy: true``), a fresh one with its gate at COPY_GATE_BIAS."""
+    if COPY in model.extras:
+        return model.extras[COPY]
     if not (create or model.settings.extra.get(COPY)):
         return None
     fresh = COPY not in model.extras and not model.has_saved_extra(COPY)
@@ -160,22 +164,26 @@ def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | N
     if source is None:
         return torch.log_softmax(model.logits(h if select is None else h[select]).float(), -1)
     head = copy_head(model)
-    scores = head.query(h).float() @ source.keys.float().transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, T, S)
-    # a source with no word to copy (only special tokens) keeps the vocabulary distribution; its scores stay
-    # finite so that no NaN reaches a gradient
-    copies = source.valid.any(-1)
-    attn = torch.softmax(scores.masked_fill(~(source.valid | ~copies[:, None])[:, None, :], float("-inf")), -1)
-    ids = source.ids[:, None, :].expand(-1, h.shape[1], -1)
-    gate = head.gate(h).float()
-    copies = copies[:, None, None].expand(-1, h.shape[1], 1)
-    if select is not None:
-        h, attn, ids, gate, copies = h[select], attn[select], ids[select], gate[select], copies[select]
-    logp = torch.log_softmax(model.logits(h).float(), -1)
-    p_copy = torch.zeros_like(logp).scatter_add_(-1, ids, attn)
-    # log(g·p_vocab + (1-g)·p_copy) without underflow; words the source lacks have p_copy = 0 (clamped: log 0
-    # would give NaN gradients where the mixture ignores it anyway)
-    mixed = torch.logaddexp(F.logsigmoid(gate) + logp, F.logsigmoid(-gate) + p_copy.clamp_min(1e-30).log())
-    return torch.where(copies, mixed, logp)
+    query, gate = head.query(h), head.gate(h)          # in the precision of the model's own products
+    logits = model.logits(h if select is None else h[select])
+    # the mixture in fp32 even under bf16 autocast (whose CPU softmax would stay bf16)
+    with torch.autocast(h.device.type, enabled=False):
+        scores = query.float() @ source.keys.float().transpose(1, 2) / math.sqrt(h.shape[-1])  # (B, T, S)
+        # a source with no word to copy (only special tokens) keeps the vocabulary distribution; its scores
+        # stay finite so that no NaN reaches a gradient
+        copies = source.valid.any(-1)
+        attn = torch.softmax(scores.masked_fill(~(source.valid | ~copies[:, None])[:, None, :], float("-inf")), -1)
+        ids = source.ids[:, None, :].expand(-1, h.shape[1], -1)
+        gate = gate.float()
+        copies = copies[:, None, None].expand(-1, h.shape[1], 1)
+        if select is not None:
+            attn, ids, gate, copies = attn[select], ids[select], gate[select], copies[select]
+        logp = torch.log_softmax(logits.float(), -1)
+        p_copy = torch.zeros_like(logp).scatter_add_(-1, ids, attn)
+        # log(g·p_vocab + (1-g)·p_copy) without underflow; words the source lacks have p_copy = 0 (clamped:
+        # log 0 would give NaN gradients where the mixture ignores it anyway)
+        mixed = torch.logaddexp(F.logsigmoid(gate) + logp, F.logsigmoid(-gate) + p_copy.clamp_min(1e-30).log())
+        return torch.where(copies, mixed, logp)
 
 
 class ErnieGenObjective(nn.Module):

@@ -190,3 +190,18 @@ def test_a_copying_model_saves_loads_and_decodes_alike_in_every_precision(tiny_m
     from erniegen.onnx_runtime import use_onnx_runtime
     with pytest.raises(ValueError, match="copy: true"):
         use_onnx_runtime(loaded)
+
+
+def test_copy_trains_under_bf16_autocast_and_its_switch_is_a_boolean(tiny_model):
+    """CPU autocast keeps softmax in bf16: the mixture runs in fp32 so the scatter and the loss do not depend
+    on it; the loss stays within bf16's rounding of the fp32 loss."""
+    obj = _objective(tiny_model.train(), noise_rate=0.0, copy=True)
+    batch = collate_pairs(ITEMS, 0)
+    fp32 = obj(**batch)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = obj(**batch)["loss"]
+    bf16.backward()
+    assert bf16.dtype == torch.float32 and abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.extras["copy"].parameters())
+    with pytest.raises(ValueError, match="copy must be true or false"):
+        ErnieGenConfig(copy="false")

@@ -63,15 +63,23 @@ def main(argv: list[str] | None = None) -> None:
     train, dev = _split(args.data, workdir)
 
     import shutil
+
+    import torch
+
     from . import load
     from .data import read_examples
     from .finetune import FinetuneConfig, finetune
     from .metrics import compute_metrics
     from .train import TrainConfig
 
+    from .precision import native_bf16
     shutil.rmtree(args.output, ignore_errors=True)
     print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {args.steps} steps "
           "(the default squad_qg recipe, shortened)", flush=True)
+    if not native_bf16() and not torch.cuda.is_available():
+        # measured: 489 s with native bf16, 1,626 s on an AVX2-only EPYC (BENCHMARKS.md section 1, make demo)
+        print(f"   this CPU has no native bf16 (AVX512-BF16 or AMX), so it trains in fp32, ~3x slower a step: "
+              f"expect ~{round(25 * args.steps / DEMO_STEPS)} minutes, not ~8", flush=True)
     t0 = time.time()
     trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, log_every=10, eval_every=args.steps)
     # the full recipe's task adaptation (~7 min) would not fit the demo's ten minutes, a moving average

@@ -159,7 +159,8 @@ def cmd_finetune(args) -> None:
                          max_train_examples=args.max_train_examples, trainer=trainer,
                          attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, ema_decay=args.ema_decay,
-                         answer_marker=args.answer_marker, method_options=options.get("method_options", {}))
+                         answer_marker=args.answer_marker, copy=args.copy,
+                         method_options=options.get("method_options", {}))
     _report(finetune(cfg))
 
 
@@ -323,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put this vocabulary token (e.g. '[unused1]') before and after the answer's first "
                         "occurrence in the passage of 'passage [SEP] answer' sources; 'none' for no marker; "
                         "default: the task preset's. The model stores it, so generate marks its inputs alike")
+    f.add_argument("--copy", action=argparse.BooleanOptionalAction,
+                   help="copy words from the source (a pointer-generator; ERNIE-GEN and typical only); default: "
+                        "the task preset's (squad_qg copies). Same as method_options copy")
     f.add_argument("--ema-decay", type=float,
                    help="evaluate and keep an exponential moving average of the weights with this decay "
                         "(0: the raw weights); default: the task preset's")

@@ -207,6 +207,7 @@ class TaskPreset:
     adapt_steps: int = 0                 # whole-model masked-LM steps before fine-tuning (head_warmup.adapt_to_task)
     ema_decay: float | None = None       # evaluate a moving average of the weights (TrainConfig.ema_decay)
     answer_marker: str | None = None     # vocabulary token put around the answer in the passage (mark_answer)
+    copy: bool = False                   # copy source words (ERNIE-GEN's method_options copy) where the method can
     recipe_note: str = ""
 
 

@@ -52,6 +52,7 @@ class FinetuneConfig:
     freeze_embeddings: bool | None = None  # None: the preset's
     ema_decay: float | None = None  # moving average of the weights; None: the preset's; 0: none
     answer_marker: str | None = None  # token around the answer in the passage; None: the preset's; "none": no marker
+    copy: bool | None = None  # copy source words (method_options copy); None: the preset's, for methods that can
     max_train_examples: int | None = None
     trainer: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir=""))
     method_options: dict = field(default_factory=dict)
@@ -73,6 +74,23 @@ def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
               f"{max_positions} positions; sources are cut to {fitted}", file=sys.stderr)
         preset = dataclasses.replace(preset, max_source_len=fitted)
     return preset
+
+
+def resolve_method_options(cfg: FinetuneConfig) -> dict:
+    """``method_options`` with copying settled: ``--copy/--no-copy`` (``cfg.copy``) or the YAML's ``copy``,
+    else the task preset's for a method whose options have ``copy`` (a preset that copies leaves the NAR
+    methods, which cannot, as they are)."""
+    options = dict(cfg.method_options)
+    can_copy = "copy" in registry.option_keys(cfg.method)
+    if cfg.copy is not None:
+        if not can_copy:
+            raise ValueError(f"--{'' if cfg.copy else 'no-'}copy: --method {cfg.method} cannot copy source words "
+                             f"(the methods that can: {', '.join(registry.methods_with_option('copy'))})")
+        if options.setdefault("copy", cfg.copy) != cfg.copy:
+            raise ValueError(f"--{'' if cfg.copy else 'no-'}copy contradicts method_options copy: {options['copy']}")
+    elif can_copy:
+        options.setdefault("copy", get_task(cfg.task).copy)
+    return options
 
 
 def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None, spread: bool = False):
@@ -171,6 +189,7 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 def finetune(cfg: FinetuneConfig) -> dict:
     t_start = time.monotonic()  # trainer.max_time counts the loading and warm-ups too
     family = registry.family(cfg.method)
+    cfg = dataclasses.replace(cfg, method_options=resolve_method_options(cfg))
     registry.check_options(cfg.method, cfg.method_options)
     recipe = get_task(cfg.task)  # the preset's lr and epochs where the trainer leaves them unset
     tcfg = dataclasses.replace(cfg.trainer, output_dir=cfg.output,

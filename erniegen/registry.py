@@ -100,6 +100,11 @@ def option_keys(method: str) -> list[str]:
     return [f.name for f in fields(family(method).options) if f.name not in RECIPE_FIELDS]
 
 
+def methods_with_option(key: str) -> list[str]:
+    """The ``--method`` values whose ``method_options`` take ``key``."""
+    return [m for m in METHODS if key in option_keys(m)]
+
+
 def check_options(method: str, options: dict) -> None:
     """Refuse unknown ``method_options`` keys, and values the options dataclass refuses, before any model
     or data is loaded."""

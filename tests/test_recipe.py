@@ -256,6 +256,7 @@ def test_answer_marker_is_trained_with_stored_and_used_by_generate(tmp_path, tin
     assert "marked the answer in 8/8 sources" in capsys.readouterr().err
     done = Transformer.from_pretrained(str(tmp_path / "run" / "best"))
     assert done.settings.answer_marker == "[unused1]"
+    assert done.settings.extra["copy"] is get_task("squad_qg").copy  # the preset's copying, recorded with the model
     tok = done.tokenizer
     m = tok.convert_tokens_to_ids("[unused1]")
     [src] = encode_sources(done, ["the river was built [SEP] river"])
@@ -277,3 +278,27 @@ def test_training_takes_the_explicit_product_only_in_reduced_precision():
     side = int(MATH_ATTENTION_MAX_SCORES ** 0.5) + 1
     big = torch.randn(1, 1, side, 8, dtype=torch.bfloat16, requires_grad=True)
     assert not _use_math_attention(big, big)  # too many scores to keep for backward
+
+
+def test_copying_is_settled_by_the_flag_then_the_yaml_then_the_task_preset(monkeypatch):
+    from erniegen import data
+    from erniegen.finetune import FinetuneConfig, resolve_method_options
+    base = FinetuneConfig(train="t.jsonl", output="out", task="squad_qg")
+    copying = replace(get_task("squad_qg"), copy=True)
+    monkeypatch.setitem(data.TASKS, "squad_qg", copying)
+    assert resolve_method_options(base) == {"copy": True}
+    assert resolve_method_options(replace(base, method="typical")) == {"copy": True}
+    assert resolve_method_options(replace(base, copy=False)) == {"copy": False}
+    assert resolve_method_options(replace(base, method_options={"copy": False, "word_weight": 0.5})) == \
+        {"copy": False, "word_weight": 0.5}
+    for nar in ("nat", "mist", "elmer", "elmer-soft"):  # a preset that copies leaves the NAR methods as they are
+        assert resolve_method_options(replace(base, method=nar)) == {}
+    monkeypatch.setitem(data.TASKS, "squad_qg", replace(copying, copy=False))
+    assert resolve_method_options(base) == {"copy": False}
+    assert resolve_method_options(replace(base, copy=True)) == {"copy": True}
+    with pytest.raises(ValueError, match=r"--copy: --method nat cannot copy source words \(the methods that can: "
+                                         r"ernie-gen, typical\)"):
+        resolve_method_options(replace(base, method="nat", copy=True))
+    with pytest.raises(ValueError, match="--no-copy contradicts method_options copy: True"):
+        resolve_method_options(replace(base, copy=False, method_options={"copy": True}))
+    assert base.method_options == {}  # the caller's dict is left as it was

@@ -238,6 +238,7 @@ TASKS: dict[str, TaskPreset] = {
         freeze_embeddings=True,
         adapt_steps=600,
         ema_decay=0.998,
+        copy=True,
         recipe_note=(
             "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 as in the "
             "best earlier probe (not yet isolated against other rates); "
@@ -254,7 +255,9 @@ TASKS: dict[str, TaskPreset] = {
             "(dev loss after 3 epochs 4.54 -> 4.47) and a moving average of the weights (decay 0.998, "
             "about two epochs) against the over-fitting that sets in after epoch 6. Not in the recipe: answer "
             "markers (--answer-marker, one seed below the defaults' range) and length penalty 3.0 (+0.26 BLEU-4 "
-            "paired over four models, chosen on dev; --length-penalty 3.0 at generate)."
+            "paired over four models, chosen on dev; --length-penalty 3.0 at generate). Copying source words "
+            "(a pointer-generator, --copy): greedy dev BLEU-4 after epochs 1-4 7.5 / 10.4 / 10.7 / 11.0 against "
+            "3.3 / 6.3 / 7.5 / 8.8 without, clean dev loss 4.08 against 4.49 after epoch 3 (one seed each)."
         ),
     ),
     "xsum": TaskPreset(

@@ -257,7 +257,8 @@ TASKS: dict[str, TaskPreset] = {
             "markers (--answer-marker, one seed below the defaults' range) and length penalty 3.0 (+0.26 BLEU-4 "
             "paired over four models, chosen on dev; --length-penalty 3.0 at generate). Copying source words "
             "(a pointer-generator, --copy): greedy dev BLEU-4 after epochs 1-4 7.5 / 10.4 / 10.7 / 11.0 against "
-            "3.3 / 6.3 / 7.5 / 8.8 without, clean dev loss 4.08 against 4.49 after epoch 3 (one seed each); full-dev BLEU-4 13.07 against 10.65 (same seed)."
+            "3.3 / 6.3 / 7.5 / 8.8 without, clean dev loss 4.08 against 4.49 after epoch 3, full-dev BLEU-4 "
+            "13.07 against 10.65 (one seed each)."
         ),
     ),
     "xsum": TaskPreset(

@@ -83,11 +83,12 @@ def resolve_method_options(cfg: FinetuneConfig) -> dict:
     options = dict(cfg.method_options)
     can_copy = "copy" in registry.option_keys(cfg.method)
     if cfg.copy is not None:
+        flag = "--copy" if cfg.copy else "--no-copy"
         if not can_copy:
-            raise ValueError(f"--{'' if cfg.copy else 'no-'}copy: --method {cfg.method} cannot copy source words "
+            raise ValueError(f"{flag}: --method {cfg.method} cannot copy source words "
                              f"(the methods that can: {', '.join(registry.methods_with_option('copy'))})")
         if options.setdefault("copy", cfg.copy) != cfg.copy:
-            raise ValueError(f"--{'' if cfg.copy else 'no-'}copy contradicts method_options copy: {options['copy']}")
+            raise ValueError(f"{flag} contradicts method_options copy: {options['copy']}")
     elif can_copy:
         options.setdefault("copy", get_task(cfg.task).copy)
     return options

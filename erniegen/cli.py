@@ -260,7 +260,8 @@ def cmd_pretrain(args) -> None:
         lr=args.lr, warmup_steps=args.warmup_steps, save_every=args.save_every, log_every=args.log_every,
         precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed, max_time=_max_time(args))
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
-                         objective=args.objective, method=args.method, word_weight=args.word_weight,
+                         objective=args.objective, lplm_exits=args.lplm_exits, method=args.method,
+                         word_weight=args.word_weight,
                          noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field,
                          paragraphs=args.paragraphs,
                          shuffle_window=args.shuffle_window, trainer=trainer)
@@ -401,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--objective", default="ernie-gen", choices=["ernie-gen", "lplm"],
                     help="ernie-gen = ERNIE-GEN's word and span flows; lplm = ELMER's Layer Permutation LM "
                          "(sentence shuffling + text infilling, exit layers drawn uniformly; no span vocabulary)")
+    pt.add_argument("--lplm-exits", default="drawn", choices=list(registry.elmer.LPLM_EXITS),
+                    help="with --objective lplm: drawn = each slot's exit layer uniform over 1..L (ELMER); last = "
+                         "every slot at the last layer, the control that tells what the drawn exits add")
     pt.add_argument("--method", default="ernie-gen", choices=list(registry.ERNIE_GEN.methods),
                     help="ernie-gen = infilling flows; typical = teacher-forcing ablation")
     pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])

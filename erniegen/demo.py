@@ -27,9 +27,10 @@ Point DATA at any of:
   - a Hugging Face `datasets` name with source/target fields (needs the Hub or a local cache):
       make demo DATA=some_org/some_dataset"""
 
-# ~1.5 epochs of squad_qg_sent at batch 32: with set-up, the head warm-up and scoring, about ten minutes
-# on two CPU cores (BENCHMARKS.md section 1, "make demo").
-DEMO_STEPS = 400
+# Optimizer steps (batch 32) that fit, with set-up, the head warm-up and scoring, in about ten minutes on two
+# CPU cores (BENCHMARKS.md section 1, "make demo"): ~1.5 epochs of squad_qg_sent where the CPU trains in bf16,
+# fewer where it trains in fp32, ~3x slower a step (a CPU without AVX512-BF16 or AMX).
+DEMO_STEPS = {"bf16": 400, "fp32": 180}
 
 
 def _split(data: str, workdir: Path) -> tuple[str, str]:
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default=os.environ.get("DATA", "../shared/data/squad_qg_sent"))
     p.add_argument("--output", default="runs/demo")
-    p.add_argument("--steps", type=int, default=DEMO_STEPS)
+    p.add_argument("--steps", type=int, help=f"optimizer steps; default: {DEMO_STEPS['bf16']} where the CPU "
+                                                f"trains in bf16, {DEMO_STEPS['fp32']} where it trains in fp32")
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--eval-samples", type=int, default=100)
     args = p.parse_args(argv)
@@ -70,16 +72,15 @@ def main(argv: list[str] | None = None) -> None:
     from .data import read_examples
     from .finetune import FinetuneConfig, finetune
     from .metrics import compute_metrics
+    from .precision import native_bf16
     from .train import TrainConfig
 
-    from .precision import native_bf16
     shutil.rmtree(args.output, ignore_errors=True)
-    print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {args.steps} steps "
+    precision = "bf16" if native_bf16() or torch.cuda.is_available() else "fp32"
+    if args.steps is None:
+        args.steps = DEMO_STEPS[precision]
+    print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {args.steps} steps in {precision} "
           "(the default squad_qg recipe, shortened)", flush=True)
-    if not native_bf16() and not torch.cuda.is_available():
-        # measured: 489 s with native bf16, 1,626 s on an AVX2-only EPYC (BENCHMARKS.md section 1, make demo)
-        print(f"   this CPU has no native bf16 (AVX512-BF16 or AMX), so it trains in fp32, ~3x slower a step: "
-              f"expect ~{round(25 * args.steps / DEMO_STEPS)} minutes, not ~8", flush=True)
     t0 = time.time()
     trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, log_every=10, eval_every=args.steps)
     # the full recipe's task adaptation (~7 min) would not fit the demo's ten minutes, a moving average

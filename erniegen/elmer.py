@@ -370,20 +370,30 @@ def slot_labels(tgt_ids: torch.Tensor, tgt_len: torch.Tensor, width: int) -> tor
     return labels
 
 
+# Where LPLM's slots exit: "drawn" = uniformly over 1..L (ELMER §3.4); "last" = every slot at the last layer,
+# the control that tells what the drawn exits add to any masked-LM-style pre-training (which also trains the
+# masked-LM head all-MiniLM-L6-v2 lacks)
+LPLM_EXITS: tuple[str, ...] = ("drawn", "last")
+
+
 def draw_exit_layers(shape: tuple[int, ...], n_layers: int, device: torch.device | None = None) -> torch.Tensor:
     """LPLM: each target token's exit layer, uniform over 1..L."""
     return torch.randint(1, n_layers + 1, shape, device=device)
 
 
 def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
-                    label_smoothing: float, slot_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Each slot runs up to an exit layer drawn uniformly (:func:`draw_exit_layers`), is predicted by
-    that layer's off-ramp and is copied unchanged above it; the mean cross-entropy of the labelled slots.
+                    label_smoothing: float, slot_ids: torch.Tensor | None = None, exits: str = "drawn"
+                    ) -> torch.Tensor:
+    """Each slot runs up to an exit layer drawn uniformly (:func:`draw_exit_layers`; ``exits="last"``: the
+    last layer), is predicted by that layer's off-ramp and is copied unchanged above it; the mean
+    cross-entropy of the labelled slots.
 
     As in the released code, copied states are detached: a slot's prediction trains the layers up to
     its exit, not the layers above through the keys/values it offers there.
     """
-    exits = draw_exit_layers(labels.shape, len(model.layers), labels.device)
+    n = len(model.layers)
+    exits = (draw_exit_layers(labels.shape, n, labels.device) if exits == "drawn"
+             else torch.full(labels.shape, n, device=labels.device))
     slots = make_slots(model, source, labels.shape[1], slot_ids)
     x, logits, gold = slots.x, [], []
     for layer in range(len(model.layers)):
@@ -548,18 +558,21 @@ class LplmObjective(nn.Module):
     See :func:`drawn_exit_loss`.
     """
 
-    def __init__(self, model: Network, width: int, label_smoothing: float = 0.1, layer_heads: bool = False):
+    def __init__(self, model: Network, width: int, label_smoothing: float = 0.1, layer_heads: bool = False,
+                 exits: str = "drawn"):
         super().__init__()
         if model.tokenizer is None:
             raise ValueError("LPLM training needs the model's tokenizer (for [MASK] and [SEP])")
-        self.model, self.width, self.label_smoothing = model, width, label_smoothing
+        if exits not in LPLM_EXITS:
+            raise ValueError(f"LPLM exits={exits!r} must be one of {list(LPLM_EXITS)}")
+        self.model, self.width, self.label_smoothing, self.exits = model, width, label_smoothing, exits
         attach(model, layer_heads)
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:
         source, _ = encode_source(self.model, src_ids, src_len)
         labels = slot_labels(tgt_ids, tgt_len, self.width)
-        loss = drawn_exit_loss(self.model, source, labels, self.label_smoothing)
+        loss = drawn_exit_loss(self.model, source, labels, self.label_smoothing, exits=self.exits)
         return {"loss": loss, "num_tokens": src_len.sum() + len(src_len) * self.width}
 
 

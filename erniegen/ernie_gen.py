@@ -276,7 +276,7 @@ def step_log_probs(model: Network, ids: torch.Tensor, pos: torch.Tensor, types: 
                    ) -> tuple[torch.Tensor, list[KV]]:
     """A decoding step's tokens through the network against ``past``: the (N, V) fp32 log-probabilities of the
     next token, read at the last of them, and every layer's (k, v) of the tokens. What ONNX Runtime runs
-    instead when the model carries an export of it (erniegen.onnx_runtime; models that copy excepted)."""
+    instead when the model carries an export of it (erniegen.onnx_runtime)."""
     hidden, kv = model(ids, pos, types, mask, past=past)
     return next_token_log_probs(model, hidden[:, -1:], source)[:, 0], kv
 
@@ -327,7 +327,7 @@ class InfillingStepper:
             logp, _ = step_log_probs(self.model, ids, pos, types, self.cache.step_mask(new, self._own[t]), past,
                                      self.source)
         else:  # the cache's buffers whole, so none is copied
-            logp = onnx(ids, pos, types, self.cache.step_mask(new, self._own[t], whole=True), past)
+            logp = onnx(ids, pos, types, self.cache.step_mask(new, self._own[t], whole=True), past, self.source)
         if prev is not None:
             self.cache.commit(new, keep=1)
         self.step_no += 1

@@ -22,6 +22,11 @@ scored apart from the step's own, so that the buffer is never concatenated with 
 cache per layer and step, which at batch 32 made the merged export slower than PyTorch, BENCHMARKS.md
 section 3).
 
+A model that copies source words (``copy: true``, the squad_qg default) exports its pointer-generator too:
+the copy source (the source tokens' last-layer keys, ids and which of them may be copied, taken from the
+prefill by :func:`erniegen.ernie_gen.copy_source`) is three more inputs, and the mixture is computed inside the
+graph as :func:`erniegen.ernie_gen.next_token_log_probs` computes it.
+
 fp32 and the infilling decoder (greedy and beam search) only. The session holds its own copy of the weights,
 taken when it is made: a model changed afterwards needs :func:`use_onnx_runtime` again.
 """
@@ -36,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ernie_gen import step_log_probs
+from .ernie_gen import CopySource, copy_head, step_log_probs
 from .network import Network, PastSlot
 from .registry import default_decoder
 
@@ -79,9 +84,6 @@ def import_onnxruntime() -> ModuleType:
 def use_onnx_runtime(model: Network) -> Network:
     """Run ``model``'s infilling steps with ONNX Runtime from now on (exported here); returns the model."""
     check_runtime("onnx", model.precision, default_decoder(model.settings.method))
-    if model.settings.extra.get("copy"):
-        raise ValueError("runtime 'onnx' does not run models trained with copy: true (the exported step has no "
-                         "copy head); use runtime torch")
     model.onnx_step = OnnxInfillingStep(model)
     return model
 
@@ -93,23 +95,35 @@ def session_options() -> onnxruntime.SessionOptions:
     return options
 
 
+COPY_NAMES: tuple[str, ...] = ("copy_keys", "copy_ids", "copy_valid")  # the copy source's inputs, in order
+
+
 class _Step(nn.Module):
-    """:func:`~erniegen.ernie_gen.step_log_probs` with the past as flat inputs and the keys/values as flat outputs."""
+    """:func:`~erniegen.ernie_gen.step_log_probs` with the past (and the copy source of a model that copies) as
+    flat inputs and the keys/values as flat outputs."""
 
     def __init__(self, model: Network):
         super().__init__()
         self.model = model
+        self.copies = copy_head(model) is not None
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logp, kv = step_log_probs(self.model, ids, pos, types, mask, list(zip(past[0::2], past[1::2])))
+                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        source, past = (CopySource(*rest[:3]), rest[3:]) if self.copies else (None, rest)
+        logp, kv = step_log_probs(self.model, ids, pos, types, mask, list(zip(past[0::2], past[1::2])), source)
         return (logp, *(x for pair in kv for x in pair))
+
+
+def _logaddexp(g, a, b):
+    """``aten::logaddexp``, which the TorchScript exporter lacks (the copy mixture uses it), as
+    max(a, b) + softplus(-|a - b|)."""
+    return g.op("Add", g.op("Max", a, b), g.op("Softplus", g.op("Neg", g.op("Abs", g.op("Sub", a, b)))))
 
 
 def export_step(model: Network) -> bytes:
     """:func:`~erniegen.ernie_gen.step_log_probs` of ``model`` as an ONNX model: inputs ``ids``, ``pos``,
-    ``types``, ``mask`` and each layer's ``past_k_<i>``, ``past_v_<i>``; outputs ``logp`` and each layer's
-    ``new_k_<i>``, ``new_v_<i>``."""
+    ``types``, ``mask``, for a model that copies :data:`COPY_NAMES`, and each layer's ``past_k_<i>``,
+    ``past_v_<i>``; outputs ``logp`` and each layer's ``new_k_<i>``, ``new_v_<i>``."""
     cfg = model.config
     heads, width = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     past_names = [f"past_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
@@ -121,16 +135,25 @@ def export_step(model: Network) -> bytes:
     types = torch.full((b, t), model.target_type_id)
     mask = torch.ones(b, t, cached + t, dtype=torch.bool)
     past = [torch.zeros(b, heads, cached, width) for _ in past_names]
-    tokens, batch = {0: "batch", 1: "tokens"}, {0: "batch"}
+    step = _Step(model).eval()
+    source_len = 4
+    copy_inputs = [torch.zeros(b, source_len, cfg.hidden_size), torch.zeros(b, source_len, dtype=torch.long),
+                   torch.ones(b, source_len, dtype=torch.bool)] if step.copies else []
+    copy_names = list(COPY_NAMES) if step.copies else []
+    tokens, batch, sources = {0: "batch", 1: "tokens"}, {0: "batch"}, {0: "batch", 1: "source"}
     axes = ({"ids": tokens, "pos": tokens, "types": tokens, "mask": tokens | {2: "keys"}, "logp": batch}
+            | {name: sources for name in copy_names}
             | {name: batch | {2: "cached"} for name in past_names}
             | {name: batch | {2: "tokens"} for name in new_names})
     onnx_model = io.BytesIO()
+    torch.onnx.register_custom_op_symbolic("aten::logaddexp", _logaddexp, OPSET)
     with torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter is deprecated in favour of torch.export's, which would also need onnxscript
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(_Step(model).eval(), (ids, pos, types, mask, *past), onnx_model, dynamo=False,
-                          input_names=["ids", "pos", "types", "mask", *past_names],
+        # the copy mixture's 1/sqrt(hidden size), a Python float the trace keeps as a constant: it is one
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(step, (ids, pos, types, mask, *copy_inputs, *past), onnx_model, dynamo=False,
+                          input_names=["ids", "pos", "types", "mask", *copy_names, *past_names],
                           output_names=["logp", *new_names], dynamic_axes=axes, opset_version=OPSET)
     return with_symbolic_shapes(onnx_model.getvalue())
 
@@ -173,6 +196,7 @@ class OnnxInfillingStep:
         self.past_names = [f"past_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
         self.new_names = [f"new_{kv}_{i}" for i in range(cfg.num_hidden_layers) for kv in "kv"]
         self.heads, self.vocab = cfg.num_attention_heads, cfg.vocab_size
+        self.copies = copy_head(model) is not None
         self.session = ort.InferenceSession(export_step(model), options or session_options(),
                                             providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
@@ -187,10 +211,16 @@ class OnnxInfillingStep:
             self._bound[name] = key
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-                 past: list[PastSlot]) -> torch.Tensor:
+                 past: list[PastSlot], source: CopySource | None = None) -> torch.Tensor:
         """The (N, V) next-token log-probabilities; the step's keys/values go into ``past``'s buffers, after the
-        committed ones. ``mask`` is (N, T, capacity + T), ``KVCache.step_mask(..., whole=True)``."""
+        committed ones. ``mask`` is (N, T, capacity + T), ``KVCache.step_mask(..., whole=True)``; ``source``:
+        the copy source, for (and only for) a model that copies."""
+        if (source is not None) != self.copies:
+            raise ValueError("the exported step " + ("copies: it needs the copy source" if self.copies
+                                                     else "does not copy: it takes no copy source"))
         feed = {"ids": ids, "pos": pos, "types": types, "mask": mask}
+        if source is not None:
+            feed |= zip(COPY_NAMES, (source.keys, source.ids, source.valid))
         feed |= zip(self.past_names, (x for slot in past for x in (slot.k, slot.v)))
         feed = {name: x.contiguous() for name, x in feed.items()}  # held until the run is over
         for name, x in feed.items():

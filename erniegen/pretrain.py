@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from .batch import collate_pairs
 from .corpus import CorpusSpec, SequenceStream, StreamState
-from .elmer import LplmObjective, lplm_features
+from .elmer import LPLM_EXITS, LplmObjective, lplm_features
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
 from .model import Transformer
 from .network import Layer
@@ -82,6 +82,7 @@ class PretrainConfig:
     output: str
     span_vocab: str | None = None      # TSV from `erniegen span-vocab`; None = build from the corpus first
     objective: str = "ernie-gen"       # ernie-gen (the flows below) | lplm (ELMER's, §3.4; no span vocabulary)
+    lplm_exits: str = "drawn"          # lplm: exit layers drawn uniformly (paper) | "last" (the control)
     method: str = DEFAULT_METHOD       # of the ERNIE-GEN family: "ernie-gen" (infilling) | "typical" (ablation)
     word_weight: float | None = None   # λ; None = 0.5 for ernie-gen (paper), 1.0 for typical; 1.0 = no span flow
     noise_rate: float = 0.05           # ρ_p, pre-training noise (paper); 0 = the no-noise ablation
@@ -109,6 +110,10 @@ class PretrainConfig:
                                          or self.span_vocab is not None):
             raise ValueError("--method, --word-weight and --span-vocab set ERNIE-GEN's flows; --objective lplm takes "
                              "none of them")
+        if self.lplm_exits not in LPLM_EXITS:
+            raise ValueError(f"lplm_exits={self.lplm_exits!r} must be one of {list(LPLM_EXITS)}")
+        if self.objective != "lplm" and self.lplm_exits != "drawn":
+            raise ValueError("--lplm-exits sets where LPLM's slots exit; it needs --objective lplm")
         if self.method not in ERNIE_GEN.methods:
             raise ValueError(f"method={self.method!r} must be one of {list(ERNIE_GEN.methods)}: pre-training "
                              f"trains ERNIE-GEN's flows")
@@ -195,7 +200,7 @@ class LplmStream(PretrainStream):
 def build_objective(model: Transformer, cfg: PretrainConfig) -> ErnieGenObjective | LplmObjective:
     """ERNIE-GEN's multi-flow objective with the pre-training λ and ρ_p (or an ablation of them), or LPLM's."""
     if cfg.objective == "lplm":
-        return LplmObjective(model, cfg.sequence_len + 1, cfg.label_smoothing)
+        return LplmObjective(model, cfg.sequence_len + 1, cfg.label_smoothing, exits=cfg.lplm_exits)
     ecfg = ErnieGenConfig(method=cfg.method, noise_rate=cfg.noise_rate, word_weight=cfg.resolved_word_weight(),
                           label_smoothing=cfg.label_smoothing)
     repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])

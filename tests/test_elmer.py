@@ -456,6 +456,11 @@ def test_lplm_loss_falls_at_each_slots_exit_layer(tiny_tokenizer, monkeypatch):
         last = obj(**batch)["loss"]
         plain = build_objective("elmer", model, PRESET, {}).eval()(**batch)
         assert torch.allclose(last, plain["loss_last"], atol=1e-5)
+        monkeypatch.undo()  # the control pre-training (--lplm-exits last) does the same without being told
+        control = elmer.LplmObjective(model, T, label_smoothing=0.0, exits="last")
+        assert torch.allclose(control(**batch)["loss"], plain["loss_last"], atol=1e-5)
+    with pytest.raises(ValueError, match="exits='first' must be one of"):
+        elmer.LplmObjective(model, T, exits="first")
 
 
 def test_lplm_features(tiny_tokenizer):
@@ -508,8 +513,11 @@ def test_lplm_pretraining_resumes_exactly(tiny_tokenizer, tmp_path, monkeypatch)
     assert a.settings.method == "elmer" and a.settings.extra["max_target_len"] == (40 - 3) // 2 + 1
     with pytest.raises(ValueError, match="--objective lplm takes none of them"):
         pt.pretrain(dataclasses.replace(cfg(tmp_path / "c"), word_weight=0.5))
-    args = build_parser().parse_args(["pretrain", "--corpus", "x", "--output", "y", "--objective", "lplm"])
-    assert args.objective == "lplm"
+    with pytest.raises(ValueError, match="--lplm-exits sets where LPLM's slots exit; it needs --objective lplm"):
+        pt.pretrain(dataclasses.replace(cfg(tmp_path / "c"), objective="ernie-gen", lplm_exits="last"))
+    args = build_parser().parse_args(["pretrain", "--corpus", "x", "--output", "y", "--objective", "lplm",
+                                      "--lplm-exits", "last"])
+    assert (args.objective, args.lplm_exits) == ("lplm", "last")
 
 
 def test_output_slots_end_at_the_first_end_token():

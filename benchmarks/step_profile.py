@@ -1,15 +1,20 @@
 """Where an fp32 ERNIE-GEN fine-tuning step's time goes on this CPU: torch.profiler over real batches.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_profile.py [--data ../shared/data] [--profiled 3]
+        [--keep-freed-memory] [--json]
 
 Length-bucketed batches of 32 from the first 3,200 squad_qg_sent training pairs (as `erniegen finetune` draws
 them), all-MiniLM-L6-v2, the squad_qg preset (its frozen word table included), fp32, fused AdamW. Prints the mean seconds per step over 6 steps
-after 2 warm-up steps, then the profiler's table (self CPU time by operator) over ``--profiled`` more steps.
+after 2 warm-up steps with the page faults and kernel CPU time they took, then the profiler's table (self CPU
+time by operator) over ``--profiled`` more steps (none: no table). ``--keep-freed-memory``: glibc keeps freed
+memory (erniegen.allocator, as the command line does); ``--json``: the timing as one JSON line.
 Run it on an idle machine.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from erniegen import registry  # noqa: E402
+from erniegen.allocator import keep_freed_memory  # noqa: E402
 from erniegen.batch import collate_pairs  # noqa: E402
 from erniegen.finetune import FinetuneConfig, load_pairs, resolve_preset  # noqa: E402
 from erniegen.model import Transformer  # noqa: E402
@@ -31,7 +37,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--profiled", type=int, default=3)
+    p.add_argument("--keep-freed-memory", action="store_true")
+    p.add_argument("--json", action="store_true")
     args = p.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory: this C library is not glibc")
 
     torch.manual_seed(0)
     model = Transformer.from_pretrained("minilm")
@@ -54,10 +64,21 @@ def main() -> None:
 
     for b in batches[:2]:
         step(b)
-    t0 = time.perf_counter()
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for b in batches[2:8]:
         step(b)
-    print(f"mean s/step over 6 steps: {(time.perf_counter() - t0) / 6:.3f}")
+    t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+    timing = {"keep_freed_memory": args.keep_freed_memory, "s_per_step": (t1 - t0) / 6,
+              "page_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / 6,
+              "kernel_cpu_share": (r1.ru_stime - r0.ru_stime) / (r1.ru_stime - r0.ru_stime + r1.ru_utime - r0.ru_utime),
+              "peak_rss_gb": r1.ru_maxrss / 2**20}
+    if args.json:
+        print(json.dumps(timing), flush=True)
+    else:
+        print(f"mean s/step over 6 steps: {timing['s_per_step']:.3f} ({timing['page_faults_per_step']:.0f} page "
+              f"faults a step, {100 * timing['kernel_cpu_share']:.0f}% of CPU time in the kernel)")
+    if not args.profiled:
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for b in batches[8:]:
             step(b)

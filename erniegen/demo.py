@@ -69,12 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from . import load
+    from .allocator import keep_freed_memory
     from .data import read_examples
     from .finetune import FinetuneConfig, finetune
     from .metrics import compute_metrics
     from .precision import native_bf16
     from .train import TrainConfig
 
+    keep_freed_memory()  # as the command line does (erniegen.allocator)
     shutil.rmtree(args.output, ignore_errors=True)
     precision = "bf16" if native_bf16() or torch.cuda.is_available() else "fp32"
     if args.steps is None:

@@ -67,9 +67,13 @@ def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
     return losses, metrics
 
 
-def _legend_columns(ax) -> int:
-    """Two columns once a panel holds more than eight curves (several runs), so the legend leaves room."""
-    return 2 if len(ax.get_legend_handles_labels()[1]) > 8 else 1
+def _legend(ax) -> None:
+    """Inside the panel for up to eight curves; beneath it, in two columns, for more (several runs), where
+    it would otherwise cover the curves."""
+    if len(ax.get_legend_handles_labels()[1]) > 8:
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+    else:
+        ax.legend(fontsize=7)
 
 
 def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] | None = None) -> dict:
@@ -95,11 +99,11 @@ def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] |
                         marker="x" if raw else "o" if key.startswith("dev_") else marker, label=f"{label} {key}")
     loss_ax.set(xlabel="optimizer step", ylabel="loss (dev_loss: evaluations)"
                 + (f" (moving average of {window} logs)" if window > 1 else ""), title="training")
-    loss_ax.legend(fontsize=7, ncol=_legend_columns(loss_ax))
+    _legend(loss_ax)
     loss_ax.grid(alpha=0.3)
     if has_eval:
         axes[0][1].set(xlabel="optimizer step", ylabel="dev metric", title="evaluation")
-        axes[0][1].legend(fontsize=7, ncol=_legend_columns(axes[0][1]))
+        _legend(axes[0][1])
         axes[0][1].grid(alpha=0.3)
     _save(fig, plt, output)
     return data
@@ -120,7 +124,7 @@ def _save(fig, plt, output: str) -> None:
     fig.tight_layout()
     out = Path(output)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}{out.suffix}")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")  # legends placed beneath a panel included
     plt.close(fig)
     os.replace(tmp, out)
 

@@ -35,7 +35,8 @@ AT_LEAST_1, AT_LEAST_0, FRACTION = Range(1), Range(0), Range(0, 1)
 # Every numeric option of every command, by argparse dest; one name means one thing in every command.
 OPTION_RANGES: dict[str, Range] = {
     "batch_size": AT_LEAST_1, "num_beams": AT_LEAST_1, "max_length": AT_LEAST_1, "min_length": AT_LEAST_0,
-    "length_penalty": Range(), "no_repeat_ngram_size": AT_LEAST_0, "iterations": AT_LEAST_1,
+    "length_penalty": Range(), "no_repeat_ngram_size": AT_LEAST_0, "max_token_run": AT_LEAST_0,
+    "iterations": AT_LEAST_1,
     "length_beam": AT_LEAST_1, "num_samples": AT_LEAST_1, "fixed_length": AT_LEAST_1,
     "epochs": AT_LEAST_1, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": Range(0, low_open=True),
     "warmup_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "noise_rate": FRACTION, "word_weight": FRACTION,
@@ -73,6 +74,8 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-length", type=int, default=None)
     g.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha: score / ((5+len)/6)^alpha")
     g.add_argument("--no-repeat-ngram-size", type=int, default=None)
+    g.add_argument("--max-token-run", type=int, default=None,
+                   help="longest run of one token an output may hold (autoregressive decoders; 0: any)")
     g.add_argument("--iterations", type=int, default=None, help="NAR refinement iterations")
     g.add_argument("--length-beam", type=int, default=None, help="NAR: candidate lengths decoded in parallel")
     g.add_argument("--dedup", action="store_true", default=None,
@@ -101,8 +104,8 @@ def _check_runtime(args) -> None:
 
 
 def _decode_options(args) -> dict:
-    keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "iterations",
-            "length_beam", "dedup", "exit_threshold")
+    keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "max_token_run",
+            "iterations", "length_beam", "dedup", "exit_threshold")
     return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
 

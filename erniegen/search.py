@@ -34,6 +34,9 @@ class DecodeOptions:
     min_length: int = 1  # the end token is banned before this many tokens
     length_penalty: float = 1.0  # GNMT: score / ((5 + len) / 6) ** alpha (ERNIE-GEN, UniLM)
     no_repeat_ngram_size: int = 0
+    # the longest run of one token an output may hold (0: any): 2 stops `##od ##od ##od`, which no
+    # squad_qg question has outside punctuation (4 of 8,699 references, all "...", "____")
+    max_token_run: int = 0
     banned_ids: list[int] = field(default_factory=list)
     # Non-autoregressive decoders
     iterations: int = 1
@@ -48,8 +51,9 @@ class DecodeOptions:
         if self.max_length < 1 or not 0 <= self.min_length <= self.max_length:
             raise ValueError(f"need 0 <= min_length <= max_length and max_length >= 1, got {self.min_length} and "
                              f"{self.max_length}")
-        if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        for name in ("no_repeat_ngram_size", "max_token_run"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.exit_threshold >= 0:
             raise ValueError(f"exit_threshold must be >= 0, got {self.exit_threshold}")
         if not math.isfinite(self.length_penalty):
@@ -80,6 +84,15 @@ def block_ngrams(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
     logp[rows, windows[rows, cols, n - 1]] = float("-inf")
 
 
+def block_runs(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
+    """Ban (in place, -inf) the token that would make a run of more than ``n`` identical tokens in ``tokens``."""
+    if n <= 0 or tokens.shape[1] < n:
+        return
+    last = tokens[:, -n:]
+    rows = (last == last[:, :1]).all(-1).nonzero(as_tuple=True)[0]
+    logp[rows, last[rows, 0]] = float("-inf")
+
+
 def _constrain(logp: torch.Tensor, tokens: torch.Tensor, step: int, eos: int, opts: DecodeOptions,
                banned: torch.Tensor) -> torch.Tensor:
     """``logp`` with banned ids, a too-early end and repeated n-grams at -inf; ``banned`` is
@@ -89,6 +102,7 @@ def _constrain(logp: torch.Tensor, tokens: torch.Tensor, step: int, eos: int, op
     if step + 1 < opts.min_length:
         logp[:, eos] = float("-inf")
     block_ngrams(logp, tokens, opts.no_repeat_ngram_size)
+    block_runs(logp, tokens, opts.max_token_run)
     return logp
 
 

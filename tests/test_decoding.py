@@ -1,4 +1,5 @@
 """Decoding: cache equals recomputation, beam 1 equals greedy, batch equals one-by-one, beam logic."""
+import dataclasses
 import math
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from erniegen.decoding import (DecodeOptions, InfillingStepper, TypicalStepper, beam_search, block_ngrams,
                                generate_ids, gnmt_penalty, greedy_search)
+from erniegen.search import block_runs
 from erniegen.ernie_gen import COPY, copy_head, copy_source, encode_context, next_token_log_probs, placeholder_pass
 from erniegen.masks import WORD, target_roles
 
@@ -116,6 +118,45 @@ def test_block_ngrams_by_hand():
     logp = torch.zeros(1, 10)
     block_ngrams(logp, torch.tensor([[1, 2, 3, 1, 2]]), 3)  # "1 2" seen before, followed by 3
     assert logp[0, 3] == float("-inf") and torch.isfinite(logp[0, [0, 1, 2, 4]]).all()
+
+
+def test_block_runs_by_hand():
+    logp = torch.zeros(4, 10)
+    block_runs(logp, torch.tensor([[1, 4, 4], [4, 1, 4], [7, 7, 7], [2, 9, 9]]), 2)
+    assert (logp == float("-inf")).nonzero().tolist() == [[0, 4], [2, 7], [3, 9]]
+    block_runs(logp, torch.tensor([[3, 3, 3]] * 4), 0)  # 0: any run
+    assert (logp == float("-inf")).sum() == 3
+
+
+class RepeatingStepper:
+    """A fake model that always prefers the token it just produced (0 = end, never likely)."""
+
+    def __init__(self, n):
+        self.src_len = torch.zeros(n, dtype=torch.long)
+        self.last = torch.full((n,), 1)
+
+    def expand(self, k):
+        self.src_len, self.last = self.src_len.repeat_interleave(k), self.last.repeat_interleave(k)
+
+    def reorder(self, rows):
+        self.src_len, self.last = self.src_len[rows], self.last[rows]
+
+    def step(self, prev):
+        if prev is not None:
+            self.last = prev
+        probs = torch.tensor([0.01, 0.2, 0.15, 0.1]).repeat(len(self.last), 1)
+        probs[torch.arange(len(self.last)), self.last] = 0.54
+        return probs.log()
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_max_token_run_holds_in_greedy_and_beam(search):
+    run = (lambda opts: greedy_search(RepeatingStepper(2), 2, 0, opts)) if search == "greedy" else (
+        lambda opts: beam_search(RepeatingStepper(2), 2, 0, dataclasses.replace(opts, num_beams=3)))
+    # max_length counts the end token: five words each
+    assert run(DecodeOptions(max_length=6, min_length=6)) == [[1] * 5] * 2
+    assert run(DecodeOptions(max_length=6, min_length=6, max_token_run=2)) == [[1, 1, 2, 2, 1]] * 2
+    assert run(DecodeOptions(max_length=6, min_length=6, max_token_run=1)) == [[1, 2, 1, 2, 1]] * 2
 
 
 class ScriptedStepper:

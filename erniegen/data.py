@@ -208,6 +208,7 @@ class TaskPreset:
     ema_decay: float | None = None       # evaluate a moving average of the weights (TrainConfig.ema_decay)
     answer_marker: str | None = None     # vocabulary token put around the answer in the passage (mark_answer)
     copy: bool = False                   # copy source words (ERNIE-GEN's method_options copy) where the method can
+    max_token_run: int = 0               # decoding: no token more than this many times in a row (0: any)
     recipe_note: str = ""
 
 

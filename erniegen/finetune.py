@@ -23,7 +23,7 @@ from .head_warmup import HEAD_WARMUP_STEPS, adapt_to_task, init_attn_embedding, 
 from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
-from .search import DecodeOptions, default_banned_ids
+from .search import DecodeOptions, default_banned_ids, options_from_settings
 from .train import TrainConfig, check_config, check_output_dir, is_main_process, time_left, train
 
 
@@ -216,7 +216,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         model.settings, method=cfg.method, task=preset.name, max_source_len=preset.max_source_len,
         max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),
         num_beams=preset.num_beams, length_penalty=preset.length_penalty,
-        no_repeat_ngram_size=preset.no_repeat_ngram_size, answer_marker=preset.answer_marker,
+        no_repeat_ngram_size=preset.no_repeat_ngram_size, max_token_run=preset.max_token_run,
+        answer_marker=preset.answer_marker,
         extra=model.settings.extra | {"max_target_len": preset.max_target_len})
 
     _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
@@ -229,10 +230,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     evaluate = None
     if cfg.dev:
         dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples, spread=True)
-        opts = DecodeOptions(num_beams=cfg.eval_beams, max_length=preset.max_decode_len,
-                             min_length=max(preset.min_decode_len, 1), length_penalty=preset.length_penalty,
-                             no_repeat_ngram_size=preset.no_repeat_ngram_size,
-                             banned_ids=default_banned_ids(model))
+        # the decoding the model will keep (its settings, above), at the evaluation's beam width
+        opts = options_from_settings(model, num_beams=cfg.eval_beams, banned_ids=default_banned_ids(model))
         evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, registry.default_decoder(cfg.method), opts,
                                  objective, collate)
         # at a small budget BLEU-4 is ~1e-9 everywhere: ROUGE-L then breaks the tie (train.selection_score)

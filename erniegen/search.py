@@ -223,7 +223,8 @@ def options_from_settings(model: Network, **overrides) -> DecodeOptions:
     """Decoding options: the model's saved task defaults, then the caller's overrides."""
     s = model.settings
     base = {"num_beams": s.num_beams, "max_length": s.max_decode_len, "min_length": s.min_decode_len,
-            "length_penalty": s.length_penalty, "no_repeat_ngram_size": s.no_repeat_ngram_size}
+            "length_penalty": s.length_penalty, "no_repeat_ngram_size": s.no_repeat_ngram_size,
+            "max_token_run": s.max_token_run}
     unknown = set(overrides) - {f for f in DecodeOptions.__dataclass_fields__}
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}; known: {sorted(DecodeOptions.__dataclass_fields__)}")

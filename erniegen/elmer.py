@@ -396,7 +396,7 @@ def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
              else torch.full(labels.shape, n, device=labels.device))
     slots = make_slots(model, source, labels.shape[1], slot_ids)
     x, logits, gold = slots.x, [], []
-    for layer in range(len(model.layers)):
+    for layer in range(n):
         out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
         x = torch.where((exits > layer)[:, :, None], out, x.detach())
         here = (exits == layer + 1) & (labels != IGNORE)

@@ -210,11 +210,10 @@ class OnnxInfillingStep:
             self.binding.bind_input(name, "cpu", 0, _NUMPY_TYPES[x.dtype], key[1], key[0])
             self._bound[name] = key
 
-    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-                 past: list[PastSlot], source: CopySource | None = None) -> torch.Tensor:
-        """The (N, V) next-token log-probabilities; the step's keys/values go into ``past``'s buffers, after the
-        committed ones. ``mask`` is (N, T, capacity + T), ``KVCache.step_mask(..., whole=True)``; ``source``:
-        the copy source, for (and only for) a model that copies."""
+    def feed(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+             past: list[PastSlot], source: CopySource | None) -> dict[str, torch.Tensor]:
+        """The session's inputs by name, each contiguous; ``source``: the copy source, for (and only for) a
+        model that copies."""
         if (source is not None) != self.copies:
             raise ValueError("the exported step " + ("copies: it needs the copy source" if self.copies
                                                      else "does not copy: it takes no copy source"))
@@ -222,7 +221,14 @@ class OnnxInfillingStep:
         if source is not None:
             feed |= zip(COPY_NAMES, (source.keys, source.ids, source.valid))
         feed |= zip(self.past_names, (x for slot in past for x in (slot.k, slot.v)))
-        feed = {name: x.contiguous() for name, x in feed.items()}  # held until the run is over
+        return {name: x.contiguous() for name, x in feed.items()}
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                 past: list[PastSlot], source: CopySource | None = None) -> torch.Tensor:
+        """The (N, V) next-token log-probabilities; the step's keys/values go into ``past``'s buffers, after the
+        committed ones. ``mask`` is (N, T, capacity + T), ``KVCache.step_mask(..., whole=True)``; ``source`` as
+        :meth:`feed` takes it."""
+        feed = self.feed(ids, pos, types, mask, past, source)  # held until the run is over
         for name, x in feed.items():
             self._bind(name, x)
         n, t = ids.shape

@@ -44,6 +44,22 @@ def tiny_model(tiny_tokenizer):
     return m.eval()
 
 
+def copying(model, gate_bias: float | None = None, constant_gate: bool = False):
+    """``model`` as trained with copying: a copy head whose query is large enough that attention is far from
+    uniform; ``gate_bias`` set (and with ``constant_gate`` the gate's weights zeroed, so g = sigmoid(gate_bias)
+    everywhere). Returns the head."""
+    from erniegen.ernie_gen import COPY, copy_head
+    model.settings.extra[COPY] = True
+    head = copy_head(model, create=True)
+    with torch.no_grad():
+        head.query.weight.normal_(0, 1.0)
+        if constant_gate:
+            head.gate.weight.zero_()
+        if gate_bias is not None:
+            head.gate.bias.fill_(gate_bias)
+    return head
+
+
 def save_tiny_minilm(directory: Path, max_positions: int) -> Path:
     """A tiny random model with the real MiniLM tokenizer (30,522 wordpieces), saved to ``directory``."""
     from transformers import AutoTokenizer

@@ -7,9 +7,10 @@ import torch
 
 from erniegen.decoding import (DecodeOptions, InfillingStepper, TypicalStepper, beam_search, block_ngrams,
                                generate_ids, gnmt_penalty, greedy_search)
-from erniegen.search import block_runs
-from erniegen.ernie_gen import COPY, copy_head, copy_source, encode_context, next_token_log_probs, placeholder_pass
+from conftest import copying
+from erniegen.ernie_gen import copy_source, encode_context, next_token_log_probs, placeholder_pass
 from erniegen.masks import WORD, target_roles
+from erniegen.search import block_runs
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 NO_EOS = DecodeOptions(max_length=8, min_length=8)  # fixed length: random weights would stop anywhere
@@ -20,11 +21,7 @@ def model(request, tiny_model):
     """The tiny model as trained without and with copying (a copy head whose attention is far from uniform
     and whose gate is open to both sides)."""
     if request.param == "copy":
-        tiny_model.settings.extra[COPY] = True
-        head = copy_head(tiny_model, create=True)
-        with torch.no_grad():
-            head.query.weight.normal_(0, 1.0)
-            head.gate.bias.zero_()
+        copying(tiny_model, gate_bias=0.0)
     return tiny_model
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import copying
 from erniegen.batch import collate_pairs, span_start_per_token
 from erniegen.ernie_gen import (ErnieGenConfig, ErnieGenObjective, encode_context, noise_ids, placeholder_pass,
                                 replacement_vocab)
@@ -89,26 +90,13 @@ def test_bad_settings_are_refused():
 # ---- copying (pointer-generator over the source) ------------------------------------------------
 
 
-def _copying(model, gate_bias: float | None = None):
-    """``model`` with a copy head whose query is large enough that attention is far from uniform."""
-    from erniegen.ernie_gen import COPY, copy_head
-    model.settings.extra[COPY] = True
-    head = copy_head(model, create=True)
-    with torch.no_grad():
-        head.query.weight.normal_(0, 1.0)
-        if gate_bias is not None:
-            head.gate.weight.zero_()
-            head.gate.bias.fill_(gate_bias)
-    return head
-
-
 def test_copy_mixture_by_hand(tiny_model):
     """p(w) = g·softmax(logits)_w + (1-g)·Σ_{i: x_i=w} a_i, with a = softmax(W_q h · k_i / √H) over the
     source's words (special tokens and padding never copied); a repeated word gets both its attention
     weights; the gate's extremes give the plain distribution and the pure copy distribution; a source
     with nothing to copy keeps the plain distribution, and its gradients stay finite."""
     from erniegen.ernie_gen import copy_source, next_token_log_probs
-    head = _copying(tiny_model)
+    head = copying(tiny_model)
     src_ids, src_len = torch.tensor([[4, 10, 11, 10, 5], [4, 30, 5, 0, 0], [4, 5, 0, 0, 0]]), torch.tensor([5, 3, 2])
     _, kv, _ = encode_context(tiny_model, src_ids, src_len)
     source = copy_source(tiny_model, kv, src_ids, src_len)
@@ -133,10 +121,10 @@ def test_copy_mixture_by_hand(tiny_model):
     valid = torch.tensor([[True, False, True], [False, True, True], [True, False, False]])
     assert torch.allclose(next_token_log_probs(tiny_model, h, source, valid), got.log()[valid], atol=1e-5)
 
-    _copying(tiny_model, gate_bias=60.0)                        # g = 1: the vocabulary distribution
+    copying(tiny_model, gate_bias=60.0, constant_gate=True)   # g = 1: the vocabulary distribution
     assert torch.allclose(next_token_log_probs(tiny_model, h, source),
                           torch.log_softmax(tiny_model.logits(h), -1), atol=1e-5)
-    _copying(tiny_model, gate_bias=-60.0)                       # g = 0: the source's words only
+    copying(tiny_model, gate_bias=-60.0, constant_gate=True)  # g = 0: the source's words only
     p = next_token_log_probs(tiny_model, h, source).exp()
     assert set((p[0].sum(0) > 1e-6).nonzero().flatten().tolist()) == {10, 11}
     assert set((p[1].sum(0) > 1e-6).nonzero().flatten().tolist()) == {30}
@@ -174,7 +162,7 @@ def test_a_copying_model_saves_loads_and_decodes_alike_in_every_precision(tiny_m
     import erniegen
     from erniegen.decoding import DecodeOptions, generate_ids
     from erniegen.model import Transformer
-    _copying(tiny_model, gate_bias=0.0)
+    copying(tiny_model, gate_bias=0.0, constant_gate=True)
     sources, opts = [[4, 10, 11, 12, 5], [4, 20, 21, 5]], DecodeOptions(max_length=8, min_length=8, num_beams=2)
     before = generate_ids(tiny_model, sources, "infilling", opts=opts)
     tiny_model.save_pretrained(tmp_path / "m")

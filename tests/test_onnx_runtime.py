@@ -18,8 +18,9 @@ pytest.importorskip("onnxruntime")
 import erniegen  # noqa: E402
 from erniegen.cli import main  # noqa: E402
 from erniegen.decoding import DecodeOptions, generate_ids  # noqa: E402
-from erniegen.ernie_gen import COPY, InfillingStepper, copy_head  # noqa: E402
-from erniegen.onnx_runtime import COPY_NAMES, use_onnx_runtime  # noqa: E402
+from conftest import copying  # noqa: E402
+from erniegen.ernie_gen import InfillingStepper  # noqa: E402
+from erniegen.onnx_runtime import use_onnx_runtime  # noqa: E402
 from erniegen.precision import apply_precision  # noqa: E402
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 30, 31, 32, 33, 34, 35, 5], [4, 20, 21, 5]]  # three lengths, one padded batch
@@ -38,11 +39,7 @@ def pair(request, decisive):
     """The PyTorch model and a copy of it whose steps ONNX Runtime runs; as trained without and with copying
     (a copy head whose attention is far from uniform and whose gate is open to both sides)."""
     if request.param == "copy":
-        decisive.settings.extra[COPY] = True
-        head = copy_head(decisive, create=True)
-        with torch.no_grad():
-            head.query.weight.normal_(0, 1.0)
-            head.gate.bias.zero_()
+        copying(decisive, gate_bias=0.0)
     return decisive, use_onnx_runtime(copy.deepcopy(decisive))
 
 
@@ -75,10 +72,7 @@ def test_bound_step_equals_a_plain_run_of_the_session(pair):
     earlier: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def checked(ids, pos, types, mask, past, source):
-        feed = {"ids": ids, "pos": pos, "types": types, "mask": mask}
-        if source is not None:
-            feed |= zip(COPY_NAMES, (source.keys, source.ids, source.valid))
-        feed |= zip(step.past_names, (x for slot in past for x in (slot.k, slot.v)))
+        feed = step.feed(ids, pos, types, mask, past, source)
         logp, *new = step.session.run(None, {name: x.numpy().copy() for name, x in feed.items()})
         got = step(ids, pos, types, mask, past, source)
         assert torch.equal(got, torch.from_numpy(logp))

@@ -16,7 +16,9 @@ there is skipped.
 Queue lines (``benchmarks/campaign.txt``): ``NAME finetune|pretrain [FLAGS...]``; ``{data}`` in a flag is
 the ``--data`` folder (the shared benchmark data) and ``{runs}`` the ``--runs`` folder. A finetune run
 gets ``--model minilm --task squad_qg`` and squad_qg_sent's train and dev files first, so its own flags
-override them; it is scored on its own ``--dev`` file.
+override them; it is scored on its own ``--dev`` file. ``NAME decode RUN [GENERATE FLAGS...]`` scores an
+earlier finetune run's best model once more with other decoding (a decoder, its iterations), once RUN is
+trained; it trains nothing, so it never waits on the budget.
 One training at a time: this machine has two cores and two trainings side by side each crawl.
 """
 from __future__ import annotations
@@ -39,8 +41,8 @@ EG = [sys.executable, "-m", "erniegen.cli"]
 @dataclass
 class Entry:
     name: str
-    command: str        # finetune | pretrain
-    flags: list[str]
+    command: str        # finetune | pretrain | decode
+    flags: list[str]    # decode: RUN, then generate's flags
     line: int
 
 
@@ -50,10 +52,13 @@ def read_queue(path: Path) -> list[Entry]:
         words = shlex.split(raw, comments=True)
         if not words:
             continue
-        if len(words) < 2 or words[1] not in ("finetune", "pretrain"):
-            raise SystemExit(f"{path}:{i}: expected 'NAME finetune|pretrain [FLAGS...]', got {raw.strip()!r}")
+        if len(words) < 2 or words[1] not in ("finetune", "pretrain", "decode") or words[1:] == ["decode"]:
+            raise SystemExit(f"{path}:{i}: expected 'NAME finetune|pretrain [FLAGS...]' or 'NAME decode RUN "
+                             f"[FLAGS...]', got {raw.strip()!r}")
         if words[0] in seen:
             raise SystemExit(f"{path}:{i}: run name {words[0]!r} is queued twice")
+        if words[1] == "decode" and words[2] not in {e.name for e in entries if e.command == "finetune"}:
+            raise SystemExit(f"{path}:{i}: {words[0]} decodes {words[2]!r}, which no earlier finetune line trains")
         seen.add(words[0])
         entries.append(Entry(words[0], words[1], words[2:], i))
     return entries
@@ -62,12 +67,17 @@ def read_queue(path: Path) -> list[Entry]:
 LABEL = "{} default decoding"
 
 
+def label(e: Entry) -> str:
+    return f"{e.name}: {e.flags[0]}/best, {shlex.join(e.flags[1:])}" if e.command == "decode" else LABEL.format(e.name)
+
+
 def scored(results: Path) -> dict[str, dict]:
-    """Run name -> its latest score row."""
+    """Entry name -> its latest score row (rows name their entry; the first sessions' rows only their label)."""
     if not results.exists():
         return {}
     rows = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines() if x.strip()]
-    return {r["label"].removesuffix(LABEL.format("")): r for r in rows if r.get("label", "").endswith(LABEL.format(""))}
+    return {r.get("name") or r["label"].removesuffix(LABEL.format("")): r for r in rows
+            if "name" in r or r.get("label", "").endswith(LABEL.format(""))}
 
 
 def flags_of(e: Entry, runs: Path, data: Path) -> list[str]:
@@ -108,6 +118,8 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
         if e.name in results:
             r = results[e.name]
             state = f"scored: BLEU-4 {r.get('bleu4', float('nan')):.2f}  ROUGE-L {r.get('rougeL', float('nan')):.2f}"
+        elif e.command == "decode":
+            state = "to score" if (runs / f"{e.flags[0]}.done").exists() else f"waits for {e.flags[0]}"
         elif (runs / f"{e.name}.done").exists():
             state = "trained" + ("" if e.command == "pretrain" else ", not scored")
         elif resumable(run):
@@ -135,16 +147,19 @@ def train(e: Entry, runs: Path, data: Path, seconds: float) -> int:
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def score(e: Entry, runs: Path, data: Path, results: Path) -> None:
-    """Full dev set, the model's default decoding; one JSON line labelled NAME in ``results``."""
+def score(e: Entry, trained: Entry, runs: Path, data: Path, results: Path) -> None:
+    """Full dev set of the ``trained`` run's best model, decoded by its default decoding (a finetune entry) or
+    by ``e``'s generate flags (a decode entry); one JSON line naming ``e`` in ``results``."""
     pred = results.parent / f"{e.name}.jsonl"
     print(f"[{time.strftime('%H:%M:%S')}] {e.name}: scoring", flush=True)
     resume = ["--resume"] if pred.with_name(pred.name + ".partial").exists() else []  # a scoring cut short
-    subprocess.run([*EG, "generate", "--model", str(runs / e.name / "best"),
-                    "--input", dev_file(flags_of(e, runs, data)), "--output", str(pred), *resume], check=True, cwd=ROOT)
+    decoding = e.flags[1:] if e.command == "decode" else []
+    subprocess.run([*EG, "generate", "--model", str(runs / trained.name / "best"), "--input",
+                    dev_file(flags_of(trained, runs, data)), "--output", str(pred), *decoding, *resume],
+                   check=True, cwd=ROOT)
     out = subprocess.run([*EG, "evaluate", "--task", "squad_qg", "--predictions", str(pred)], check=True, cwd=ROOT,
                          capture_output=True, text=True).stdout
-    row = json.loads(out) | {"label": LABEL.format(e.name), "flags": shlex.join(e.flags)}
+    row = json.loads(out) | {"name": e.name, "label": label(e), "flags": shlex.join(e.flags)}
     with open(results, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -184,8 +199,18 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    by_name = {e.name: e for e in entries}
     for e in entries:
         if e.name in scored(args.results):
+            continue
+        if e.command == "decode":
+            if not (args.runs / f"{e.flags[0]}.done").exists():
+                print(f"{e.name}: waits for {e.flags[0]} to be trained")
+            elif deadline - time.monotonic() < 60 * args.min_train:
+                print(f"{hms(deadline - time.monotonic())} left: not enough to score {e.name}")
+                break
+            else:
+                score(e, by_name[e.flags[0]], args.runs, args.data, args.results)
             continue
         done = args.runs / f"{e.name}.done"
         if not done.exists():
@@ -203,7 +228,7 @@ def main() -> None:
                                  f"{args.runs / (e.name + '.out')}")
             done.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu()}) + "\n")
         if e.command == "finetune":
-            score(e, args.runs, args.data, args.results)
+            score(e, e, args.runs, args.data, args.results)
     status(entries, args.runs, scored(args.results))
 
 

@@ -140,6 +140,26 @@ def _add_max_time(p: argparse.ArgumentParser) -> None:
                         f"it, save checkpoint-last and exit with status {EXIT_STOPPED}; --resume goes on")
 
 
+def _method_option(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def method_options_of(args) -> dict:
+    """``--config``'s method_options, then each ``--method-option KEY=VALUE`` (a YAML value) over them."""
+    import yaml
+    options = {}
+    if args.config:
+        with open(args.config, encoding="utf-8") as f:
+            options = yaml.safe_load(f) or {}
+    merged = dict(options.get("method_options") or {})
+    for item in args.method_option:  # KEY=VALUE, checked by _method_option when parsed
+        key, value = item.split("=", 1)
+        merged[key.strip()] = yaml.safe_load(value)
+    return merged
+
+
 def cmd_finetune(args) -> None:
     from .finetune import FinetuneConfig, finetune
     from .train import TrainConfig
@@ -148,11 +168,6 @@ def cmd_finetune(args) -> None:
                           warmup_ratio=args.warmup_ratio, seed=args.seed, eval_every=args.eval_every,
                           save_every=args.save_every, log_every=args.log_every, precision=args.precision,
                           resume=args.resume, eval_raw_weights=args.eval_raw_weights, max_time=_max_time(args))
-    options = {}
-    if args.config:
-        import yaml
-        with open(args.config, encoding="utf-8") as f:
-            options = yaml.safe_load(f) or {}
     cfg = FinetuneConfig(train=args.train, dev=args.dev, output=args.output, model=args.model, task=args.task,
                          method=args.method, noise_rate=args.noise_rate, noise_ramp=args.noise_ramp,
                          head_warmup_steps=args.head_warmup_steps, adapt_steps=args.adapt_steps,
@@ -163,7 +178,7 @@ def cmd_finetune(args) -> None:
                          attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, ema_decay=args.ema_decay,
                          answer_marker=args.answer_marker, copy=args.copy,
-                         method_options=options.get("method_options", {}))
+                         method_options=method_options_of(args))
     _report(finetune(cfg))
 
 
@@ -340,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     f.add_argument("--seed", type=int, default=42)
     f.add_argument("--config", help="YAML with method_options (e.g. MIST's mixing switches)")
+    f.add_argument("--method-option", action="append", default=[], type=_method_option, metavar="KEY=VALUE",
+                   help="one method option (a YAML value), over --config's: e.g. --method-option mixing=static "
+                        "--method-option pseudo_from=runs/qg-nat/best; repeat for more")
     f.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint-last")
     _add_max_time(f)
     f.set_defaults(func=cmd_finetune)

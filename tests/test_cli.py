@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import needs_shared, save_tiny_minilm
 
+ROOT = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -113,28 +115,62 @@ def test_finetune_under_torchrun_with_two_processes(tmp_path, tiny_minilm_dir):
     assert isinstance(erniegen.load(str(out / "best")).generate(["a passage [SEP] an answer"], max_length=4)[0], str)
 
 
-def test_every_campaign_run_is_a_valid_command():
-    """benchmarks/campaign.txt spends whole sessions: a line erniegen would refuse must fail here, not there."""
-    from pathlib import Path
-
-    import yaml
-
-    from erniegen import registry
-    from erniegen.cli import build_parser, check_options
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "benchmarks"))
+def import_campaign():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import campaign
     finally:
         sys.path.pop(0)
-    entries = campaign.read_queue(root / "benchmarks" / "campaign.txt")
+    return campaign
+
+
+def test_every_campaign_run_is_a_valid_command():
+    """benchmarks/campaign.txt spends whole sessions: a line erniegen would refuse must fail here, not there."""
+    from erniegen import registry
+    from erniegen.cli import build_parser, check_options, method_options_of
+    campaign = import_campaign()
+    entries = campaign.read_queue(ROOT / "benchmarks" / "campaign.txt")
     assert len({e.name for e in entries}) == len(entries) > 0
     parser = build_parser()
     for e in entries:
         flags = campaign.flags_of(e, Path("runs"), Path("data"))
+        if e.command == "decode":  # scores RUN's best model on RUN's dev file with these generate flags
+            args = parser.parse_args(["generate", "--model", f"runs/{flags[0]}/best", "--input", "dev.jsonl",
+                                      "--output", f"results/{e.name}.jsonl", *flags[1:]])
+            check_options(args)
+            assert args.decoder in registry.DECODERS
+            continue
         args = parser.parse_args([e.command, *flags, "--output", f"runs/{e.name}"])
         check_options(args)
         if e.command == "finetune":
-            options = yaml.safe_load((root / args.config).read_text()) if args.config else {}
-            registry.check_options(args.method, options.get("method_options", {}))
+            registry.check_options(args.method, method_options_of(args))
             assert campaign.dev_file(flags).endswith("dev.jsonl")
+
+
+def test_method_option_overrides_the_config(tmp_path):
+    """--method-option KEY=VALUE reads VALUE as YAML and wins over --config's method_options."""
+    from erniegen.cli import build_parser, method_options_of
+    config = tmp_path / "c.yaml"
+    config.write_text("method_options:\n  mixing: dynamic\n  mask_mode: all\n")
+    args = build_parser().parse_args(["finetune", "--model", "m", "--train", "t.jsonl", "--output", "o",
+                                      "--method", "mist", "--config", str(config), "--method-option", "mixing=static",
+                                      "--method-option", "pseudo_from=runs/qg-nat/best", "--method-option", "x=0.5"])
+    assert method_options_of(args) == {"mixing": "static", "mask_mode": "all", "pseudo_from": "runs/qg-nat/best",
+                                       "x": 0.5}
+    p = run("finetune", "--model", "m", "--train", "t.jsonl", "--output", str(tmp_path / "o"), "--method-option",
+            "mixing", check=False)
+    assert p.returncode == 2 and "--method-option: expected KEY=VALUE, got 'mixing'" in p.stderr, p.stderr
+
+
+def test_campaign_queue_errors_name_the_line(tmp_path):
+    campaign = import_campaign()
+    queue = tmp_path / "q.txt"
+    queue.write_text("a finetune --seed 1\nb decode c --decoder nar\n")
+    with pytest.raises(SystemExit, match=r"q.txt:2: b decodes 'c', which no earlier finetune line trains"):
+        campaign.read_queue(queue)
+    queue.write_text("a finetune --seed 1\nb decode\n")
+    with pytest.raises(SystemExit, match=r"q.txt:2: expected"):
+        campaign.read_queue(queue)
+    queue.write_text("a finetune --seed 1\nb decode a --decoder nar\n")
+    e = campaign.read_queue(queue)[1]
+    assert (e.command, e.flags, campaign.label(e)) == ("decode", ["a", "--decoder", "nar"], "b: a/best, --decoder nar")

@@ -6,7 +6,8 @@
 
 ``--seeds`` gives, per setting, the mean ± sample standard deviation over its runs (one per seed) of each
 run's latest full-dev score with its default decoding (`qg_recipe.sh score NAME`), or with the decoding
-after ``:`` (the flags given to `qg_recipe.sh score NAME FLAGS`), and the runs' values.
+after ``:`` (the flags given to `qg_recipe.sh score NAME FLAGS`), and the runs' values. A run may also be a
+``benchmarks/campaign.txt`` decode entry, by its name: ``default=qg-e6-run2,qg-s1-run2,qg-s2``.
 """
 from __future__ import annotations
 
@@ -38,10 +39,12 @@ def speed(path: str) -> None:
 
 
 def seeds(path: str, settings: list[str]) -> None:
-    latest = {}
+    latest = {}  # label -> row, and campaign entry name -> row (a campaign decode entry is found by its name)
     for line in open(path, encoding="utf-8"):
         r = json.loads(line)
         latest[r["label"]] = r
+        if "name" in r:
+            latest[r["name"]] = r
     print("| setting | seeds | BLEU-4 | METEOR | ROUGE-L | BLEU-4 per run |")
     print("|---|---:|---:|---:|---:|---|")
     for setting in settings:
@@ -49,10 +52,11 @@ def seeds(path: str, settings: list[str]) -> None:
         listed, _, decoding = listed.partition(":")
         decoding = decoding or "default decoding"
         runs = listed.split(",")
-        missing = [run for run in runs if f"{run} {decoding}" not in latest]
+        keys = [f"{run} {decoding}" if f"{run} {decoding}" in latest else run for run in runs]
+        missing = [run for run, key in zip(runs, keys) if key not in latest]
         if missing:
             raise SystemExit(f"{path}: no '{decoding}' score for {', '.join(missing)} (run qg_recipe.sh score)")
-        rows = [latest[f"{run} {decoding}"] for run in runs]
+        rows = [latest[key] for key in keys]
         cells = []
         for key in ("bleu4", "meteor", "rougeL"):
             values = [r[key] for r in rows]

@@ -303,16 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dev")
     f.add_argument("--task", default="squad_qg")
     f.add_argument("--output", required=True)
-    f.add_argument("--method", default="ernie-gen", choices=list(registry.METHODS),
-                   help="ernie-gen (infilling + noise, the default), typical (previous-token teacher forcing), "
-                        "nat (non-autoregressive), mist (NAR with mixup self-training)")
+    f.add_argument("--method", default="ernie-gen", choices=list(registry.METHODS), help=registry.method_help())
     f.add_argument("--epochs", type=int, help="default: the task preset's")
     f.add_argument("--max-steps", type=int)
     f.add_argument("--batch-size", type=int, default=32)
     f.add_argument("--grad-accum", type=int, default=1)
     f.add_argument("--lr", type=float, help="peak learning rate; default: the task preset's")
     f.add_argument("--warmup-ratio", type=float, default=0.1)
-    f.add_argument("--noise-rate", type=float, help="ρ_f; default: the task preset's (squad_qg 0.7)")
+    f.add_argument("--noise-rate", type=float, help="ρ_f; default: the task preset's (squad_qg 0.2)")
     f.add_argument("--noise-ramp", type=float,
                    help="fraction of the run over which ρ rises linearly from 0 to ρ_f (0: ρ_f from the start); "
                         "default: the task preset's")
@@ -427,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --objective lplm: drawn = each slot's exit layer uniform over 1..L (ELMER); last = "
                          "every slot at the last layer, the control that tells what the drawn exits add")
     pt.add_argument("--method", default="ernie-gen", choices=list(registry.ERNIE_GEN.methods),
-                    help="ernie-gen = infilling flows; typical = teacher-forcing ablation")
+                    help=registry.method_help(registry.ERNIE_GEN.methods))
     pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     pt.add_argument("--fsdp", action="store_true",
                     help="shard weights, gradients and optimizer state with FSDP instead of DDP "

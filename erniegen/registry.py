@@ -41,6 +41,7 @@ class Family:
     build_objective: Callable[[str, Network, TaskPreset, dict], nn.Module]  # (method, model, preset, options)
     decoders: Mapping[str, Callable[[], Decoder]]  # name -> a fresh decoder
     uses_noise: bool  # the task's target noise (--noise-rate, --noise-ramp) applies to its training
+    about: Mapping[str, str]  # each --method value -> a few words for the command line's help
     # (method, training features, options) -> the features training reads, e.g. with MIST's static pseudo targets
     prepare_features: Callable[[str, Sequence, dict], list] = _unchanged
 
@@ -50,14 +51,20 @@ RECIPE_FIELDS = ("method", "noise_rate", "noise_ramp", "label_smoothing")
 
 ERNIE_GEN = Family(
     name="ERNIE-GEN", methods={"ernie-gen": "infilling", "typical": "typical"}, options=ernie_gen.ErnieGenConfig,
-    build_objective=ernie_gen.build_objective, decoders=ernie_gen.DECODERS, uses_noise=True)
+    build_objective=ernie_gen.build_objective, decoders=ernie_gen.DECODERS, uses_noise=True,
+    about={"ernie-gen": "infilling generation with target noise (the default)",
+           "typical": "previous-token teacher forcing, ERNIE-GEN's baseline"})
 MIST = Family(
     name="MIST", methods={"nat": "nar", "mist": "nar"}, options=mist.MistConfig,
     build_objective=mist.build_mist_objective, decoders=mist.DECODERS, uses_noise=False,
+    about={"nat": "non-autoregressive, one pass over predicted-length slots",
+           "mist": "NAT plus MIST's mixed source and pseudo target"},
     prepare_features=mist.prepare_features)
 ELMER = Family(
     name="ELMER", methods={"elmer": "elmer-hard", "elmer-soft": "elmer-soft"}, options=elmer.ElmerConfig,
-    build_objective=elmer.build_objective, decoders=elmer.DECODERS, uses_noise=False)
+    build_objective=elmer.build_objective, decoders=elmer.DECODERS, uses_noise=False,
+    about={"elmer": "non-autoregressive with entropy-threshold early exit",
+           "elmer-soft": "ELMER's soft exit, every layer's prediction fed on"})
 FAMILIES: tuple[Family, ...] = (ERNIE_GEN, MIST, ELMER)
 
 
@@ -74,6 +81,11 @@ def _index(pairs: list[tuple[str, object]], what: str) -> dict:
 METHODS: dict[str, Family] = _index([(m, f) for f in FAMILIES for m in f.methods], "method")
 DECODERS: dict[str, Callable[[], Decoder]] = _index(
     [(name, make) for f in FAMILIES for name, make in f.decoders.items()], "decoder")
+
+
+def method_help(methods: Sequence[str] = tuple(METHODS)) -> str:
+    """``--method``'s help: each method with its few words."""
+    return "; ".join(f"{m}: {METHODS[m].about[m]}" for m in methods)
 
 
 def family(method: str) -> Family:

@@ -37,6 +37,9 @@ def test_cli_choices_come_from_the_registry():
     assert _choices(parser, "finetune", "--method") == list(registry.METHODS) == ["ernie-gen", "typical", "nat",
                                                                                   "mist", "elmer", "elmer-soft"]
     assert _choices(parser, "pretrain", "--method") == list(registry.ERNIE_GEN.methods)
+    helps = {a.help for sub in next(a for a in parser._actions if a.dest == "command").choices.values()
+             for a in sub._actions if "--method" in a.option_strings}
+    assert registry.method_help() in helps and all(f"{m}: " in registry.method_help() for m in registry.METHODS)
     for command in ("generate", "bench"):
         assert _choices(parser, command, "--decoder") == list(registry.DECODERS)
     assert DECODERS is registry.DECODERS
@@ -115,7 +118,8 @@ def echo_family(monkeypatch):
         return list(features)
 
     family = registry.Family(name="Echo", methods={"echo": "echo-dec"}, options=EchoOptions, build_objective=build,
-                             decoders={"echo-dec": EchoDecoder}, uses_noise=True, prepare_features=prepare)
+                             decoders={"echo-dec": EchoDecoder}, uses_noise=True, about={"echo": "says its input"},
+                             prepare_features=prepare)
     monkeypatch.setitem(registry.METHODS, "echo", family)
     monkeypatch.setitem(registry.DECODERS, "echo-dec", EchoDecoder)
     EchoDecoder.calls = 0

@@ -30,7 +30,7 @@ Point DATA at any of:
 # Optimizer steps (batch 32) that fit, with set-up, the head warm-up and scoring, in about ten minutes on two
 # CPU cores (BENCHMARKS.md section 1, "make demo"): ~1.5 epochs of squad_qg_sent where the CPU trains in bf16,
 # fewer where it trains in fp32, ~3x slower a step (a CPU without AVX512-BF16 or AMX).
-DEMO_STEPS = {"bf16": 400, "fp32": 180}
+DEMO_STEPS = {"bf16": 400, "fp32": 140}
 
 
 def _split(data: str, workdir: Path) -> tuple[str, str]:

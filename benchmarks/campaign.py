@@ -18,7 +18,7 @@ the ``--data`` folder (the shared benchmark data) and ``{runs}`` the ``--runs`` 
 gets ``--model minilm --task squad_qg`` and squad_qg_sent's train and dev files first, so its own flags
 override them; it is scored on its own ``--dev`` file. ``NAME decode RUN [GENERATE FLAGS...]`` scores an
 earlier finetune run's best model once more with other decoding (a decoder, its iterations), once RUN is
-trained; it trains nothing, so it never waits on the budget.
+trained (and at least ``--min-train`` minutes are left, for the decoding).
 One training at a time: this machine has two cores and two trainings side by side each crawl.
 """
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Where an fp32 ERNIE-GEN fine-tuning step's time goes on this CPU: torch.profiler over real batches.
+"""Where an fp32 fine-tuning step's time goes on this CPU: torch.profiler over real batches.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_profile.py [--data ../shared/data] [--profiled 3]
-        [--keep-freed-memory] [--json]
+        [--method ernie-gen] [--keep-freed-memory] [--json]
 
 Length-bucketed batches of 32 from the first 3,200 squad_qg_sent training pairs (as `erniegen finetune` draws
-them), all-MiniLM-L6-v2, the squad_qg preset (its frozen word table included), fp32, fused AdamW. Prints the mean seconds per step over 6 steps
+them), all-MiniLM-L6-v2, the squad_qg preset (its frozen word table and copying included, as `erniegen finetune
+--method METHOD` with no other flag builds them), fp32, fused AdamW. Prints the mean seconds per step over 6 steps
 after 2 warm-up steps with the page faults and kernel CPU time they took, then the profiler's table (self CPU
 time by operator) over ``--profiled`` more steps (none: no table). ``--keep-freed-memory``: glibc keeps freed
 memory (erniegen.allocator, as the command line does); ``--json``: the timing as one JSON line.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from erniegen import registry  # noqa: E402
 from erniegen.allocator import keep_freed_memory  # noqa: E402
 from erniegen.batch import collate_pairs  # noqa: E402
-from erniegen.finetune import FinetuneConfig, load_pairs, resolve_preset  # noqa: E402
+from erniegen.finetune import FinetuneConfig, load_pairs, resolve_method_options, resolve_preset  # noqa: E402
 from erniegen.model import Transformer  # noqa: E402
 from erniegen.train import epoch_batches  # noqa: E402
 
@@ -37,6 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--profiled", type=int, default=3)
+    p.add_argument("--method", default="ernie-gen", choices=list(registry.METHODS))
     p.add_argument("--keep-freed-memory", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -46,15 +48,17 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer.from_pretrained("minilm")
     model.set_attention_dropout(0.0)
-    cfg = FinetuneConfig(train=f"{args.data}/squad_qg_sent/train.jsonl", output="unused")
+    cfg = FinetuneConfig(train=f"{args.data}/squad_qg_sent/train.jsonl", output="unused", method=args.method)
     preset = resolve_preset(cfg, model.config.max_position_embeddings)
     if preset.freeze_embeddings:  # as `erniegen finetune` does: no gradient for the tied word table
         model.embeddings.word.weight.requires_grad_(False)
     _, feats = load_pairs(cfg.train, preset, model.tokenizer, 3200)
+    options = resolve_method_options(cfg)
+    feats = registry.family(args.method).prepare_features(args.method, feats, options)
     lengths = [len(f.source_ids) + len(f.target_ids) for f in feats]
     order = epoch_batches(len(feats), 0, 0, 32, lengths=lengths)[:8 + args.profiled]
     batches = [collate_pairs([feats[i] for i in b], model.config.pad_token_id) for b in order]
-    objective = registry.family("ernie-gen").build_objective("ernie-gen", model, preset, {}).train()
+    objective = registry.family(args.method).build_objective(args.method, model, preset, options).train()
     optimizer = torch.optim.AdamW([q for q in objective.parameters() if q.requires_grad], lr=1e-6, fused=True)
 
     def step(batch: dict) -> None:

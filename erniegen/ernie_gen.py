@@ -22,7 +22,8 @@ the source. The predicting state h attends with one extra query, W_q h, over the
 the last layer (already computed by the contextual flow and held in the decoding cache), and a gate
 g = σ(w·h + b) mixes the vocabulary distribution with that attention scattered onto the source's ids:
 p(w) = g·softmax(logits)_w + (1 - g)·Σ_{i: x_i = w} a_i. Training and both decoders read
-:func:`next_token_log_probs`, so they compute one distribution.
+:func:`copy_mixture` (training the target's log-probability and the vocabulary mean, the decoders the whole
+distribution through :func:`next_token_log_probs`), so they compute one distribution.
 """
 from __future__ import annotations
 
@@ -157,12 +158,38 @@ def copy_source(model: Network, kv: list[KV], src_ids: torch.Tensor, src_len: to
     return CopySource(keys, src_ids, valid & ~torch.isin(src_ids, torch.tensor(special, device=src_ids.device)))
 
 
-def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | None,
-                         select: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 log-probabilities of the next token at the (B, T, H) predicting states ``h``; with ``select``
-    (B, T) bool, at the selected states only, (N, V). With a ``source``, the pointer-generator mixture."""
-    if source is None:
-        return torch.log_softmax(model.logits(h if select is None else h[select]).float(), -1)
+@dataclass
+class Mixture:
+    """The pointer-generator's distribution in sparse form. Only the source's words differ from the vocabulary
+    distribution shifted by log g, so the (N, V) work is one log-softmax and one shift, where the dense
+    mixture took a dozen (N, V) passes forward and back (a quarter of a training step with copying).
+
+    log p(w) = logp_w + shift, plus ``lift`` at the source positions holding w."""
+
+    logp: torch.Tensor   # (..., V) fp32 log-softmax of the vocabulary logits
+    shift: torch.Tensor  # (..., 1) log g; 0 for a row with no word to copy
+    ids: torch.Tensor    # (..., S) the source's ids
+    lift: torch.Tensor   # (..., S) log(1 + (1-g)·p_copy(x_s) / (g·p_vocab(x_s))); 0 where never copied
+    share: torch.Tensor  # (..., S) 1 / occurrences of x_s among the copyable positions, else 0
+
+    def full(self) -> torch.Tensor:
+        """The (..., V) log-probabilities (a repeated word's positions each add their share of its lift)."""
+        return (self.logp + self.shift).scatter_add_(-1, self.ids, self.lift * self.share)
+
+    def at(self, target: torch.Tensor) -> torch.Tensor:
+        """log p(target), (...)."""
+        lift = torch.where(self.ids == target[..., None], self.lift * self.share, 0.0).sum(-1)
+        return self.logp.gather(-1, target[..., None])[..., 0] + self.shift[..., 0] + lift
+
+    def mean(self) -> torch.Tensor:
+        """The mean of log p over the vocabulary, (...): what label smoothing spreads its ε over."""
+        return self.logp.mean(-1) + self.shift[..., 0] + (self.lift * self.share).sum(-1) / self.logp.shape[-1]
+
+
+def copy_mixture(model: Network, h: torch.Tensor, source: CopySource,
+                 select: torch.Tensor | None = None) -> Mixture:
+    """The pointer-generator at the (B, T, H) predicting states ``h`` (with ``select`` (B, T) bool, at the
+    selected ones only): p(w) = g·softmax(logits)_w + (1-g)·Σ_{i: x_i = w} a_i."""
     head = copy_head(model)
     query, gate = head.query(h), head.gate(h)          # in the precision of the model's own products
     logits = model.logits(h if select is None else h[select])
@@ -173,17 +200,30 @@ def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | N
         # stay finite so that no NaN reaches a gradient
         copies = source.valid.any(-1)
         attn = torch.softmax(scores.masked_fill(~(source.valid | ~copies[:, None])[:, None, :], float("-inf")), -1)
-        ids = source.ids[:, None, :].expand(-1, h.shape[1], -1)
-        gate = gate.float()
-        copies = copies[:, None, None].expand(-1, h.shape[1], 1)
+        # a word's copy probability, at each position holding it: attention summed over its occurrences
+        same = ((source.ids[:, :, None] == source.ids[:, None, :]) & source.valid[:, None, :]).float()
+        p_word = attn @ same                                                         # (B, T, S)
+        share = source.valid / same.sum(-1).clamp_min(1)                           # (B, S)
+        t = h.shape[1]
+        ids, share = source.ids[:, None, :].expand(-1, t, -1), share[:, None, :].expand(-1, t, -1)
+        lifts = (source.valid & copies[:, None])[:, None, :].expand(-1, t, -1)
+        gate, copies = gate.float(), copies[:, None, None].expand(-1, t, 1)
         if select is not None:
-            attn, ids, gate, copies = attn[select], ids[select], gate[select], copies[select]
+            p_word, ids, share, lifts, gate, copies = (x[select] for x in (p_word, ids, share, lifts, gate, copies))
         logp = torch.log_softmax(logits.float(), -1)
-        p_copy = torch.zeros_like(logp).scatter_add_(-1, ids, attn)
-        # log(g·p_vocab + (1-g)·p_copy) without underflow; words the source lacks have p_copy = 0 (clamped:
-        # log 0 would give NaN gradients where the mixture ignores it anyway)
-        mixed = torch.logaddexp(F.logsigmoid(gate) + logp, F.logsigmoid(-gate) + p_copy.clamp_min(1e-30).log())
-        return torch.where(copies, mixed, logp)
+        vocab = F.logsigmoid(gate) + logp.gather(-1, ids)
+        # log p_copy clamped: a word whose attention underflows would give log 0, NaN gradients
+        lift = torch.logaddexp(vocab, F.logsigmoid(-gate) + p_word.clamp_min(1e-30).log()) - vocab
+        return Mixture(logp, torch.where(copies, F.logsigmoid(gate), 0.0), ids, torch.where(lifts, lift, 0.0), share)
+
+
+def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | None,
+                         select: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log-probabilities of the next token at the (B, T, H) predicting states ``h``; with ``select``
+    (B, T) bool, at the selected states only, (N, V). With a ``source``, the pointer-generator mixture."""
+    if source is None:
+        return torch.log_softmax(model.logits(h if select is None else h[select]).float(), -1)
+    return copy_mixture(model, h, source, select).full()
 
 
 class ErnieGenObjective(nn.Module):
@@ -248,10 +288,9 @@ class ErnieGenObjective(nn.Module):
         if source is None:
             logits = self.model.logits(h[valid]).float()
             return F.cross_entropy(logits, tgt_ids[valid], label_smoothing=self.cfg.label_smoothing)
-        logp = next_token_log_probs(self.model, h, source, valid)
+        mixture = copy_mixture(self.model, h, source, valid)
         eps = self.cfg.label_smoothing  # as cross_entropy smooths: ε spread evenly over the vocabulary
-        nll = -logp.gather(1, tgt_ids[valid][:, None]).squeeze(1)
-        return ((1 - eps) * nll - eps * logp.mean(-1)).mean()
+        return ((1 - eps) * -mixture.at(tgt_ids[valid]) - eps * mixture.mean()).mean()
 
 
 def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ErnieGenObjective:

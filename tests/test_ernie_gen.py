@@ -130,6 +130,36 @@ def test_copy_mixture_by_hand(tiny_model):
     assert set((p[1].sum(0) > 1e-6).nonzero().flatten().tolist()) == {30}
 
 
+def test_the_sparse_mixture_loss_equals_the_dense_one_in_value_and_gradient(tiny_model):
+    """Training reads the target's log-probability and the vocabulary mean off the sparse mixture; both, and
+    their gradients, equal those of the whole (N, V) distribution, a repeated source word counted once."""
+    from erniegen.ernie_gen import copy_mixture, copy_source
+    copying(tiny_model)
+    src_ids, src_len = torch.tensor([[4, 10, 11, 10, 10, 5], [4, 30, 5, 0, 0, 0], [4, 5, 0, 0, 0, 0]]), \
+        torch.tensor([6, 3, 2])
+    with torch.no_grad():
+        _, kv, _ = encode_context(tiny_model, src_ids, src_len)
+    source = copy_source(tiny_model, kv, src_ids, src_len)
+    select = torch.tensor([[True, True, False], [True, False, True], [True, True, True]])
+    target = torch.tensor([10, 11, 7, 30, 10, 5, 12])  # in the source, twice or once, and not
+    h = torch.randn(3, 3, 32)
+    grads = []
+    for sparse in (True, False):
+        x = h.clone().requires_grad_(True)
+        tiny_model.zero_grad()
+        mixture = copy_mixture(tiny_model, x, source, select)
+        if sparse:
+            at, mean = mixture.at(target), mixture.mean()
+        else:
+            full = mixture.full()
+            at, mean = full.gather(-1, target[:, None])[:, 0], full.mean(-1)
+        (0.9 * -at - 0.1 * mean).mean().backward()
+        grads.append((at.detach(), mean.detach(), x.grad, tiny_model.extras["copy"].query.weight.grad.clone()))
+    for sparse, dense in zip(*grads):
+        assert torch.allclose(sparse, dense, atol=1e-5)
+    assert grads[0][0][0] > grads[0][0][2]  # the copied word gains over a word the source lacks
+
+
 def test_copy_objective_is_the_smoothed_loss_of_the_mixture_and_trains_the_head(tiny_model):
     from erniegen.ernie_gen import COPY, copy_source, next_token_log_probs
     obj = _objective(tiny_model.train(), noise_rate=0.0, copy=True, label_smoothing=0.1)

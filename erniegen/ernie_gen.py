@@ -169,21 +169,22 @@ class Mixture:
     logp: torch.Tensor   # (..., V) fp32 log-softmax of the vocabulary logits
     shift: torch.Tensor  # (..., 1) log g; 0 for a row with no word to copy
     ids: torch.Tensor    # (..., S) the source's ids
-    lift: torch.Tensor   # (..., S) log(1 + (1-g)·p_copy(x_s) / (g·p_vocab(x_s))); 0 where never copied
-    share: torch.Tensor  # (..., S) 1 / occurrences of x_s among the copyable positions, else 0
+    # (..., S) each position's share (1 / occurrences of its word) of log(1 + (1-g)·p_copy(w) / (g·p_vocab(w))),
+    # w its word; 0 at positions never copied
+    lift: torch.Tensor
 
     def full(self) -> torch.Tensor:
-        """The (..., V) log-probabilities (a repeated word's positions each add their share of its lift)."""
-        return (self.logp + self.shift).scatter_add_(-1, self.ids, self.lift * self.share)
+        """The (..., V) log-probabilities."""
+        return (self.logp + self.shift).scatter_add_(-1, self.ids, self.lift)
 
     def at(self, target: torch.Tensor) -> torch.Tensor:
         """log p(target), (...)."""
-        lift = torch.where(self.ids == target[..., None], self.lift * self.share, 0.0).sum(-1)
+        lift = torch.where(self.ids == target[..., None], self.lift, 0.0).sum(-1)
         return self.logp.gather(-1, target[..., None])[..., 0] + self.shift[..., 0] + lift
 
     def mean(self) -> torch.Tensor:
         """The mean of log p over the vocabulary, (...): what label smoothing spreads its ε over."""
-        return self.logp.mean(-1) + self.shift[..., 0] + (self.lift * self.share).sum(-1) / self.logp.shape[-1]
+        return self.logp.mean(-1) + self.shift[..., 0] + self.lift.sum(-1) / self.logp.shape[-1]
 
 
 def copy_mixture(model: Network, h: torch.Tensor, source: CopySource,
@@ -203,18 +204,19 @@ def copy_mixture(model: Network, h: torch.Tensor, source: CopySource,
         # a word's copy probability, at each position holding it: attention summed over its occurrences
         same = ((source.ids[:, :, None] == source.ids[:, None, :]) & source.valid[:, None, :]).float()
         p_word = attn @ same                                                         # (B, T, S)
-        share = source.valid / same.sum(-1).clamp_min(1)                           # (B, S)
+        # 0 at positions never copied (special tokens, padding, rows with nothing to copy)
+        share = (source.valid & copies[:, None]) / same.sum(-1).clamp_min(1)       # (B, S)
         t = h.shape[1]
         ids, share = source.ids[:, None, :].expand(-1, t, -1), share[:, None, :].expand(-1, t, -1)
-        lifts = (source.valid & copies[:, None])[:, None, :].expand(-1, t, -1)
         gate, copies = gate.float(), copies[:, None, None].expand(-1, t, 1)
         if select is not None:
-            p_word, ids, share, lifts, gate, copies = (x[select] for x in (p_word, ids, share, lifts, gate, copies))
+            p_word, ids, share, gate, copies = (x[select] for x in (p_word, ids, share, gate, copies))
         logp = torch.log_softmax(logits.float(), -1)
-        vocab = F.logsigmoid(gate) + logp.gather(-1, ids)
+        log_g = F.logsigmoid(gate)
+        vocab = log_g + logp.gather(-1, ids)
         # log p_copy clamped: a word whose attention underflows would give log 0, NaN gradients
         lift = torch.logaddexp(vocab, F.logsigmoid(-gate) + p_word.clamp_min(1e-30).log()) - vocab
-        return Mixture(logp, torch.where(copies, F.logsigmoid(gate), 0.0), ids, torch.where(lifts, lift, 0.0), share)
+        return Mixture(logp, torch.where(copies, log_g, 0.0), ids, lift * share)
 
 
 def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | None,

@@ -141,7 +141,7 @@ def test_the_sparse_mixture_loss_equals_the_dense_one_in_value_and_gradient(tiny
         _, kv, _ = encode_context(tiny_model, src_ids, src_len)
     source = copy_source(tiny_model, kv, src_ids, src_len)
     select = torch.tensor([[True, True, False], [True, False, True], [True, True, True]])
-    target = torch.tensor([10, 11, 7, 30, 10, 5, 12])  # in the source, twice or once, and not
+    target = torch.tensor([10, 11, 7, 30, 10, 5, 12])  # in the source three times or once, and not
     h = torch.randn(3, 3, 32)
     grads = []
     for sparse in (True, False):

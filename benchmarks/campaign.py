@@ -19,6 +19,9 @@ gets ``--model minilm --task squad_qg`` and squad_qg_sent's train and dev files 
 override them; it is scored on its own ``--dev`` file. ``NAME decode RUN [GENERATE FLAGS...]`` scores an
 earlier finetune run's best model once more with other decoding (a decoder, its iterations), once RUN is
 trained (and at least ``--min-train`` minutes are left, for the decoding).
+A run cut at the budget resumes only where its run folder survives, and a new session may start on a new
+machine, so a training is not started when scored runs say it needs more time than is left: the queue goes on
+to the next entry that fits (a stopped run is always continued). Each score row records ``train_minutes``.
 One training at a time: this machine has two cores and two trainings side by side each crawl.
 """
 from __future__ import annotations
@@ -131,6 +134,31 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
         print(f"{e.name:24s} {e.command:9s} {state}")
 
 
+def without_seed(flags: list[str]) -> list[str]:
+    return [f for i, f in enumerate(flags) if f != "--seed" and (i == 0 or flags[i - 1] != "--seed")]
+
+
+def method_of(flags: list[str]) -> str:
+    return next((flags[i + 1] for i in range(len(flags) - 2, -1, -1) if flags[i] == "--method"), "ernie-gen")
+
+
+def expected_minutes(e: Entry, results: dict[str, dict]) -> float | None:
+    """How long ``e`` should train, from scored runs of the same flags but the seed, else of the same method (the
+    longest such run: runs are not cut in two on purpose), else unknown. Scored rows carry ``train_minutes``."""
+    timed = [r for r in results.values() if "train_minutes" in r and r.get("command") == e.command]
+    for same in (lambda f: without_seed(f) == without_seed(e.flags), lambda f: method_of(f) == method_of(e.flags)):
+        minutes = [r["train_minutes"] for r in timed if same(shlex.split(r["flags"]))]
+        if minutes:
+            return max(minutes)
+    return None
+
+
+def train_minutes(run: Path) -> float:
+    """Wall minutes the campaign has spent on ``run`` so far, over every session that trained it."""
+    spent = run.with_name(f"{run.name}.minutes")
+    return float(spent.read_text()) if spent.exists() else 0.0
+
+
 def train(e: Entry, runs: Path, data: Path, seconds: float) -> int:
     out = runs / e.name
     cmd = [*EG, e.command, *flags_of(e, runs, data), "--output", str(out), "--max-time", hms(seconds)]
@@ -144,7 +172,11 @@ def train(e: Entry, runs: Path, data: Path, seconds: float) -> int:
     with open(runs / f"{e.name}.out", "a", encoding="utf-8") as log:
         log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")
         log.flush()
-        return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        start = time.monotonic()
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    spent = train_minutes(out) + (time.monotonic() - start) / 60
+    out.with_name(f"{out.name}.minutes").write_text(f"{spent:.1f}\n")
+    return rc
 
 
 def score(e: Entry, trained: Entry, runs: Path, data: Path, results: Path) -> None:
@@ -159,7 +191,10 @@ def score(e: Entry, trained: Entry, runs: Path, data: Path, results: Path) -> No
                    check=True, cwd=ROOT)
     out = subprocess.run([*EG, "evaluate", "--task", "squad_qg", "--predictions", str(pred)], check=True, cwd=ROOT,
                          capture_output=True, text=True).stdout
-    row = json.loads(out) | {"name": e.name, "label": label(e), "flags": shlex.join(e.flags)}
+    row = json.loads(out) | {"name": e.name, "label": label(e), "command": e.command, "flags": shlex.join(e.flags)}
+    if e.command != "decode":
+        done = json.loads((runs / f"{e.name}.done").read_text(encoding="utf-8"))
+        row |= {k: done[k] for k in ("train_minutes", "cpu") if k in done}
     with open(results, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row), flush=True)
@@ -219,6 +254,11 @@ def main() -> None:
             if left < 60 * args.min_train:
                 print(f"{hms(deadline - time.monotonic())} left: not enough to start or continue {e.name}")
                 break
+            expected = expected_minutes(e, scored(args.results))
+            if not resumable(args.runs / e.name) and expected is not None and 60 * expected > left:
+                # a run cut at the budget resumes only on the same machine; start what can finish instead
+                print(f"{e.name}: not started, it should take ~{expected:.0f} min and {hms(left)} is left")
+                continue
             rc = train(e, args.runs, args.data, left)
             if rc == EXIT_STOPPED:
                 print(f"{e.name}: stopped at the budget at step {last_step(args.runs / e.name)}; the next call resumes it")
@@ -226,7 +266,8 @@ def main() -> None:
             if rc != 0:
                 raise SystemExit(f"{e.name}: erniegen {e.command} failed with status {rc}; see "
                                  f"{args.runs / (e.name + '.out')}")
-            done.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu()}) + "\n")
+            done.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu(),
+                                        "train_minutes": round(train_minutes(args.runs / e.name), 1)}) + "\n")
         if e.command == "finetune":
             score(e, e, args.runs, args.data, args.results)
     status(entries, args.runs, scored(args.results))

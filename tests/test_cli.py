@@ -174,3 +174,21 @@ def test_campaign_queue_errors_name_the_line(tmp_path):
     queue.write_text("a finetune --seed 1\nb decode a --decoder nar\n")
     e = campaign.read_queue(queue)[1]
     assert (e.command, e.flags, campaign.label(e)) == ("decode", ["a", "--decoder", "nar"], "b: a/best, --decoder nar")
+
+
+def test_campaign_expects_a_run_to_take_as_long_as_its_scored_twin():
+    """The same flags but the seed first, else the same method (the longest), else unknown."""
+    campaign = import_campaign()
+    rows = {"a": {"command": "finetune", "flags": "--method mist --seed 42", "train_minutes": 101.0},
+            "b": {"command": "finetune", "flags": "--method nat --seed 42", "train_minutes": 64.0},
+            "c": {"command": "finetune", "flags": "--method nat --noise-rate 0", "train_minutes": 70.0},
+            "d": {"command": "decode", "flags": "a --decoder nar"},
+            "e": {"command": "finetune", "flags": "--seed 1"}}  # scored before rows carried minutes
+    entry = lambda flags: campaign.Entry("x", "finetune", flags.split(), 1)  # noqa: E731
+    assert campaign.expected_minutes(entry("--method nat --seed 1"), rows) == 64.0
+    assert campaign.expected_minutes(entry("--seed 7 --method nat --noise-rate 0"), rows) == 70.0
+    assert campaign.expected_minutes(entry("--method nat --epochs 3"), rows) == 70.0
+    assert campaign.expected_minutes(entry("--method mist --seed 1"), rows) == 101.0
+    assert campaign.expected_minutes(entry("--seed 2"), rows) is None
+    assert campaign.expected_minutes(campaign.Entry("p", "pretrain", ["--method", "nat"], 1), rows) is None
+    assert campaign.without_seed(["--seed", "1", "--method", "nat"]) == ["--method", "nat"]

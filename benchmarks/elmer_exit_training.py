@@ -74,7 +74,7 @@ def train(tok, exits: str, steps: int, seed: int) -> Transformer:
 @torch.no_grad()
 def evaluate(model: Transformer, pairs: list[dict], threshold: float) -> dict:
     src, src_len = pad([p["source_ids"] for p in pairs], 0)
-    source, _ = encode_source(model, src, src_len)
+    source, _ = encode_source(model, src, src_len, hidden=False)
     opts = DecodeOptions(max_length=T, banned_ids=default_banned_ids(model))
     out = hard_exit(model, source, slot_count(model), threshold, opts)
     eos = model.tokenizer.sep_token_id

@@ -287,7 +287,7 @@ class HardExitDecoder(Decoder):
     def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
                  opts: DecodeOptions) -> list[list[int]]:
         check_soft(model, soft=False)
-        source, _ = encode_source(model, src_ids, src_len)
+        source, _ = encode_source(model, src_ids, src_len, hidden=False)
         eos = model.tokenizer.sep_token_id
         out = hard_exit(model, source, slot_count(model), opts.exit_threshold, opts)
         if self.exit_counts is not None:
@@ -338,7 +338,7 @@ class SoftExitDecoder(Decoder):
     def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
                  opts: DecodeOptions) -> list[list[int]]:
         check_soft(model, soft=True)
-        source, _ = encode_source(model, src_ids, src_len)
+        source, _ = encode_source(model, src_ids, src_len, hidden=False)
         width, eos = slot_count(model), model.tokenizer.sep_token_id
         *_, logits = soft_exit_layers(model, source, width)
         slot = torch.arange(width, device=logits.device).repeat(len(src_len))
@@ -419,7 +419,7 @@ class ElmerObjective(nn.Module):
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:
-        source, _ = encode_source(self.model, src_ids, src_len)
+        source, _ = encode_source(self.model, src_ids, src_len, hidden=False)
         gold = slot_labels(tgt_ids, tgt_len, self.width)
         n_tokens = src_len.sum() + len(src_len) * self.width
         slot_ids, labels = None, gold
@@ -570,7 +570,7 @@ class LplmObjective(nn.Module):
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:
-        source, _ = encode_source(self.model, src_ids, src_len)
+        source, _ = encode_source(self.model, src_ids, src_len, hidden=False)
         labels = slot_labels(tgt_ids, tgt_len, self.width)
         loss = drawn_exit_loss(self.model, source, labels, self.label_smoothing, exits=self.exits)
         return {"loss": loss, "num_tokens": src_len.sum() + len(src_len) * self.width}

@@ -137,7 +137,7 @@ class MistObjective(NarObjective):
             else:
                 pseudo = rows_of(pseudo_ids, pseudo_len)
             mixed_ids, mixed_len = mist_batch(model, pseudo, rows_of(src_ids, src_len), tgt_len)
-            mixed, _ = encode_source(model, mixed_ids, mixed_len)
+            mixed, _ = encode_source(model, mixed_ids, mixed_len, hidden=False)
             loss_mist = self._loss(slot_pass(model, mixed, slots, tgt_len), masked, tgt_ids)
             out["loss_mist"] = loss_mist.detach()
             loss = loss + loss_mist
@@ -239,7 +239,7 @@ class MistIterDecoder(NarDecoder):
         tokens, scores = first_pass(model, source, lengths, opts.banned_ids)
         for _ in range(1, opts.iterations):
             mixed_ids, mixed_len = mist_batch(model, rows_of(tokens, lengths, drop_last=1), sources, lengths)
-            mixed, _ = encode_source(model, mixed_ids, mixed_len)
+            mixed, _ = encode_source(model, mixed_ids, mixed_len, hidden=False)
             tokens, scores = first_pass(model, mixed, lengths, opts.banned_ids)
         return tokens, scores
 

@@ -132,11 +132,15 @@ class EncodedSource:
         return EncodedSource([(a[rows], b[rows]) for a, b in self.kv], self.roles.select(rows), self.length[rows])
 
 
-def encode_source(model: Network, src_ids: torch.Tensor, src_len: torch.Tensor
-                  ) -> tuple[EncodedSource, torch.Tensor]:
-    """Encode the source segment once; returns its cache and final hidden states (for a length head)."""
-    hidden, kv, roles = encode_context(model, src_ids, src_len)
-    return EncodedSource(kv, roles, src_len), hidden
+def encode_source(model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, hidden: bool = True
+                  ) -> tuple[EncodedSource, torch.Tensor | None]:
+    """Encode the source segment once; returns its cache and final hidden states (for a length head).
+
+    ``hidden=False`` when only the cache is read: the last layer then computes its keys and values alone
+    (``Network.forward``), and None stands for the hidden states.
+    """
+    out, kv, roles = encode_context(model, src_ids, src_len, hidden=hidden)
+    return EncodedSource(kv, roles, src_len), out
 
 
 def slot_roles(slot_len: torch.Tensor, width: int) -> Roles:

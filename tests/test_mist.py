@@ -85,6 +85,12 @@ def test_cached_source_equals_joint_pass(tiny_model):
     joint = _joint_pass(tiny_model, src_ids, src_len, slots, slot_len)
     valid = slot_valid(slot_len)
     assert torch.allclose(cached[valid], joint[valid], atol=1e-5)
+    # MIST's mixed source and ELMER read only the cache: the last layer's keys/values alone, the same numbers
+    keys_only, none = encode_source(tiny_model, src_ids, src_len, hidden=False)
+    assert none is None
+    for (k, v), (k0, v0) in zip(keys_only.kv, source.kv):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert torch.equal(slot_pass(tiny_model, keys_only, slots, slot_len), cached)
 
 
 # ---- length ------------------------------------------------------------------------------------

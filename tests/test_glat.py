@@ -46,10 +46,11 @@ def _nat_glat(model, **options):
 
 
 def _record_calls(model):
-    """Each call of the model: its token ids, whether its output needs gradients, and the mode it ran in."""
+    """Each call of the model: its token ids, whether its output (last keys) needs gradients, the mode it ran in
+    and its hidden states (None for a pass that returns only keys/values)."""
     calls = []
     hook = model.register_forward_hook(
-        lambda m, args, out: calls.append((args[0].clone(), out[0].requires_grad, m.training, out[0])))
+        lambda m, args, out: calls.append((args[0].clone(), out[1][-1][0].requires_grad, m.training, out[0])))
     return calls, hook
 
 

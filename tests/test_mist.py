@@ -175,7 +175,7 @@ def test_mist_pass_inputs_and_no_gradient_through_first_pass(nat_model):
     batch = collate_pairs(ITEMS[1:])  # source [CLS 30 SEP], target [40 SEP]
     calls = []
     hook = nat_model.register_forward_hook(
-        lambda m, args, out: calls.append([a.clone() for a in args[:4]] + [out[0].requires_grad]))
+        lambda m, args, out: calls.append([a.clone() for a in args[:4]] + [out[1][-1][0].requires_grad]))
     try:
         out = obj(**batch)
     finally:

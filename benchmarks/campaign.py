@@ -92,8 +92,13 @@ def flags_of(e: Entry, runs: Path, data: Path) -> list[str]:
     return base + [f.replace("{data}", str(data)).replace("{runs}", str(runs)) for f in e.flags]
 
 
+def last_value(flags: list[str], flag: str, default: str | None = None) -> str | None:
+    """The value of ``flag``'s last occurrence (later flags win in argparse), else ``default``."""
+    return next((flags[i + 1] for i in range(len(flags) - 2, -1, -1) if flags[i] == flag), default)
+
+
 def dev_file(flags: list[str]) -> str:
-    return flags[max(i for i, f in enumerate(flags) if f == "--dev") + 1]
+    return last_value(flags, "--dev")
 
 
 def last_step(run: Path) -> int | None:
@@ -138,15 +143,12 @@ def without_seed(flags: list[str]) -> list[str]:
     return [f for i, f in enumerate(flags) if f != "--seed" and (i == 0 or flags[i - 1] != "--seed")]
 
 
-def method_of(flags: list[str]) -> str:
-    return next((flags[i + 1] for i in range(len(flags) - 2, -1, -1) if flags[i] == "--method"), "ernie-gen")
-
-
 def expected_minutes(e: Entry, results: dict[str, dict]) -> float | None:
     """How long ``e`` should train, from scored runs of the same flags but the seed, else of the same method (the
     longest such run: runs are not cut in two on purpose), else unknown. Scored rows carry ``train_minutes``."""
     timed = [r for r in results.values() if "train_minutes" in r and r.get("command") == e.command]
-    for same in (lambda f: without_seed(f) == without_seed(e.flags), lambda f: method_of(f) == method_of(e.flags)):
+    method = last_value(e.flags, "--method")  # None: the default method
+    for same in (lambda f: without_seed(f) == without_seed(e.flags), lambda f: last_value(f, "--method") == method):
         minutes = [r["train_minutes"] for r in timed if same(shlex.split(r["flags"]))]
         if minutes:
             return max(minutes)

@@ -143,6 +143,10 @@ def apply_precision(model, precision: str):
         raise ValueError(f"this model is already in {model.precision}; load the fp32 checkpoint again to "
                          f"change its precision")
     model.eval()
+    if precision == "bf16" and not native_bf16(next(model.parameters()).device):
+        warnings.warn("bf16 on a CPU without AVX512-BF16 or AMX is emulated and decodes slower than fp32 (1.4-14x "
+                      "a step on an AVX2-only EPYC, BENCHMARKS.md section 3); fp32 or int8 will be faster here",
+                      stacklevel=2)
     if precision == "int8":
         word = model.embeddings.word.weight
         copy = nn.Linear(word.shape[1], word.shape[0], bias=False, device=word.device)

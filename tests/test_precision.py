@@ -25,6 +25,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -113,6 +114,17 @@ def test_a_model_is_converted_once(tiny_model):
         apply_precision(tiny_model, "bf16")
     with pytest.raises(ValueError, match="unknown precision 'fp16'; choose from fp32, bf16, int8"):
         apply_precision(tiny_model, "fp16")
+
+
+@pytest.mark.parametrize("native, warns", [(False, True), (True, False)])
+def test_bf16_without_native_support_warns_it_will_be_slow(tiny_model, monkeypatch, native, warns):
+    monkeypatch.setattr(erniegen.precision, "native_bf16", lambda device=None: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_precision(tiny_model, "bf16")
+    slow = [w for w in caught if "emulated and decodes slower than fp32" in str(w.message)]
+    assert len(slow) == int(warns)
+    assert tiny_model.precision == "bf16"  # a warning, not a refusal
 
 
 def _int8_by_hand(q, x: torch.Tensor, levels: int) -> torch.Tensor:

@@ -33,6 +33,9 @@ VARIANTS = {  # name: (qconfig, which linear layers stay out of int8, activation
     "per-channel, 7-bit, vocabulary projection fp32": (PER_CHANNEL, lambda n: n == "head.quantized", True, FP32),
     "per-channel, 7-bit, attention fp32": (PER_CHANNEL, lambda n: ".attn." in n, True, FP32),
     "per-channel, 7-bit, ffn_out fp32": (PER_CHANNEL, lambda n: n.endswith("ffn_out"), True, FP32),
+    # the copy head is converted on its own when a decoder first attaches it, so its linears are named bare
+    "per-channel, 7-bit, ffn_out and copy head fp32":
+        (PER_CHANNEL, lambda n: n.endswith("ffn_out") or n in ("query", "gate"), True, FP32),
     "per-channel, 8-bit activations": (PER_CHANNEL, lambda n: False, False, FP32),
     "per-channel, 8-bit, ffn_out fp32": (PER_CHANNEL, lambda n: n.endswith("ffn_out"), False, FP32),
     "per-channel, 8-bit, ffn_out bf16 (today's int8 on CPUs with VNNI and bf16)":
@@ -63,16 +66,16 @@ def main() -> None:
             continue
         precision._quantize_linears = functools.partial(real, qconfig=qconfig, keep=keep, kept_dtype=kept_dtype,
                                                         reduce_range=reduce_range)
-        try:
+        try:  # heads that decoders attach on first use (copy, length) are converted during generate
             model = load(args.model, precision="int8")
+            out = model.generate(sources, num_beams=1, progress=False)
+            result = {"variant": name, "identical": sum(a == b for a, b in zip(reference, out)), "of": len(sources)}
+            if args.score:
+                preds = model.generate(all_sources, progress=False)
+                scores = qg_scores(preds, [r["target"] for r in rows], all_sources)
+                result |= {k: round(scores[k], 2) for k in ("bleu4", "meteor", "rougeL")}
         finally:
             precision._quantize_linears = real
-        out = model.generate(sources, num_beams=1, progress=False)
-        result = {"variant": name, "identical": sum(a == b for a, b in zip(reference, out)), "of": len(sources)}
-        if args.score:
-            preds = model.generate(all_sources, progress=False)
-            scores = qg_scores(preds, [r["target"] for r in rows], all_sources)
-            result |= {k: round(scores[k], 2) for k in ("bleu4", "meteor", "rougeL")}
         print(json.dumps(result), flush=True)
 
 

@@ -262,6 +262,17 @@ def cmd_bench(args) -> None:
     print(json.dumps(result))
 
 
+def cmd_calibrate(args) -> None:
+    from .data import read_examples
+    from .finetune import write_int8_calibration
+    from .model import resolve_model_path
+    folder = resolve_model_path(args.model)
+    if not os.access(folder, os.W_OK):
+        sys.exit(f"error: {folder} is not writable; the calibration is saved beside the model's weights")
+    examples = read_examples(args.input, args.source_field, "target", require_target=False)
+    write_int8_calibration(str(folder), [e.source for e in examples], args.num_samples)
+
+
 def cmd_span_vocab(args) -> None:
     from .outputs import check_output_path
     from .spans import span_vocab_main
@@ -387,6 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-field", default="target")
     _add_decoding(b)
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("calibrate", help="record activation maxima that int8 inference smooths with",
+                       description="Decode NUM_SAMPLES sources (evenly spaced over INPUT; training sources are "
+                                   "best) with the fp32 model and save each smoothed linear layer's input maxima "
+                                   "beside its weights, where `--precision int8` finds them. `erniegen finetune` "
+                                   "does this at the end of training; run it for older models.")
+    c.add_argument("--model", required=True, help="a model folder (written to)")
+    c.add_argument("--input", required=True, help="jsonl with a source field")
+    c.add_argument("--num-samples", type=int, default=64)
+    c.add_argument("--source-field", default="source")
+    c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("span-vocab", help="T-test span vocabulary of bigrams/trigrams for the span flow")
     from .spans import add_span_vocab_arguments

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -23,8 +24,9 @@ from .head_warmup import HEAD_WARMUP_STEPS, adapt_to_task, init_attn_embedding, 
 from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
+from .precision import calibrate, save_calibration
 from .search import DecodeOptions, default_banned_ids, options_from_settings
-from .train import TrainConfig, check_config, check_output_dir, is_main_process, time_left, train
+from .train import BEST, TrainConfig, check_config, check_output_dir, is_main_process, time_left, train
 
 
 @dataclass
@@ -220,7 +222,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         answer_marker=preset.answer_marker,
         extra=model.settings.extra | {"max_target_len": preset.max_target_len})
 
-    _, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
+    train_examples, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
     train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
     if not tcfg.resume:
         prepare_untrained_checkpoint(model, cfg, preset, train_feats, tcfg.seed)
@@ -238,5 +240,24 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4,rougeL" if preset.metric == "qg" else "rougeL",
                                    greater_is_better=True)
     lengths = [len(f.source_ids) + len(f.target_ids) for f in train_feats]
-    return train(objective, train_feats, collate, time_left(tcfg, t_start),
-                 evaluate=evaluate, save_model=model.save_pretrained, lengths=lengths)
+    summary = train(objective, train_feats, collate, time_left(tcfg, t_start),
+                    evaluate=evaluate, save_model=model.save_pretrained, lengths=lengths)
+    best = Path(cfg.output, BEST)
+    if is_main_process() and (best / "model.safetensors").is_file():
+        write_int8_calibration(str(best), [e.source for e in train_examples])
+    return summary
+
+
+CALIBRATION_SOURCES = 64  # what gave BENCHMARKS.md section 3's smoothed int8 (full-dev BLEU-4 loss 0.16)
+
+
+def write_int8_calibration(folder: str, sources: Sequence[str], n: int = CALIBRATION_SOURCES) -> Path:
+    """Record the saved model's activation maxima on ``n`` of ``sources`` (evenly spaced) for int8 smoothing
+    (:mod:`erniegen.precision`) into ``folder``; says what it did and what it cost."""
+    t0 = time.monotonic()
+    picked = [sources[i * len(sources) // n] for i in range(n)] if n < len(sources) else list(sources)
+    model = Transformer.from_pretrained(folder).eval()
+    file = save_calibration(folder, calibrate(model, picked), len(picked))
+    print(f"int8 calibration: activation maxima over {len(picked)} training sources written to {file} "
+          f"({time.monotonic() - t0:.0f} s)", file=sys.stderr)
+    return file

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import convert_module
+from .precision import convert_module, read_calibration
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -149,6 +149,9 @@ class Attention(nn.Module):
         # fused_qkv's cache and what it was built from: plain attributes, so never in the state dict
         self._qkv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._qkv_key: tuple | None = None
+        # int8 inference: fused_qkv's product as one quantized linear (erniegen.precision), so that the input is
+        # quantized once and multiplied once, not three times
+        self.packed: nn.Module | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -174,6 +177,13 @@ class Attention(nn.Module):
             self._qkv_key = key
         return self._qkv
 
+    def _fused_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B,T,3H): the query (scaled), key and value of ``x`` in one product, or None where there is none."""
+        if self.packed is not None:
+            return self.packed(x)
+        fused = self.fused_qkv()
+        return None if fused is None else F.linear(x, *fused)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None = None
                 ) -> tuple[torch.Tensor, KV]:
         """``x`` (B,T,H), ``mask`` (B,T,P+T) bool, ``past`` (k, v) each (B,h,P,d) or a PastSlot.
@@ -184,19 +194,19 @@ class Attention(nn.Module):
         # B and T read off the mask, which every layer shares, not off x: in the exported step the sizes are then
         # computed once for all layers instead of once per layer
         b, t = mask.shape[:2]
-        fused = None if torch.is_grad_enabled() else self.fused_qkv()
-        if fused is None:
+        qkv = None if torch.is_grad_enabled() else self._fused_product(x)
+        if qkv is None:
             q = self._split(self.query(x))
             k, v = self.keys_values(x)
             scale = None  # the kernels' default, 1/sqrt(d)
         else:
-            q, k, v = F.linear(x, *fused).view(b, t, 3 * self.heads, -1).transpose(1, 2).split(self.heads, 1)
+            q, k, v = qkv.view(b, t, 3 * self.heads, -1).transpose(1, 2).split(self.heads, 1)
             scale = 1.0  # already in the query
         dropout = self.dropout if self.training else 0.0
         mask = mask[:, None]
         # fp32 only: in bf16 the explicit scores would be rounded to bf16 before the softmax, where the fused
         # kernel keeps them in fp32
-        if fused is not None and q.dtype == torch.float32 and past is not None and not isinstance(past, PastSlot):
+        if qkv is not None and q.dtype == torch.float32 and past is not None and not isinstance(past, PastSlot):
             out = _split_attention(q, past, k, v, mask, dropout)
         else:
             if past is None:
@@ -348,6 +358,8 @@ class Network(nn.Module):
         self.head_was_missing = False  # the loaded checkpoint had no masked-LM head (see head_warmup.py)
         self.trained_by_erniegen = False  # the loaded checkpoint carries erniegen settings (a trained [ATTN])
         self.precision = "fp32"  # of inference, set by erniegen.precision.apply_precision; checkpoints stay fp32
+        # activation maxima that int8 smooths with (erniegen.precision.calibrate), read from the checkpoint's folder
+        self.int8_calibration: dict[str, torch.Tensor] | None = None
         # the infilling step exported to ONNX Runtime, set by erniegen.onnx_runtime.use_onnx_runtime (runtime
         # "onnx"); None: PyTorch runs it (runtime "torch")
         self.onnx_step: Callable[..., torch.Tensor] | None = None
@@ -491,6 +503,7 @@ class Network(nn.Module):
         model.tokenizer = tokenizer
         model.name_or_path = str(name_or_path)
         model.trained_by_erniegen = (path / SETTINGS_FILE).exists()
+        model.int8_calibration = read_calibration(path)
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:

@@ -17,6 +17,14 @@ so a head restored after loading runs in the model's precision too.
   int8 linear on CPU took 91 ms for the 384 x 30,522 projection at batch 1 against fp32's 7.5 ms and
   ``quantize_dynamic``'s 0.2 ms (a rough check on the busy machine, 1 thread), so the in-tree API is used;
   its deprecation warnings are silenced where it is called.
+* int8 *smoothing* (SmoothQuant, Xiao et al. 2023): where a model folder holds activation statistics
+  (:data:`CALIBRATION_FILE`, written by :func:`calibrate` through ``erniegen calibrate`` and at the end of
+  ``erniegen finetune``), the inputs of the query/key/value, ``ffn_in`` and the LM head's ``dense`` are
+  divided channel-wise by s_j = max|x_j|^α / max|W_:j|^(1-α) and the weight's columns multiplied by it
+  before quantizing: exact in real arithmetic, and the few input channels 16-18x larger than the median
+  (LayerNorm outputs) stop taking the whole 7- or 8-bit range of the batch's one activation scale. On qg-e6
+  without VNNI: greedy dev questions identical to fp32's 77 -> 103 of 150, full-dev BLEU-4 loss 0.67 -> 0.16
+  (BENCHMARKS.md section 3). Without statistics int8 runs unsmoothed and says so.
 
 Checkpoints are always saved in fp32 and a precision is applied on every load (int8 re-quantizes the fp32
 weights, well under a second for MiniLM): a model in bf16 or int8 refuses ``save_pretrained``, and training
@@ -24,8 +32,11 @@ is not meant to run on one.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -54,11 +65,15 @@ def full_range_activations() -> bool:
 
 
 class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
-    """PyTorch's dynamic int8 linear, with the activations' range a setting instead of always 7 bits."""
+    """PyTorch's dynamic int8 linear, with the activations' range a setting instead of always 7 bits, and an
+    optional channel-wise scale of its input (the smoothing's other half, :func:`smooth_and_quantize`)."""
 
     reduce_range = not full_range_activations()
+    input_scale: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
         y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=self.reduce_range)
         return y.to(x.dtype)
 
@@ -122,6 +137,118 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
     return holder["m"]
 
 
+# ---- smoothing statistics ------------------------------------------------------------------------------
+
+CALIBRATION_FILE = "int8_calibration.safetensors"
+# SmoothQuant's default migration strength (Xiao et al. 2023, §4: 0.5 suits most models); on qg-e6 0.5 gave
+# the 103/150 above
+SMOOTHING_ALPHA = 0.5
+def _recorded_name(linear_name: str) -> str | None:
+    """The module whose input ``linear_name`` reads (recorded by :func:`calibrate`), or None if that linear is
+    not smoothed. For q/k/v it is their layer: a layer's input reaches its keys and values also where only
+    those are computed (``keys_values_only``), which bypasses the attention module."""
+    if linear_name.endswith((".attn.query", ".attn.key", ".attn.value", ".attn.packed")):
+        return linear_name.rsplit(".", 2)[0]
+    if linear_name.endswith(".ffn_in") or linear_name == "head.dense":
+        return linear_name
+    return None
+
+
+def calibrate(model, sources: Iterable[str], batch_size: int = 32, progress: bool = False) -> dict[str, torch.Tensor]:
+    """max |x_j| per input channel j of every smoothed linear, over ``model``'s own (fp32, default-decoder,
+    greedy) decoding of ``sources``: the activations int8 will meet. Keys are the names of the modules whose
+    input is recorded (``layers.0`` for its query/key/value, ``layers.0.ffn_in``, ``head.dense``).
+    Method heads (``extras``) are not recorded, and stay unsmoothed."""
+    if model.precision != "fp32":
+        raise ValueError(f"calibrate an fp32 model (this one runs in {model.precision})")
+    maxima: dict[str, torch.Tensor] = {}
+
+    def record(name: str):
+        def hook(module, args):
+            a = args[0].detach().float().abs().flatten(0, -2).amax(0)
+            maxima[name] = torch.maximum(maxima[name], a) if name in maxima else a
+        return hook
+
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("extras.")]
+    recorded = sorted({r for r in map(_recorded_name, linears) if r})
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in recorded]
+    try:
+        was_training = model.training
+        model.eval()
+        model.generate(list(sources), batch_size=batch_size, num_beams=1, progress=progress)
+        model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return maxima
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 of a checkpoint's weights file: statistics from other weights are stale."""
+    h = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_calibration(folder: str | os.PathLike, maxima: dict[str, torch.Tensor], num_sources: int) -> Path:
+    """Write ``maxima`` beside the checkpoint in ``folder`` (temporary name, then rename), tied to its weights."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    final = folder / CALIBRATION_FILE
+    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    save_file({k: v.contiguous().cpu() for k, v in maxima.items()}, str(tmp),
+              metadata={"weights_sha256": weights_digest(folder), "num_sources": str(num_sources)})
+    os.replace(tmp, final)
+    return final
+
+
+def read_calibration(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The statistics saved in ``folder``, or None if there are none or they belong to other weights."""
+    from safetensors import safe_open
+    file = Path(folder) / CALIBRATION_FILE
+    if not file.exists():
+        return None
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        maxima = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("weights_sha256") != weights_digest(Path(folder)):
+        warnings.warn(f"{file}: computed for other weights than {Path(folder) / 'model.safetensors'}; ignored "
+                      f"(run `erniegen calibrate` again)", stacklevel=2)
+        return None
+    return maxima
+
+
+def smooth_and_quantize(module: nn.Module, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHING_ALPHA
+                        ) -> dict[str, torch.Tensor]:
+    """Scale the weight columns of every smoothed linear of ``module`` (in place) by s and return the 1/s that
+    the int8 linear replacing it must multiply its input by, by linear name. Call before quantizing."""
+    inverses = {}
+    with torch.no_grad():
+        for name, linear in module.named_modules():
+            source = _recorded_name(name) if isinstance(linear, nn.Linear) else None
+            if source is None or source not in maxima:
+                continue
+            a = maxima[source].to(linear.weight).clamp(min=1e-5)
+            s = (a ** alpha / linear.weight.abs().amax(0).clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+            linear.weight.mul_(s)
+            inverses[name] = 1 / s
+    return inverses
+
+
+def _pack_attention_products(model: nn.Module) -> None:
+    """Give every attention a plain linear holding its fused query/key/value product, for int8 to quantize:
+    three dynamic int8 products each quantize the same input again."""
+    for attn in [m for m in model.modules() if hasattr(m, "fused_qkv") and m.packed is None]:
+        weight, bias = attn.fused_qkv()
+        packed = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device)
+        with torch.no_grad():
+            packed.weight.copy_(weight)
+            packed.bias.copy_(bias)
+        attn.packed = packed
+
+
 def convert_module(module: nn.Module, precision: str) -> nn.Module:
     """``module``'s weights in ``precision`` (fp32 leaves it as it is); may return a new module."""
     check_precision(precision)
@@ -147,12 +274,23 @@ def apply_precision(model, precision: str):
         warnings.warn("bf16 on a CPU without AVX512-BF16 or AMX is emulated and decodes slower than fp32 (1.4-14x "
                       "a step on an AVX2-only EPYC, BENCHMARKS.md section 3); fp32 or int8 will be faster here",
                       stacklevel=2)
+    inverses = {}
     if precision == "int8":
         word = model.embeddings.word.weight
         copy = nn.Linear(word.shape[1], word.shape[0], bias=False, device=word.device)
         with torch.no_grad():
             copy.weight.copy_(word)
         model.head.quantized = copy
+        _pack_attention_products(model)
+        if model.int8_calibration:
+            inverses = smooth_and_quantize(model, model.int8_calibration)
+        else:
+            warnings.warn(f"{getattr(model, 'name_or_path', 'this model')}: no int8 calibration, so activations are "
+                          f"quantized unsmoothed (on a CPU without VNNI that cost 0.67 dev BLEU-4 against 0.16 "
+                          f"smoothed, BENCHMARKS.md section 3); `erniegen calibrate --model MODEL --input "
+                          f"TRAIN.jsonl` adds one", stacklevel=2)
     convert_module(model, precision)  # converts in place: the model's own root is never replaced
+    for name, inverse in inverses.items():
+        model.get_submodule(name).input_scale = inverse
     model.precision = precision
     return model

@@ -45,6 +45,10 @@ def test_finetune_generate_evaluate_bench(finetuned, tmp_path):
     data = needs_shared("squad_qg")
     best = finetuned / "best"
     assert (best / "model.safetensors").exists() and (finetuned / "checkpoint-last").exists()
+    # the best model carries the activation maxima that int8 smooths with, tied to its weights
+    from erniegen.precision import read_calibration
+    maxima = read_calibration(best)
+    assert maxima is not None and "head.dense" in maxima and "layers.0.ffn_in" in maxima
     log = [json.loads(x) for x in (finetuned / "log.jsonl").read_text().splitlines()]
     assert any("eval" in x for x in log) and any("loss" in x for x in log)
     rows = [json.loads(x) for x in (data / "dev.jsonl").read_text().splitlines()[:5]]

@@ -410,3 +410,112 @@ def test_a_bad_precision_is_named(saved_nar):
     assert "--precision: invalid choice: 'fp16' (choose from" in p.stderr, p.stderr
     assert all(name in p.stderr.splitlines()[-1] for name in ("fp32", "bf16", "int8"))
     assert not (saved_nar / "x.jsonl").exists()
+
+
+# ---- int8 smoothing ------------------------------------------------------------------------------------
+
+TEXTS = ["the city river", "who was the king", "the war of the year", "a new name"]
+
+
+def _with_outliers(tokenizer) -> Transformer:
+    """The tiny fp32 model with one hidden channel 20x the others at every LayerNorm output, as trained BERTs
+    have (qg-e6: 16-18x the median channel): the case smoothing is for."""
+    model = build(tokenizer, "ar", "fp32")
+    with torch.no_grad():
+        for name, norm in model.named_modules():
+            if isinstance(norm, nn.LayerNorm) and name != "head.norm":
+                norm.weight[3] *= 20
+    return model
+
+
+def _logprobs(model: Transformer) -> torch.Tensor:
+    ids = torch.tensor([SOURCES[2]])
+    pos, types = torch.arange(ids.shape[1])[None], torch.zeros_like(ids)
+    with torch.no_grad():
+        h, _ = model(ids, pos, types, torch.ones(1, ids.shape[1], ids.shape[1], dtype=torch.bool))
+        return torch.log_softmax(model.logits(h).float(), -1)
+
+
+def test_calibration_records_the_input_maximum_of_every_smoothed_linear(tiny_tokenizer):
+    model = _with_outliers(tiny_tokenizer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            if x is not None:  # a last layer asked for its keys/values only has no output
+                a = x.abs().flatten(0, -2).amax(0)
+                seen[name] = torch.maximum(seen[name], a) if name in seen else a
+        return hook
+
+    # independent witnesses: what each layer's input is the output of
+    handles = [model.embeddings.register_forward_hook(keep("layers.0"))]
+    handles += [model.layers[i].register_forward_hook(keep(f"layers.{i + 1}")) for i in range(2)]
+    handles += [model.layers[i].attn_norm.register_forward_hook(keep(f"layers.{i}.ffn_in")) for i in range(3)]
+    maxima = erniegen.precision.calibrate(model, TEXTS, batch_size=2)
+    for h in handles:
+        h.remove()
+    assert set(maxima) == {f"layers.{i}" for i in range(3)} | {f"layers.{i}.ffn_in" for i in range(3)} | {"head.dense"}
+    for name, want in seen.items():
+        assert torch.equal(maxima[name], want), name
+    assert maxima["layers.1.ffn_in"][3] > 5 * maxima["layers.1.ffn_in"].median()  # the outlier was seen
+    # the head reads the last layer's outputs at the predicted positions only: a subset of its output
+    assert maxima["head.dense"].shape == (32,) and bool((maxima["head.dense"] > 0).all())
+
+
+def test_smoothing_brings_int8_closer_to_fp32_where_a_channel_stands_out(tiny_tokenizer):
+    ref = _with_outliers(tiny_tokenizer)
+    maxima = erniegen.precision.calibrate(ref, TEXTS, batch_size=2)
+    plain, smoothed = copy.deepcopy(ref), copy.deepcopy(ref)
+    with pytest.warns(UserWarning, match="no int8 calibration"):
+        apply_precision(plain, "int8")
+    smoothed.int8_calibration = maxima
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # calibrated: no warning
+        apply_precision(smoothed, "int8")
+    assert smoothed.layers[0].attn.query.input_scale is not None and smoothed.head.dense.input_scale is not None
+    assert plain.layers[0].ffn_in.input_scale is None
+    want = _logprobs(ref)
+    # mean |error| of the log-probabilities; measured here (no VNNI, 7-bit activations) 0.085 -> 0.033
+    err_plain = (_logprobs(plain) - want).abs().mean().item()
+    err_smoothed = (_logprobs(smoothed) - want).abs().mean().item()
+    assert err_smoothed < 0.6 * err_plain, (err_smoothed, err_plain)
+    # smoothing itself is exact: the scaled weights times the scaled input give fp32's product
+    fp32 = copy.deepcopy(ref)
+    inverses = erniegen.precision.smooth_and_quantize(fp32, maxima)
+    x = torch.randn(5, 32)
+    for name, inverse in inverses.items():
+        got = fp32.get_submodule(name)(x * inverse)
+        assert torch.allclose(got, ref.get_submodule(name)(x), atol=1e-5, rtol=1e-5), name
+
+
+def test_calibration_travels_with_its_weights_only(tiny_tokenizer, tmp_path):
+    folder = tmp_path / "m"
+    ref = _with_outliers(tiny_tokenizer)
+    ref.save_pretrained(folder)
+    p = _cli("calibrate", "--model", str(folder), "--input", str(_texts_file(tmp_path)), "--num-samples", "3")
+    assert p.returncode == 0, p.stderr
+    assert "activation maxima over 3 training sources" in p.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = erniegen.load(str(folder), precision="int8")
+    assert model.layers[2].ffn_in.input_scale is not None
+    assert model.generate(TEXTS, max_length=6) == model.generate(TEXTS, max_length=6, batch_size=1)
+    # weights saved again (here: changed) drop the statistics with the old folder ...
+    with torch.no_grad():
+        ref.layers[0].ffn_in.weight.add_(0.1)
+    ref.save_pretrained(folder)
+    assert not (folder / erniegen.precision.CALIBRATION_FILE).exists()
+    # ... and statistics copied beside other weights are refused, not used
+    other = tmp_path / "other"
+    build(tiny_tokenizer, "ar", "fp32").save_pretrained(other)
+    erniegen.precision.save_calibration(folder, erniegen.precision.calibrate(ref, TEXTS), 4)
+    (other / erniegen.precision.CALIBRATION_FILE).write_bytes((folder / erniegen.precision.CALIBRATION_FILE).read_bytes())
+    with pytest.warns(UserWarning, match="computed for other weights"):
+        assert erniegen.precision.read_calibration(other) is None
+
+
+def _texts_file(tmp_path):
+    file = tmp_path / "texts.jsonl"
+    file.write_text("".join(json.dumps({"source": t}) + "\n" for t in TEXTS))
+    return file

@@ -20,11 +20,12 @@ so a head restored after loading runs in the model's precision too.
 * int8 *smoothing* (SmoothQuant, Xiao et al. 2023): where a model folder holds activation statistics
   (:data:`CALIBRATION_FILE`, written by :func:`calibrate` through ``erniegen calibrate`` and at the end of
   ``erniegen finetune``), the inputs of the query/key/value, ``ffn_in`` and the LM head's ``dense`` are
-  divided channel-wise by s_j = max|x_j|^α / max|W_:j|^(1-α) and the weight's columns multiplied by it
-  before quantizing: exact in real arithmetic, and the few input channels 16-18x larger than the median
-  (LayerNorm outputs) stop taking the whole 7- or 8-bit range of the batch's one activation scale. On qg-e6
-  without VNNI: greedy dev questions identical to fp32's 77 -> 103 of 150, full-dev BLEU-4 loss 0.67 -> 0.16
-  (BENCHMARKS.md section 3). Without statistics int8 runs unsmoothed and says so.
+  divided channel-wise by s_j = max|x_j|^α / max|W_:j|^(1-α) (α: :data:`SMOOTHING_ALPHA`) and the weight's
+  columns multiplied by it before quantizing: exact in real arithmetic, and the few input channels 16-18x
+  larger than the median (LayerNorm outputs) stop taking the whole 7- or 8-bit range of the batch's one
+  activation scale. Greedy dev questions identical to fp32's, of 150, without VNNI: qg-e6 77 -> 114,
+  qg-typical-s1 70 -> 107, qg-nat-s1 37 -> 91 (BENCHMARKS.md section 3). Without statistics int8 runs
+  unsmoothed and says so.
 
 Checkpoints are always saved in fp32 and a precision is applied on every load (int8 re-quantizes the fp32
 weights, well under a second for MiniLM): a model in bf16 or int8 refuses ``save_pretrained``, and training
@@ -140,9 +141,10 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
 # ---- smoothing statistics ------------------------------------------------------------------------------
 
 CALIBRATION_FILE = "int8_calibration.safetensors"
-# SmoothQuant's default migration strength (Xiao et al. 2023, §4: 0.5 suits most models); on qg-e6 0.5 gave
-# the 103/150 above
-SMOOTHING_ALPHA = 0.5
+# migration strength α: SmoothQuant's default is 0.5 (Xiao et al. 2023, §4); here 0.8 kept more greedy dev
+# questions identical to fp32's on every model and dev slice tried (qg-e6 104 -> 114 and 96 -> 111 of 150,
+# qg-typical-s1 103 -> 107, qg-nat-s1 81 -> 91; 0.65 / 0.9 / 1.0 on qg-e6: 107 / 111 / 102; BENCHMARKS.md section 3)
+SMOOTHING_ALPHA = 0.8
 def _recorded_name(linear_name: str) -> str | None:
     """The module whose input ``linear_name`` reads (recorded by :func:`calibrate`), or None if that linear is
     not smoothed. For q/k/v it is their layer: a layer's input reaches its keys and values also where only
@@ -286,9 +288,9 @@ def apply_precision(model, precision: str):
             inverses = smooth_and_quantize(model, model.int8_calibration)
         else:
             warnings.warn(f"{getattr(model, 'name_or_path', 'this model')}: no int8 calibration, so activations are "
-                          f"quantized unsmoothed (on a CPU without VNNI that cost 0.67 dev BLEU-4 against 0.16 "
-                          f"smoothed, BENCHMARKS.md section 3); `erniegen calibrate --model MODEL --input "
-                          f"TRAIN.jsonl` adds one", stacklevel=2)
+                          f"quantized unsmoothed (without VNNI, greedy dev questions identical to fp32's on qg-e6: "
+                          f"77 of 150 unsmoothed, 114 smoothed; BENCHMARKS.md section 3); `erniegen calibrate "
+                          f"--model MODEL --input TRAIN.jsonl` adds one", stacklevel=2)
     convert_module(model, precision)  # converts in place: the model's own root is never replaced
     for name, inverse in inverses.items():
         model.get_submodule(name).input_scale = inverse

@@ -510,7 +510,8 @@ def test_calibration_travels_with_its_weights_only(tiny_tokenizer, tmp_path):
     other = tmp_path / "other"
     build(tiny_tokenizer, "ar", "fp32").save_pretrained(other)
     erniegen.precision.save_calibration(folder, erniegen.precision.calibrate(ref, TEXTS), 4)
-    (other / erniegen.precision.CALIBRATION_FILE).write_bytes((folder / erniegen.precision.CALIBRATION_FILE).read_bytes())
+    name = erniegen.precision.CALIBRATION_FILE
+    (other / name).write_bytes((folder / name).read_bytes())
     with pytest.warns(UserWarning, match="computed for other weights"):
         assert erniegen.precision.read_calibration(other) is None
 

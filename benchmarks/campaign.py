@@ -21,7 +21,10 @@ earlier finetune run's best model once more with other decoding (a decoder, its 
 trained (and at least ``--min-train`` minutes are left, for the decoding).
 A run cut at the budget resumes only where its run folder survives, and a new session may start on a new
 machine, so a training is not started when scored runs say it needs more time than is left: the queue goes on
-to the next entry that fits (a stopped run is always continued). Each score row records ``train_minutes``.
+to the next entry that fits (a stopped run is always continued). With ``--split`` a run that cannot finish is
+started anyway, to be stopped at the budget and continued by the next call: for a runs folder that outlives
+its session (/work/runs has since the fifteenth session), so that a run longer than any session's budget (MIST,
+~141 min on the AVX2 CPU) still gets trained. Each score row records ``train_minutes``.
 One training at a time: this machine has two cores and two trainings side by side each crawl.
 """
 from __future__ import annotations
@@ -221,6 +224,8 @@ def main() -> None:
     p.add_argument("--score-reserve", type=float, default=15.0,
                    help="minutes kept back from each training for scoring it if it finishes")
     p.add_argument("--min-train", type=float, default=10.0, help="minutes below which no training is started")
+    p.add_argument("--split", action="store_true",
+                   help="start a run even when it needs more time than is left (the next call continues it)")
     p.add_argument("--status", action="store_true", help="print where every queued run stands, and exit")
     args = p.parse_args()
     entries = read_queue(args.queue)
@@ -257,7 +262,8 @@ def main() -> None:
                 print(f"{hms(deadline - time.monotonic())} left: not enough to start or continue {e.name}")
                 break
             expected = expected_minutes(e, scored(args.results))
-            if not resumable(args.runs / e.name) and expected is not None and 60 * expected > left:
+            too_long = expected is not None and 60 * expected > left
+            if too_long and not args.split and not resumable(args.runs / e.name):
                 # a run cut at the budget resumes only on the same machine; start what can finish instead
                 print(f"{e.name}: not started, it should take ~{expected:.0f} min and {hms(left)} is left")
                 continue

@@ -206,11 +206,14 @@ def score(e: Entry, trained: Entry, runs: Path, data: Path, results: Path) -> No
 
 
 def cpu() -> str:
-    """The CPU model and PyTorch's kernel level (runs on AVX2-only CPUs train in fp32, on others in bf16)."""
+    """The CPU model, PyTorch's kernel level and the precision ``--precision auto`` trains in there (bf16 where
+    the CPU has it natively, else fp32): seeds trained in different precisions are not the same recipe."""
     import torch
+
+    from erniegen.precision import native_bf16
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown")
-    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}, auto = {'bf16' if native_bf16() else 'fp32'}"
 
 
 def main() -> None:

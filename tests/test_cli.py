@@ -196,3 +196,25 @@ def test_campaign_expects_a_run_to_take_as_long_as_its_scored_twin():
     assert campaign.expected_minutes(entry("--seed 2"), rows) is None
     assert campaign.expected_minutes(campaign.Entry("p", "pretrain", ["--method", "nat"], 1), rows) is None
     assert campaign.without_seed(["--seed", "1", "--method", "nat"]) == ["--method", "nat"]
+    # a run timed on this machine's kind of CPU wins over a longer one timed elsewhere
+    rows["f"] = {"command": "finetune", "flags": "--method nat --seed 2", "train_minutes": 40.0, "cpu": "bf16 CPU"}
+    assert campaign.expected_minutes(entry("--method nat --seed 1"), rows, "bf16 CPU") == 40.0
+    assert campaign.expected_minutes(entry("--method nat --seed 1"), rows, "other CPU") == 64.0
+
+
+def test_campaign_waits_for_the_runs_an_entry_reads(tmp_path):
+    """A static MIST reads a NAT model and a decode entry its run's: neither starts before that run is trained
+    in the same runs folder (run folders do not outlive a machine)."""
+    campaign = import_campaign()
+    queue = tmp_path / "q.txt"
+    queue.write_text("nat finetune --method nat\n"
+                     "static finetune --method mist --method-option pseudo_from={runs}/nat/best\n"
+                     "plain finetune --seed 3\n"
+                     "again decode nat --decoder nar\n")
+    nat, static, plain, again = campaign.read_queue(queue)
+    assert [campaign.needs(e) for e in (nat, static, plain, again)] == [[], ["nat"], [], ["nat"]]
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    assert campaign.waits_for(static, runs) == ["nat"] and campaign.waits_for(again, runs) == ["nat"]
+    (runs / "nat.done").write_text("{}")
+    assert campaign.waits_for(static, runs) == [] and campaign.waits_for(again, runs) == []

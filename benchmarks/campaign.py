@@ -23,8 +23,8 @@ A run cut at the budget resumes only where its run folder survives, and a new se
 machine, so a training is not started when scored runs say it needs more time than is left: the queue goes on
 to the next entry that fits (a stopped run is always continued). With ``--split`` a run that cannot finish is
 started anyway, to be stopped at the budget and continued by the next call: for a runs folder that outlives
-its session (/work/runs has since the fifteenth session), so that a run longer than any session's budget (MIST,
-~141 min on the AVX2 CPU) still gets trained. Each score row records ``train_minutes``.
+its session (/work/runs did from the fifteenth to the eighteenth session, not on the nineteenth's new machine),
+so that a run longer than any session's budget (MIST, ~141 min on the AVX2 CPU) still gets trained. Each score row records ``train_minutes``.
 One training at a time: this machine has two cores and two trainings side by side each crawl.
 """
 from __future__ import annotations
@@ -148,8 +148,8 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
             state = "trained" + ("" if e.command == "pretrain" else ", not scored")
         elif resumable(run):
             state = f"stopped at step {last_step(run)} (resumable)"
-        elif waits_for(e, runs):
-            state = f"waits for {', '.join(waits_for(e, runs))}"
+        elif missing := waits_for(e, runs):
+            state = f"waits for {', '.join(missing)}"
         elif run.exists():
             state = "started, no checkpoint yet"
         else:
@@ -276,11 +276,11 @@ def main() -> None:
                 score(e, by_name[e.flags[0]], args.runs, args.data, args.results)
             continue
         done = args.runs / f"{e.name}.done"
-        if not done.exists() and not resumable(args.runs / e.name) and waits_for(e, args.runs):
-            # a model it reads is not trained in this runs folder (folders do not outlive a machine)
-            print(f"{e.name}: waits for {', '.join(waits_for(e, args.runs))} to be trained")
-            continue
         if not done.exists():
+            if not resumable(args.runs / e.name) and (missing := waits_for(e, args.runs)):
+                # a model it reads is not trained in this runs folder (folders do not outlive a machine)
+                print(f"{e.name}: waits for {', '.join(missing)} to be trained")
+                continue
             reserve = 0.0 if e.command == "pretrain" else 60 * args.score_reserve
             left = deadline - time.monotonic() - reserve
             if left < 60 * args.min_train:

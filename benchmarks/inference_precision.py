@@ -21,7 +21,11 @@ What it measures, every figure a median after warm-up:
 6. with ``--onnx``: "fp32 onnx", the fp32 model loaded with ``runtime="onnx"`` (erniegen.onnx_runtime), in
    the step rows and the infilling rows of 4 (its export on load is timed too), beside a second floor: the
    same bytes over ONNX Runtime's bandwidth, a vector x matrix ``Gemm`` over a matrix of that size (needs
-   ``pip install "erniegen[onnx]"``).
+   ``pip install "erniegen[onnx]"``);
+7. with ``--ab-rounds N``: int8 infilling greedy at batch 1 against Hugging Face ``generate()`` on the same
+   sources, alternated N times (which goes first alternates too), each round's ratio and their median: this
+   VM's speed drifts by up to a quarter within minutes, which two blocks timed minutes apart would take for a
+   difference between the decoders.
 
 Prints the CPU model (``lscpu``) and the date, and writes every row to ``--output`` as JSON.
 """
@@ -150,6 +154,25 @@ def compiled_step_ms(model, source: list[int], steps: int) -> tuple[float, float
         model.forward = original
 
 
+@torch.inference_mode()
+def interleaved_ratio(model, baseline, sources: list[list[int]], length: int, rounds: int) -> dict:
+    """Rounds of erniegen's infilling greedy and HF ``generate()`` at batch 1, back to back, alternating which
+    runs first; ms/sample of each and their ratio per round."""
+    ours = lambda: bench_decoder(model, sources, "infilling", DecodeOptions(  # noqa: E731
+        banned_ids=default_banned_ids(model), num_beams=1, max_length=length, min_length=length), 1, warmup=2)
+    hf = lambda: bench_hf_baseline(baseline, sources, DecodeOptions(max_length=length, min_length=length), 1,  # noqa: E731
+                                   warmup=2)
+    per_round = []
+    for r in range(rounds):
+        first, second = (ours, hf) if r % 2 == 0 else (hf, ours)
+        a, b = first()["median_ms_per_sample"], second()["median_ms_per_sample"]
+        mine, theirs = (a, b) if r % 2 == 0 else (b, a)
+        per_round.append({"ms_per_sample": mine, "hf_ms_per_sample": theirs, "ratio": round(mine / theirs, 3)})
+    ratios = [x["ratio"] for x in per_round]
+    return {"rounds": per_round, "median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
+            "max_ratio": max(ratios)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar-model", required=True, help="an ernie-gen model: infilling greedy and beam, typical")
@@ -166,6 +189,8 @@ def main() -> None:
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    p.add_argument("--ab-rounds", type=int, default=0,
+                   help="also alternate int8 infilling greedy and HF generate() at batch 1 this many rounds")
     p.add_argument("--onnx", action="store_true",
                    help="also time fp32 with runtime onnx: the step, and infilling greedy and beam end to end")
     args = p.parse_args()
@@ -262,6 +287,10 @@ def main() -> None:
             opts = DecodeOptions(max_length=args.length, min_length=args.length)
             emit({"label": "HF GPT-2 generate greedy, fp32", "precision": "fp32"}
                  | bench_hf_baseline(baseline, sources[:n + 2 * batch], opts, batch, warmup=2))
+    if args.ab_rounds and baseline is not None:
+        result = interleaved_ratio(load(args.ar_model, precision="int8"), baseline, sources[:args.samples_b1 + 2],
+                                   args.length, args.ab_rounds)
+        emit({"label": "int8 infilling greedy / HF generate, batch 1, interleaved", "precision": "int8"} | result)
     write_results(args.output, rows, **meta, ar_model=args.ar_model, nar_model=args.nar_model,
                   elmer_model=args.elmer_model, elmer_soft_model=args.elmer_soft_model)
 
@@ -274,6 +303,9 @@ def main() -> None:
         first = mine[0]
         print(f"| {label} | {first.get('step_ms', '')} | {first.get('vs_floor', '')} | "
               f"{first.get('vs_onnx_floor', '')} | {first.get('prefill_ms', '')} | {b1} | {bl} |")
+    for r in (r for r in rows if "median_ratio" in r):
+        print(f"\n{r['label']}: median {r['median_ratio']:.3f} (range {r['min_ratio']:.3f}-{r['max_ratio']:.3f}) "
+              f"over {len(r['rounds'])} rounds")
 
 
 if __name__ == "__main__":

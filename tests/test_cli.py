@@ -200,6 +200,17 @@ def test_campaign_expects_a_run_to_take_as_long_as_its_scored_twin():
     rows["f"] = {"command": "finetune", "flags": "--method nat --seed 2", "train_minutes": 40.0, "cpu": "bf16 CPU"}
     assert campaign.expected_minutes(entry("--method nat --seed 1"), rows, "bf16 CPU") == 40.0
     assert campaign.expected_minutes(entry("--method nat --seed 1"), rows, "other CPU") == 64.0
+    # a run timed only on another CPU is scaled by how much faster this one trained the methods timed on both
+    rows = {"mist": {"command": "finetune", "flags": "--method mist", "train_minutes": 140.0, "cpu": "avx2"},
+            "nat": {"command": "finetune", "flags": "--method nat --seed 1", "train_minutes": 60.0, "cpu": "avx2"},
+            "nat2": {"command": "finetune", "flags": "--method nat --seed 2", "train_minutes": 70.0, "cpu": "avx2"},
+            "nat-here": {"command": "finetune", "flags": "--method nat", "train_minutes": 39.0, "cpu": "bf16"},
+            "eg": {"command": "finetune", "flags": "--seed 1", "train_minutes": 80.0, "cpu": "avx2"},
+            "eg-here": {"command": "finetune", "flags": "--seed 2", "train_minutes": 40.0, "cpu": "bf16"}}
+    assert campaign.speed_ratio(rows, "bf16", "avx2") == pytest.approx((39 / 65 + 40 / 80) / 2)
+    assert campaign.speed_ratio(rows, "bf16", "unseen CPU") is None
+    assert campaign.expected_minutes(entry("--method mist --seed 2"), rows, "bf16") == pytest.approx(140 * 0.55)
+    assert campaign.expected_minutes(entry("--method mist --seed 2"), rows, "unseen CPU") == 140.0
 
 
 def test_campaign_waits_for_the_runs_an_entry_reads(tmp_path):

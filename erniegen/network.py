@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import convert_module, read_calibration
+from .precision import Linear, values_key, convert_module, packed_linear, packs, read_calibration
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -140,10 +140,10 @@ class Attention(nn.Module):
             raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by "
                              f"num_attention_heads {cfg.num_attention_heads}")
         self.heads, self.width = cfg.num_attention_heads, cfg.hidden_size
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.out = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout = cfg.attention_probs_dropout_prob
         self.scale = (cfg.hidden_size // cfg.num_attention_heads) ** -0.5  # 1/sqrt(d), folded into fused_qkv
         # fused_qkv's cache and what it was built from: plain attributes, so never in the state dict
@@ -165,11 +165,11 @@ class Attention(nn.Module):
         """The query, key and value projections stacked as one (3H, H) weight and (3H,) bias, the query's rows
         pre-multiplied by 1/sqrt(d): one matrix product instead of three, and no multiply of the scores.
         Derived from the three linears, which stay the saved weights, and rebuilt when any of them changes
-        (:func:`_values_key`); None when they are not plain linears (int8 replaces them)."""
+        (:func:`values_key`); None when they are not plain linears (int8 replaces them)."""
         linears = (self.query, self.key, self.value)
         if not all(isinstance(m, nn.Linear) for m in linears):
             return None
-        key = _values_key(*(t for m in linears for t in (m.weight, m.bias)))
+        key = values_key(*(t for m in linears for t in (m.weight, m.bias)))
         if self._qkv_key != key:
             with torch.no_grad():
                 self._qkv = (torch.cat([self.query.weight * self.scale, self.key.weight, self.value.weight]),
@@ -182,7 +182,11 @@ class Attention(nn.Module):
         if self.packed is not None:
             return self.packed(x)
         fused = self.fused_qkv()
-        return None if fused is None else F.linear(x, *fused)
+        if fused is None:
+            return None
+        if packs(x, fused[0], self):
+            return packed_linear(x, *fused, self, "qkv", key=self._qkv_key)
+        return F.linear(x, *fused)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, past: KV | PastSlot | None = None
                 ) -> tuple[torch.Tensor, KV]:
@@ -220,13 +224,6 @@ class Attention(nn.Module):
             else:
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout, scale=scale)
         return self.out(out.transpose(1, 2).reshape(b, t, self.width)), (k, v)
-
-
-def _values_key(*tensors: torch.Tensor) -> tuple:
-    """What a copy derived from ``tensors`` is valid for: an in-place update (an optimizer step,
-    ``load_state_dict``, ``copy_`` under no_grad) moves a tensor's version counter, a move, cast or replacement
-    gives it a new address or dtype. Writes through ``.data`` move none of them, so they are not seen."""
-    return tuple((t._version, t.data_ptr(), t.dtype) for t in tensors)
 
 
 # Largest query x key count per head for which training on CPU uses the explicit product below.
@@ -285,8 +282,8 @@ class Layer(nn.Module):
         super().__init__()
         self.attn = Attention(cfg)
         self.attn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.ffn_in = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.ffn_out = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ffn_in = Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.ffn_out = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.ffn_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         if cfg.hidden_act not in _ACTIVATIONS:
@@ -311,7 +308,7 @@ class LMHead(nn.Module):
 
     def __init__(self, cfg: ModelConfig, word: nn.Embedding):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.act = _ACTIVATIONS[cfg.hidden_act]
@@ -324,6 +321,8 @@ class LMHead(nn.Module):
         """``x`` (..., H) times the tied output matrix, plus ``bias``: what this head and ELMER's off-ramps share."""
         if self.quantized is not None:
             return self.quantized(x) + bias
+        if packs(x, self.word.weight, self):
+            return packed_linear(x, self.word.weight, bias, self)
         if torch.is_grad_enabled() or x.device.type != "cpu":
             return F.linear(x, self.word.weight, bias)
         t = self._transposed()
@@ -332,9 +331,9 @@ class LMHead(nn.Module):
     def _transposed(self) -> torch.Tensor:
         """The output matrix as a contiguous (H, V) copy, for inference on CPU: a vector times the
         30,522 x 384 matrix read row by row ran at half the bandwidth of the transposed layout (3.5 vs 1.8 ms,
-        BENCHMARKS.md section 3). Rebuilt whenever the weights change (:func:`_values_key`)."""
+        BENCHMARKS.md section 3). Rebuilt whenever the weights change (:func:`values_key`)."""
         w = self.word.weight
-        key = _values_key(w)
+        key = values_key(w)
         if getattr(self, "_t_key", None) != key:
             self._t, self._t_key = w.detach().t().contiguous(), key
         return self._t

@@ -34,10 +34,10 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 
 import erniegen
-from erniegen import elmer, mist, nar, registry
+from erniegen import elmer, mist, nar, precision, registry
 from erniegen.decoding import DecodeOptions, generate_ids
 from erniegen.model import Transformer
-from erniegen.precision import PRECISIONS, Bf16Linear, apply_precision, native_bf16
+from erniegen.precision import PRECISIONS, Bf16Linear, Linear, apply_precision, native_bf16
 from erniegen.search import _constrain, gnmt_penalty
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5], [4, 40, 41, 42, 43, 5],
@@ -170,6 +170,64 @@ def test_int8_activations_in_8_bits_are_closer_to_fp32():
         err = {r: (_quantize_linears(copy.deepcopy(lin), reduce_range=r)(x) - exact).abs().mean().item()
                for r in (True, False)}
     assert err[False] < 0.7 * err[True]  # half the activation step: about half the error
+
+
+# ---- fp32 on CPU: oneDNN-packed weights -------------------------------------------------------
+
+needs_onednn = pytest.mark.skipif(not precision.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
+
+
+@needs_onednn
+def test_packed_linear_equals_the_plain_product_and_follows_weight_updates():
+    torch.manual_seed(0)
+    lin = Linear(24, 40).eval()
+    for shape in [(1, 24), (2, 24), (3, 7, 24)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            got = lin(x)
+        assert "weight" in precision._PACKED[lin]  # the packed path was taken
+        torch.testing.assert_close(got, torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        lin.weight.mul_(-2)  # an in-place update (an optimizer step, load_state_dict): the packed copy is rebuilt
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    # training never packs: with gradients, or without them in train mode (GLAT's and MIST's first passes)
+    fresh = Linear(24, 40)
+    fresh(x).sum().backward()
+    with torch.no_grad():
+        fresh(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fresh.eval()(x).dtype == torch.bfloat16  # autocast keeps its own product
+    assert fresh.weight.grad is not None and fresh not in precision._PACKED
+
+
+AR_CASES = [("infilling", 1), ("infilling", 3), ("typical", 1), ("typical", 3)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("decoder,beams", AR_CASES, ids=[f"{d}-b{b}" for d, b in AR_CASES])
+def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monkeypatch, decoder, beams):
+    """The packed products differ from MKL's only in summation order: the same text, logits within 1e-4; the
+    checkpoint is untouched and the model still copies (the packed weights live outside it)."""
+    opts = DecodeOptions(num_beams=beams, max_length=8, min_length=3, banned_ids=BANNED)
+    model = build(tiny_tokenizer, "ar", "fp32")
+    packed = generate_ids(model, SOURCES, decoder, opts=opts)
+    assert {model.layers[0].ffn_in, model.layers[0].attn, model.head} <= set(precision._PACKED)
+    packed_logprobs = _logprobs(model)
+    monkeypatch.setattr(precision, "ONEDNN_LINEAR", False)
+    plain = build(tiny_tokenizer, "ar", "fp32")
+    assert generate_ids(plain, SOURCES, decoder, opts=opts) == packed
+    assert not set(plain.modules()) & set(precision._PACKED)
+    torch.testing.assert_close(packed_logprobs, _logprobs(plain), atol=1e-4, rtol=1e-4)
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    copy.deepcopy(model)
+
+
+@needs_onednn
+@pytest.mark.parametrize("low", LOWER)
+def test_bf16_and_int8_never_pack(tiny_tokenizer, low):
+    model = build(tiny_tokenizer, "ar", low)
+    generate_ids(model, SOURCES[:2], "infilling", opts=FIXED)
+    assert not set(model.modules()) & set(precision._PACKED)
 
 
 # ---- autoregressive decoders -------------------------------------------------------------------

@@ -11,7 +11,8 @@ so a head restored after loading runs in the model's precision too.
   with their weight reordered once into its blocked layout (:func:`packed_linear`, the products PyTorch's own
   ``torch.compile`` freezing emits on CPU): MKL's plain product of 2 rows ran at half a vector's bandwidth
   here, which made a decode step 2.5x its bandwidth floor. The packed copy is derived, cached beside the
-  module (never saved) and rebuilt when the weights change; training never takes this path.
+  module (never saved) and rebuilt when the weights change; training never takes this path. bf16 weights
+  take it too on a CPU with native bf16 (:data:`PACKED_DTYPES`).
 * ``bf16``: every weight (embeddings and LayerNorms too) cast to bfloat16. Decoders already take
   ``log_softmax`` of ``logits.float()``, so scores, argmax and beam comparisons are in fp32.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
@@ -89,13 +90,14 @@ def values_key(*tensors: torch.Tensor) -> tuple:
 
 
 def packs(x: torch.Tensor, weight: torch.Tensor, module: nn.Module) -> bool:
-    """Whether ``x @ weight.T`` in ``module`` runs on a oneDNN-packed weight: fp32 inference on CPU in eval mode
-    (the no-grad passes of training, GLAT's and MIST's, run in train mode on weights that change every step),
-    outside autocast, tracing, ONNX export and ``torch.compile``, which would not see through the opaque copy."""
+    """Whether ``x @ weight.T`` in ``module`` runs on a oneDNN-packed weight: inference on CPU in fp32 (or native
+    bf16) in eval mode (the no-grad passes of training, GLAT's and MIST's, run in train mode on weights that
+    change every step), outside autocast, tracing, ONNX export and ``torch.compile``, which would not see
+    through the opaque copy."""
     return (ONEDNN_LINEAR and not module.training and not torch.is_grad_enabled() and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and x.numel() > 0 and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-            and not torch.compiler.is_compiling())
+            and x.dtype == weight.dtype and x.dtype in PACKED_DTYPES and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
+            and not torch.onnx.is_in_onnx_export() and not torch.compiler.is_compiling())
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, module: nn.Module,
@@ -165,6 +167,10 @@ def native_bf16(device: torch.device | None = None) -> bool:
     if device is not None and device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+# what :func:`packs` multiplies through oneDNN: fp32, and bf16 where the CPU multiplies it natively
+PACKED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16) if native_bf16() else (torch.float32,)
 
 
 def stays_wide(name: str) -> bool:

@@ -62,6 +62,7 @@ from .masks import NAR, PAD, Roles, attention_mask
 from .nar import checked_f_ratio, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
+from .precision import Linear
 from .search import DecodeOptions, Decoder, until_end
 
 GOLD_RATE = 0.3  # soft exit: the released code feeds the gold token's embedding with this probability
@@ -111,7 +112,7 @@ class OffRamp(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         self.act = _ACTIVATIONS[cfg.hidden_act]
@@ -137,7 +138,7 @@ def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> Non
                 head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "word.weight"})
     if soft or model.has_saved_extra(FUSION):
         fresh = FUSION not in model.extras and not model.has_saved_extra(FUSION)
-        fusion = model.add_extra(FUSION, nn.Linear(2 * cfg.hidden_size, cfg.hidden_size))
+        fusion = model.add_extra(FUSION, Linear(2 * cfg.hidden_size, cfg.hidden_size))
         if fresh:
             with torch.no_grad():
                 fusion.weight.zero_()

@@ -40,6 +40,7 @@ from .data import TaskPreset
 from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
 from .network import KV, Network, PastSlot
 from .passes import KVCache, encode_context, placeholder_pass, target_positions
+from .precision import Linear
 from .search import AutoregressiveDecoder, Decoder
 
 
@@ -112,8 +113,8 @@ class CopyHead(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
-        self.query = nn.Linear(hidden, hidden)
-        self.gate = nn.Linear(hidden, 1)
+        self.query = Linear(hidden, hidden)
+        self.gate = Linear(hidden, 1)
 
 
 @dataclass

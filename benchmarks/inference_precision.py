@@ -22,7 +22,9 @@ What it measures, every figure a median after warm-up:
    the step rows and the infilling rows of 4 (its export on load is timed too), beside a second floor: the
    same bytes over ONNX Runtime's bandwidth, a vector x matrix ``Gemm`` over a matrix of that size (needs
    ``pip install "erniegen[onnx]"``);
-7. with ``--ab-rounds N``: int8 infilling greedy at batch 1 against Hugging Face ``generate()`` on the same
+7. with ``--unpacked``: the step and prefill of each precision also with PyTorch's plain products (the oneDNN
+   packed weights of ``erniegen.precision.packed_linear`` off), alternating with the packed ones;
+8. with ``--ab-rounds N``: int8 infilling greedy at batch 1 against Hugging Face ``generate()`` on the same
    sources, alternated N times (which goes first alternates too), each round's ratio and their median: this
    VM's speed drifts by up to a quarter within minutes, which two blocks timed minutes apart would take for a
    difference between the decoders.
@@ -43,7 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from erniegen import load  # noqa: E402
+from erniegen import load, precision as precision_module  # noqa: E402
 from erniegen.bench import bench_decoder, bench_hf_baseline, cpu_model, hf_gpt2_like, write_results  # noqa: E402
 from erniegen.data import read_examples  # noqa: E402
 from erniegen.decoding import DecodeOptions, default_banned_ids, encode_sources  # noqa: E402
@@ -189,6 +191,8 @@ def main() -> None:
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    p.add_argument("--unpacked", action="store_true",
+                   help="also time each precision's step with the oneDNN-packed weights off")
     p.add_argument("--ab-rounds", type=int, default=0,
                    help="also alternate int8 infilling greedy and HF generate() at batch 1 this many rounds")
     p.add_argument("--onnx", action="store_true",
@@ -232,6 +236,19 @@ def main() -> None:
         model = fp32 if reuse else load(args.ar_model, precision=precision, runtime=runtime)
         load_s = time.perf_counter() - t0  # runtime onnx: with the export
         step, prefill = step_and_prefill_ms(model, source, args.steps)
+        if args.unpacked and runtime == "torch":
+            precision_module.ONEDNN_LINEAR = False
+            try:
+                plain = load(args.ar_model, precision=precision)
+                plain_step, plain_prefill = step_and_prefill_ms(plain, source, args.steps)
+            finally:
+                precision_module.ONEDNN_LINEAR = True
+            # the packed ones once more after the plain ones, averaged: drift then favours neither
+            again, again_prefill = step_and_prefill_ms(model, source, args.steps)
+            step, prefill = (step + again) / 2, (prefill + again_prefill) / 2
+            emit({"label": f"infilling step, {precision}, plain products", "precision": precision,
+                  "runtime": runtime, "step_ms": round(plain_step, 3), "vs_floor": round(plain_step / floor, 2),
+                  "prefill_ms": round(plain_prefill, 2)})
         row = {"label": f"infilling step, {variant_name(precision, runtime)}", "precision": precision,
                "runtime": runtime, "source_tokens": len(source), "step_ms": round(step, 3),
                "vs_floor": round(step / floor, 2), "prefill_ms": round(prefill, 2)}
@@ -282,6 +299,18 @@ def main() -> None:
                     result = bench_decoder(model, sources[:n + 2 * batch], decoder, opts, batch, warmup=2)
                     emit({"label": f"{label}, {variant_name(precision, runtime)}", "precision": precision,
                           "runtime": runtime} | result)
+    if args.unpacked:  # fp32 infilling end to end with the plain products, after the packed rows above
+        precision_module.ONEDNN_LINEAR = False
+        try:
+            plain = load(args.ar_model)
+            banned = default_banned_ids(plain)
+            for _, label, decoder, options in configs[:2]:
+                for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
+                    opts = DecodeOptions(banned_ids=banned, **({"max_length": args.length} | options))
+                    emit({"label": f"{label}, fp32 plain products", "precision": "fp32", "runtime": "torch"}
+                         | bench_decoder(plain, sources[:n + 2 * batch], decoder, opts, batch, warmup=2))
+        finally:
+            precision_module.ONEDNN_LINEAR = True
     if baseline is not None:
         for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
             opts = DecodeOptions(max_length=args.length, min_length=args.length)

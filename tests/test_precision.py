@@ -200,21 +200,24 @@ def test_packed_linear_equals_the_plain_product_and_follows_weight_updates():
     assert fresh.weight.grad is not None and fresh not in precision._PACKED
 
 
-AR_CASES = [("infilling", 1), ("infilling", 3), ("typical", 1), ("typical", 3)]
+PACKED_CASES = [("ar", "infilling", {"num_beams": 1}), ("ar", "infilling", {"num_beams": 3}),
+                ("ar", "typical", {"num_beams": 1}), ("ar", "typical", {"num_beams": 3}),
+                ("nar", "nar", {}), ("nar", "mask-predict", {"iterations": 3}),
+                ("elmer", "elmer-hard", {"exit_threshold": 0.5}), ("elmer-soft", "elmer-soft", {})]
 
 
 @needs_onednn
-@pytest.mark.parametrize("decoder,beams", AR_CASES, ids=[f"{d}-b{b}" for d, b in AR_CASES])
-def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monkeypatch, decoder, beams):
+@pytest.mark.parametrize("kind,decoder,options", PACKED_CASES, ids=[f"{d}{o}" for _, d, o in PACKED_CASES])
+def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monkeypatch, kind, decoder, options):
     """The packed products differ from MKL's only in summation order: the same text, logits within 1e-4; the
     checkpoint is untouched and the model still copies (the packed weights live outside it)."""
-    opts = DecodeOptions(num_beams=beams, max_length=8, min_length=3, banned_ids=BANNED)
-    model = build(tiny_tokenizer, "ar", "fp32")
+    opts = DecodeOptions(max_length=8, min_length=3 if kind == "ar" else 1, banned_ids=BANNED, **options)
+    model = build(tiny_tokenizer, kind, "fp32")
     packed = generate_ids(model, SOURCES, decoder, opts=opts)
     assert {model.layers[0].ffn_in, model.layers[0].attn, model.head} <= set(precision._PACKED)
     packed_logprobs = _logprobs(model)
     monkeypatch.setattr(precision, "ONEDNN_LINEAR", False)
-    plain = build(tiny_tokenizer, "ar", "fp32")
+    plain = build(tiny_tokenizer, kind, "fp32")
     assert generate_ids(plain, SOURCES, decoder, opts=opts) == packed
     assert not set(plain.modules()) & set(precision._PACKED)
     torch.testing.assert_close(packed_logprobs, _logprobs(plain), atol=1e-4, rtol=1e-4)

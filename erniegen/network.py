@@ -377,7 +377,8 @@ class Network(nn.Module):
             del self._pending_extras[k]
         if name not in self.extras:
             module.apply(self._init_weights)
-            module = module.to(self.device)
+            # in the model's mode: decoders attach their heads to a model already in eval mode
+            module = module.to(self.device).train(self.training)
             if saved:
                 module.load_state_dict(saved)
             # a head attached after the model was put in bf16 or int8 (decoders attach theirs on first use)

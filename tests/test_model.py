@@ -158,6 +158,13 @@ def test_method_heads_survive_a_round_trip(tmp_path, tiny_model):
     transformers.BertForMaskedLM.from_pretrained(tmp_path)  # extras do not break HF loading
 
 
+def test_a_method_head_joins_in_the_models_mode(tiny_model):
+    """A decoder attaches its head to a model in eval mode; the head must not stay in train mode (dropout, and
+    the fp32 packed products, which only eval mode takes)."""
+    assert not tiny_model.eval().add_extra("late", torch.nn.Sequential(torch.nn.Dropout(0.5))).training
+    assert tiny_model.train().add_extra("early", torch.nn.Linear(32, 8)).training
+
+
 def test_attention_dropout_setting_reaches_every_layer(tiny_model):
     from erniegen.finetune import resolve_attention_dropout
     resolve_attention_dropout(tiny_model, 0.25)

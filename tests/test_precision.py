@@ -227,13 +227,16 @@ def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monk
 
 @needs_onednn
 @pytest.mark.parametrize("low", LOWER)
-def test_bf16_packs_where_native_and_int8_never(tiny_tokenizer, low):
-    """int8 keeps PyTorch's quantized products; bf16 packs on a CPU that multiplies it natively, and decodes
-    there what its plain products decode."""
+def test_bf16_products_pack_where_native_and_quantized_ones_never(tiny_tokenizer, low):
+    """Where the CPU multiplies bf16 natively, bf16 weights pack (a bf16 model's, and the bf16 ``ffn_out`` that
+    int8 keeps out of int8); int8's quantized products stay PyTorch's. Packed, they decode what they decode
+    plain."""
     model = build(tiny_tokenizer, "ar", low)
     got = generate_ids(model, SOURCES, "infilling", opts=FIXED)
     packed = set(model.modules()) & set(precision._PACKED)
-    assert bool(packed) == (low == "bf16" and native_bf16())
+    assert bool(packed) == native_bf16()
+    if low == "int8":
+        assert all(isinstance(m, Bf16Linear) and m.weight.dtype == torch.bfloat16 for m in packed)
     if packed:
         precision.ONEDNN_LINEAR = False
         try:

@@ -137,7 +137,9 @@ def resumable(run: Path) -> bool:
     return run.is_dir() and last_checkpoint(run) is not None
 
 
-def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
+def status(entries: list[Entry], runs: Path, results: dict[str, dict], machine: str | None = None) -> None:
+    """Where every entry stands; a queued training with the minutes :func:`expected_minutes` gives it on
+    ``machine``, to plan a session by."""
     for e in entries:
         run = runs / e.name
         if e.name in results:
@@ -155,6 +157,8 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict]) -> None:
             state = "started, no checkpoint yet"
         else:
             state = "queued"
+        if e.command != "decode" and e.name not in results and (m := expected_minutes(e, results, machine)):
+            state += f" (~{m:.0f} min here)"
         print(f"{e.name:24s} {e.command:9s} {state}")
 
 
@@ -270,7 +274,7 @@ def main() -> None:
     entries = read_queue(args.queue)
     sys.path.insert(0, str(ROOT))
     if args.status:
-        status(entries, args.runs, scored(args.results))
+        status(entries, args.runs, scored(args.results), cpu())
         return
     if args.budget is None:
         p.error("--budget is required (or --status)")
@@ -322,7 +326,7 @@ def main() -> None:
                                         "train_minutes": round(train_minutes(args.runs / e.name), 1)}) + "\n")
         if e.command == "finetune":
             score(e, e, args.runs, args.data, args.results)
-    status(entries, args.runs, scored(args.results))
+    status(entries, args.runs, scored(args.results), machine)
 
 
 if __name__ == "__main__":

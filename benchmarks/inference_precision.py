@@ -11,7 +11,8 @@ What it measures, every figure a median after warm-up:
 2. the fp32 floor of that step: the bytes of the weights one step streams (every layer, the LM head's
    transform and the vocabulary projection; not the input embedding, of which a step reads two rows)
    divided by the bandwidth of a vector x matrix product over a matrix of the same size, measured in this
-   run (so the matrix sits in the same level of cache as the model's weights would);
+   run (so the matrix sits in the same level of cache as the model's weights would): the fastest of PyTorch's
+   two layouts and oneDNN's packed product;
 3. Hugging Face's step: a GPT-2 of the same shape (``erniegen.bench.hf_gpt2_like``) timed with
    ``generate()`` for ``--length`` tokens and for 1 token, the difference divided by ``--length`` - 1;
 4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
@@ -75,11 +76,15 @@ def streamed_weight_bytes(model) -> int:
 @torch.inference_mode()
 def bandwidth_gb_s(n_bytes: int, repeats: int) -> float:
     """GB/s of a vector x matrix product over an fp32 matrix of ``n_bytes``: what a batch-1 step can reach.
-    The faster of the two layouts (matrix times vector, vector times matrix: they differ up to 2x here)."""
+    The fastest of the two layouts (matrix times vector, vector times matrix: they differ up to 2x here) and of
+    oneDNN's product on the packed matrix (what erniegen's fp32 step multiplies with)."""
     cols = 1024
     w = torch.randn(max(1, n_bytes // (4 * cols)), cols)
     x, y = torch.randn(cols), torch.randn(w.shape[0])
     ms = min(median_ms(lambda: w @ x, repeats, warmup=3), median_ms(lambda: y @ w, repeats, warmup=3))
+    if precision_module.ONEDNN_LINEAR:
+        holder = torch.nn.Module().eval()
+        ms = min(ms, median_ms(lambda: precision_module.packed_linear(x[None], w, None, holder), repeats, warmup=3))
     return w.numel() * 4 / (ms / 1000) / 1e9
 
 

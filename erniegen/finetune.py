@@ -232,6 +232,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     evaluate = None
     if cfg.dev:
         dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples, spread=True)
+        # the dev loss runs the training objective, which needs what the method adds to features (static pseudo targets)
+        dev_feats = family.prepare_features(cfg.method, dev_feats, cfg.method_options)
         # the decoding the model will keep (its settings, above), at the evaluation's beam width
         opts = options_from_settings(model, num_beams=cfg.eval_beams, banned_ids=default_banned_ids(model))
         evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, registry.default_decoder(cfg.method), opts,

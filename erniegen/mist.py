@@ -205,7 +205,7 @@ def add_static_pseudo_targets(features: Sequence, options: dict) -> list[Feature
 
 
 def prepare_features(method: str, features: Sequence, options: dict) -> list:
-    """The training features of ``--method``: MIST's get static pseudo targets under ``mixing: static``."""
+    """The training (and dev) features of ``--method``: MIST's get static pseudo targets under ``mixing: static``."""
     return add_static_pseudo_targets(features, options) if method == "mist" else list(features)
 
 

@@ -234,6 +234,26 @@ def test_static_pseudo_targets_reach_the_batch(nat_model, tmp_path):
     assert torch.isfinite(out["loss"]) and out["loss_mist"] > 0
 
 
+def test_static_mist_finetunes_with_a_dev_set_from_the_command_line(nat_model, tmp_path):
+    """The dev loss runs the training objective, so the dev features need their static pseudo targets too
+    (a 56-minute campaign run died at its first evaluation without them)."""
+    import json
+
+    from erniegen.cli import main
+    nat_model.settings.method = "nat"
+    nat_model.save_pretrained(tmp_path / "nat")
+    rows = [{"source": "the city river", "target": "what city"}, {"source": "the king war", "target": "who was"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows) * 2)
+    main(["finetune", "--model", str(tmp_path / "nat"), "--train", str(pairs), "--dev", str(pairs), "--task",
+          "default", "--output", str(tmp_path / "run"), "--method", "mist", "--method-option", "mixing=static",
+          "--method-option", f"pseudo_from={tmp_path / 'nat'}", "--max-steps", "2", "--eval-every", "1",
+          "--batch-size", "2", "--max-source-len", "16", "--max-target-len", "8", "--precision", "fp32",
+          "--eval-samples", "2"])
+    evals = [json.loads(x)["eval"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert len(evals) == 2 and all(e["dev_loss"] > 0 for e in evals)
+
+
 def test_partial_masking_draws_a_uniform_count(nat_model):
     obj = build_mist_objective("nat", nat_model, PRESET, {"mask_mode": "partial"}).train()
     valid = slot_valid(torch.tensor([4, 2] * 2000), 4)

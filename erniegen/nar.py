@@ -85,6 +85,10 @@ def length_head(model: Network, max_target_len: int | None = None) -> LengthHead
                          f"--method, such as nat or mist")
     if n is None:
         raise ValueError("max_target_len is unknown: the length head cannot be sized")
+    bias = model.saved_extra("length").get("proj.bias")
+    if bias is not None and bias.numel() != int(n) + 1:
+        raise ValueError(f"this checkpoint's length head covers target lengths 0..{bias.numel() - 1}: fine-tune it "
+                         f"with --max-target-len {bias.numel() - 1}, or start from a checkpoint without a length head")
     model.settings.extra = model.settings.extra | {"max_target_len": int(n)}
     return model.add_extra("length", LengthHead(model.config.hidden_size, int(n)))
 

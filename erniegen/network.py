@@ -372,7 +372,7 @@ class Network(nn.Module):
         loaders skip, so the checkpoint stays a valid BERT checkpoint.
         """
         prefix = f"extras.{name}."
-        saved = {k[len(prefix):]: v for k, v in self._pending_extras.items() if k.startswith(prefix)}
+        saved = self.saved_extra(name)
         for k in [k for k in self._pending_extras if k.startswith(prefix)]:
             del self._pending_extras[k]
         if name not in self.extras:
@@ -389,7 +389,12 @@ class Network(nn.Module):
 
     def has_saved_extra(self, name: str) -> bool:
         """Whether the loaded checkpoint holds weights of method head ``name`` that ``add_extra`` will restore."""
-        return any(k.startswith(f"extras.{name}.") for k in self._pending_extras)
+        return bool(self.saved_extra(name))
+
+    def saved_extra(self, name: str) -> dict[str, torch.Tensor]:
+        """The weights of method head ``name`` that ``add_extra`` will restore, by parameter name (empty: none)."""
+        prefix = f"extras.{name}."
+        return {k[len(prefix):]: v for k, v in self._pending_extras.items() if k.startswith(prefix)}
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

@@ -234,7 +234,7 @@ def test_static_pseudo_targets_reach_the_batch(nat_model, tmp_path):
     assert torch.isfinite(out["loss"]) and out["loss_mist"] > 0
 
 
-def test_static_mist_finetunes_with_a_dev_set_from_the_command_line(nat_model, tmp_path):
+def test_static_mist_finetunes_with_a_dev_set_from_the_command_line(nat_model, tmp_path, capsys):
     """The dev loss runs the training objective, so the dev features need their static pseudo targets too
     (a 56-minute campaign run died at its first evaluation without them)."""
     import json
@@ -252,6 +252,11 @@ def test_static_mist_finetunes_with_a_dev_set_from_the_command_line(nat_model, t
           "--eval-samples", "2"])
     evals = [json.loads(x)["eval"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"eval"' in x]
     assert len(evals) == 2 and all(e["dev_loss"] > 0 for e in evals)
+    # a NAT checkpoint fine-tuned again at another target length: the flag to change, not a state-dict error
+    with pytest.raises(SystemExit):
+        main(["finetune", "--model", str(tmp_path / "nat"), "--train", str(pairs), "--output", str(tmp_path / "r2"),
+              "--method", "nat", "--max-steps", "1", "--max-target-len", "5", "--precision", "fp32"])
+    assert "length head covers target lengths 0..8: fine-tune it with --max-target-len 8" in capsys.readouterr().err
 
 
 def test_partial_masking_draws_a_uniform_count(nat_model):

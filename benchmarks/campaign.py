@@ -189,10 +189,11 @@ def expected_minutes(e: Entry, results: dict[str, dict], machine: str | None = N
     method = last_value(e.flags, "--method")  # None: the default method
     for same in (lambda f: without_seed(f) == without_seed(e.flags), lambda f: last_value(f, "--method") == method):
         rows = [r for r in timed if same(shlex.split(r["flags"]))]
-        here = [r["train_minutes"] for r in rows if r.get("cpu") == machine]
-        ratios = {r.get("cpu"): speed_ratio(results, machine, r.get("cpu")) for r in rows}
-        scaled = [r["train_minutes"] * ratios[r.get("cpu")] for r in rows if ratios[r.get("cpu")] is not None]
-        minutes = here or scaled or [r["train_minutes"] for r in rows]
+        minutes = [r["train_minutes"] for r in rows if r.get("cpu") == machine]
+        if not minutes:
+            ratios = {c: speed_ratio(results, machine, c) for c in {r.get("cpu") for r in rows}}
+            minutes = ([r["train_minutes"] * ratios[r.get("cpu")] for r in rows if ratios[r.get("cpu")] is not None]
+                       or [r["train_minutes"] for r in rows])
         if minutes:
             return max(minutes)
     return None

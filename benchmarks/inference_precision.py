@@ -39,7 +39,8 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +65,16 @@ def median_ms(fn, repeats: int, warmup: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
+
+
+@contextmanager
+def plain_products() -> Iterator[None]:
+    """Models loaded and run inside multiply with PyTorch's plain products, not oneDNN's packed ones."""
+    precision_module.ONEDNN_LINEAR = False
+    try:
+        yield
+    finally:
+        precision_module.ONEDNN_LINEAR = True
 
 
 def streamed_weight_bytes(model) -> int:
@@ -242,12 +253,9 @@ def main() -> None:
         load_s = time.perf_counter() - t0  # runtime onnx: with the export
         step, prefill = step_and_prefill_ms(model, source, args.steps)
         if args.unpacked and runtime == "torch":
-            precision_module.ONEDNN_LINEAR = False
-            try:
-                plain = load(args.ar_model, precision=precision)
-                plain_step, plain_prefill = step_and_prefill_ms(plain, source, args.steps)
-            finally:
-                precision_module.ONEDNN_LINEAR = True
+            with plain_products():
+                plain_step, plain_prefill = step_and_prefill_ms(load(args.ar_model, precision=precision), source,
+                                                                args.steps)
             # the packed ones once more after the plain ones, averaged: drift then favours neither
             again, again_prefill = step_and_prefill_ms(model, source, args.steps)
             step, prefill = (step + again) / 2, (prefill + again_prefill) / 2
@@ -305,8 +313,7 @@ def main() -> None:
                     emit({"label": f"{label}, {variant_name(precision, runtime)}", "precision": precision,
                           "runtime": runtime} | result)
     if args.unpacked:  # fp32 infilling end to end with the plain products, after the packed rows above
-        precision_module.ONEDNN_LINEAR = False
-        try:
+        with plain_products():
             plain = load(args.ar_model)
             banned = default_banned_ids(plain)
             for _, label, decoder, options in configs[:2]:
@@ -314,8 +321,6 @@ def main() -> None:
                     opts = DecodeOptions(banned_ids=banned, **({"max_length": args.length} | options))
                     emit({"label": f"{label}, fp32 plain products", "precision": "fp32", "runtime": "torch"}
                          | bench_decoder(plain, sources[:n + 2 * batch], decoder, opts, batch, warmup=2))
-        finally:
-            precision_module.ONEDNN_LINEAR = True
     if baseline is not None:
         for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
             opts = DecodeOptions(max_length=args.length, min_length=args.length)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import Linear, values_key, convert_module, packed_linear, packs, read_calibration
+from .precision import Linear, convert_module, packed_linear, packs, read_calibration, values_key
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

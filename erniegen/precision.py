@@ -202,7 +202,8 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
     with warnings.catch_warnings():  # torch.ao's eager quantization is deprecated in favour of torchao (see above)
         warnings.simplefilter("ignore")
         torch.ao.quantization.quantize_dynamic(holder, {in_holder(n): qconfig for n in linears if n not in kept},
-                                               dtype=torch.qint8, inplace=True, mapping={nn.Linear: Int8Linear, Linear: Int8Linear})
+                                               dtype=torch.qint8, inplace=True,
+                                               mapping={nn.Linear: Int8Linear, Linear: Int8Linear})
     if reduce_range is not None:
         for m in holder.modules():
             if isinstance(m, Int8Linear):

@@ -17,8 +17,9 @@ What it measures, every figure a median after warm-up:
    ``generate()`` for ``--length`` tokens and for 1 token, the difference divided by ``--length`` - 1;
 4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
    models given, in every precision, and the Hugging Face ``generate()`` baseline;
-5. with ``--compile``: the same step with the network's forward under ``torch.compile`` (dynamic
-   shapes: the cache grows each step), per precision, beside the seconds the first steps spend compiling;
+5. with ``--compile``: every precision also with ``runtime="compile"`` (erniegen.runtimes: the step compiled by
+   ``torch.compile``), in the step rows (with the seconds its first two steps spend compiling) and the infilling
+   rows of 4;
 6. with ``--onnx``: "fp32 onnx", the fp32 model loaded with ``runtime="onnx"`` (erniegen.onnx_runtime), in
    the step rows and the infilling rows of 4 (its export on load is timed too), beside a second floor: the
    same bytes over ONNX Runtime's bandwidth, a vector x matrix ``Gemm`` over a matrix of that size (needs
@@ -145,31 +146,14 @@ def step_and_prefill_ms(model, source: list[int], steps: int) -> tuple[float, fl
     return median_ms(lambda: stepper.step(prev), steps, warmup=steps), prefill
 
 
-@torch.inference_mode()
-def compiled_step_ms(model, source: list[int], steps: int) -> tuple[float, float]:
-    """Median ms of the infilling step with ``model.forward`` compiled, and the seconds of compiling (the
-    first three steps' time beyond three eager ones)."""
-    src, src_len = torch.tensor([source]), torch.tensor([len(source)])
-    prev = torch.tensor([source[1]])
-    eager = InfillingStepper(model, src, src_len, 2 * steps + 8)
-    eager.step(None)
+def first_steps_s(model, source: list[int]) -> float:
+    """Seconds of a stepper's first two steps at batch 1: for runtime compile, compiling them (a step
+    itself takes milliseconds)."""
+    stepper = InfillingStepper(model, torch.tensor([source]), torch.tensor([len(source)]), 8)
     t0 = time.perf_counter()
-    for _ in range(3):
-        eager.step(prev)
-    eager_s = time.perf_counter() - t0
-    torch._dynamo.reset()
-    original = model.forward
-    model.forward = torch.compile(original, dynamic=True)
-    try:
-        stepper = InfillingStepper(model, src, src_len, 2 * steps + 8)
-        t0 = time.perf_counter()
-        stepper.step(None)
-        for _ in range(3):
-            stepper.step(prev)
-        compile_s = time.perf_counter() - t0 - eager_s
-        return median_ms(lambda: stepper.step(prev), steps, warmup=steps), compile_s
-    finally:
-        model.forward = original
+    with torch.inference_mode():
+        stepper.step(stepper.step(None).argmax(-1))
+    return time.perf_counter() - t0
 
 
 @torch.inference_mode()
@@ -206,7 +190,8 @@ def main() -> None:
     p.add_argument("--large-batch", type=int, default=32)
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
-    p.add_argument("--compile", action="store_true", help="also time the step under torch.compile")
+    p.add_argument("--compile", action="store_true",
+                   help="also time every precision with runtime compile (torch.compile): the step and infilling")
     p.add_argument("--unpacked", action="store_true",
                    help="also time each precision's step with the oneDNN-packed weights off")
     p.add_argument("--ab-rounds", type=int, default=0,
@@ -217,8 +202,10 @@ def main() -> None:
     precisions = args.precisions.split(",")
     if args.onnx:
         import_onnxruntime()  # before anything is timed
-    # (precision, runtime) pairs, labelled "fp32", ..., "fp32 onnx"; runtime onnx runs the infilling decoder only
-    variants = [(precision, "torch") for precision in precisions] + ([("fp32", "onnx")] if args.onnx else [])
+    # (precision, runtime) pairs, labelled "fp32", ..., "fp32 onnx"; runtimes onnx and compile run the infilling
+    # decoder only
+    variants = ([(precision, "torch") for precision in precisions] + ([("fp32", "onnx")] if args.onnx else [])
+                + [(precision, "compile") for precision in precisions if args.compile])
     torch.manual_seed(0)
     meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "length": args.length}
     print(f"# {meta['cpu']}, {meta['threads']} threads, {time.strftime('%Y-%m-%d')}", flush=True)
@@ -251,6 +238,7 @@ def main() -> None:
         reuse = (precision, runtime) == ("fp32", "torch")
         model = fp32 if reuse else load(args.ar_model, precision=precision, runtime=runtime)
         load_s = time.perf_counter() - t0  # runtime onnx: with the export
+        compile_s = first_steps_s(model, source) if runtime == "compile" else None
         step, prefill = step_and_prefill_ms(model, source, args.steps)
         if args.unpacked and runtime == "torch":
             with plain_products():
@@ -269,16 +257,9 @@ def main() -> None:
             row["vs_onnx_floor"] = round(step / onnx_floor, 2)
         if runtime == "onnx":
             row["load_s"] = round(load_s, 1)
+        if compile_s is not None:
+            row["compile_s"] = round(compile_s, 1)
         emit(row)
-        if args.compile and runtime == "torch":
-            label = f"infilling step, {precision}, torch.compile"
-            try:
-                step, compile_s = compiled_step_ms(model, source, args.steps)
-            except Exception as e:  # noqa: BLE001 - a precision torch.compile cannot take is a result too
-                emit({"label": label, "precision": precision, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-            else:
-                emit({"label": label, "precision": precision, "step_ms": round(step, 3),
-                      "vs_floor": round(step / floor, 2), "compile_s": round(compile_s, 1)})
     baseline = None if args.no_baseline else hf_gpt2_like(fp32)
     if baseline is not None:
         timed = sources[:args.samples_b1 + 2]
@@ -300,12 +281,12 @@ def main() -> None:
                (args.elmer_soft_model, "ELMER soft exit", "elmer-soft", {})]
     for path in dict.fromkeys(c[0] for c in configs if c[0]):
         for precision, runtime in variants:
-            if runtime == "onnx" and path != args.ar_model:
+            if runtime != "torch" and path != args.ar_model:
                 continue
             model = load(path, precision=precision, runtime=runtime)
             banned = default_banned_ids(model)
             for _, label, decoder, options in (c for c in configs if c[0] == path):
-                if runtime == "onnx" and decoder != "infilling":
+                if runtime != "torch" and decoder != "infilling":
                     continue
                 for batch, n in ((1, args.samples_b1), (big, big * args.batches_large)):
                     opts = DecodeOptions(banned_ids=banned, **({"max_length": args.length} | options))

@@ -81,7 +81,7 @@ def main() -> None:
         options.enable_profiling = True
         options.profile_file_prefix = str(out / "step")
         options.optimized_model_filepath = str(out / "step_optimized.onnx")
-        model.onnx_step = step = OnnxInfillingStep(model, options)
+        model.step_runner = step = OnnxInfillingStep(model, options)
         nodes, node_count = weight_bytes_by_node(out / "step_optimized.onnx")
 
         source = [model.tokenizer.cls_token_id] + list(range(2000, 2000 + args.source_len - 2)) + \

@@ -15,13 +15,16 @@ def load(path: str = "minilm", precision: str = "fp32", runtime: str = "torch", 
     ``precision`` (fp32 | bf16 | int8) is applied after loading the fp32 weights, every time: int8
     re-quantizes on load and nothing quantized is ever saved (see :mod:`erniegen.precision`).
     ``runtime="onnx"`` exports the infilling step to ONNX Runtime on load (fp32, infilling decoder only;
-    ``pip install "erniegen[onnx]"``, see :mod:`erniegen.onnx_runtime`); the default runs it in PyTorch.
+    ``pip install "erniegen[onnx]"``, see :mod:`erniegen.onnx_runtime`); ``runtime="compile"`` compiles it with
+    ``torch.compile`` on first use (infilling decoder only; :mod:`erniegen.runtimes`); the default runs it in
+    eager PyTorch.
     """
     from .model import Transformer
-    from .onnx_runtime import check_runtime, import_onnxruntime, use_onnx_runtime
     from .precision import apply_precision, check_precision
+    from .runtimes import check_runtime, use_runtime
     check_precision(precision)  # before the load, which can be slow
     if check_runtime(runtime, precision) == "onnx":
-        import_onnxruntime()
+        from .onnx_runtime import import_onnxruntime, use_onnx_runtime
+        import_onnxruntime()  # before the load, which can be slow
     model = apply_precision(Transformer.from_pretrained(path, **settings).eval(), precision)
-    return use_onnx_runtime(model) if runtime == "onnx" else model
+    return use_onnx_runtime(model) if runtime == "onnx" else use_runtime(model, runtime)

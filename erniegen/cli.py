@@ -64,7 +64,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     from . import registry
-    from .onnx_runtime import RUNTIMES
+    from .runtimes import RUNTIMES
     from .precision import PRECISIONS
     g = p.add_argument_group("decoding (defaults: the task preset saved with the model)")
     g.add_argument("--decoder", default=None, choices=list(registry.DECODERS),
@@ -88,14 +88,17 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
                    help="inference weights: fp32, bf16, or int8 (dynamic quantization of every linear layer and "
                         "of the vocabulary projection; applied on load, the checkpoint stays fp32)")
     g.add_argument("--runtime", default="torch", choices=RUNTIMES,
-                   help="what runs the infilling decode step: torch, or onnx (ONNX Runtime, exported on load; fp32 "
-                        "and the infilling decoder only, greedy or beam; needs pip install \"erniegen[onnx]\")")
+                   help="what runs the infilling decode step: torch (eager), onnx (ONNX Runtime, exported on load; "
+                        "fp32 only; needs pip install \"erniegen[onnx]\"), or compile (torch.compile on first use, "
+                        "~10-60 s; faster for bf16 where the CPU has it natively); onnx and compile run the "
+                        "infilling decoder only, greedy or beam")
 
 
 def _check_runtime(args) -> None:
     """Refuse --runtime onnx with a precision or decoder it cannot run, or without ONNX Runtime, before any work.
     (A model whose own decoder is not infilling is refused when it loads, before the export.)"""
-    from .onnx_runtime import check_runtime, import_onnxruntime
+    from .onnx_runtime import import_onnxruntime
+    from .runtimes import check_runtime
     if check_runtime(args.runtime, args.precision, args.decoder) == "onnx":
         try:
             import_onnxruntime()

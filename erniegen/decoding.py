@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 
 from .network import Network
-from .onnx_runtime import check_runtime, runtime_of
+from .runtimes import check_runtime, runtime_of
 from .registry import decoder as decoder_named
 from .registry import default_decoder
 from .search import DecodeOptions, Decoder, decode_in_batches, in_input_order, options_from_settings

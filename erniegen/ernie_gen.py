@@ -318,7 +318,8 @@ def step_log_probs(model: Network, ids: torch.Tensor, pos: torch.Tensor, types: 
                    ) -> tuple[torch.Tensor, list[KV]]:
     """A decoding step's tokens through the network against ``past``: the (N, V) fp32 log-probabilities of the
     next token, read at the last of them, and every layer's (k, v) of the tokens. What ONNX Runtime runs
-    instead when the model carries an export of it (erniegen.onnx_runtime)."""
+    instead when the model carries an export of it (erniegen.onnx_runtime); compiled, with torch.compile
+    (erniegen.runtimes)."""
     hidden, kv = model(ids, pos, types, mask, past=past)
     return next_token_log_probs(model, hidden[:, -1:], source)[:, 0], kv
 
@@ -326,8 +327,9 @@ def step_log_probs(model: Network, ids: torch.Tensor, pos: torch.Tensor, types: 
 class InfillingStepper:
     """ERNIE-GEN's infilling decoding over a key/value cache.
 
-    The step's network and head run in PyTorch, or in ONNX Runtime when the model was loaded with
-    ``runtime="onnx"`` (``model.onnx_step``); the cache and its bookkeeping are the same for both.
+    The step's network and head run in eager PyTorch, or in the model's step runner when it was loaded with
+    another runtime (``model.step_runner``: ONNX Runtime, torch.compile; erniegen.runtimes); the cache and its
+    bookkeeping are the same for all.
     """
 
     def __init__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor, max_length: int):
@@ -364,12 +366,12 @@ class InfillingStepper:
         past, _ = self.cache.past(t)
         pos = self.src_len[:, None] + new.index
         types = self._types[:, :t].expand(n, t)
-        onnx = self.model.onnx_step
-        if onnx is None:
+        runner = self.model.step_runner
+        if runner is None:
             logp, _ = step_log_probs(self.model, ids, pos, types, self.cache.step_mask(new, self._own[t]), past,
                                      self.source)
-        else:  # the cache's buffers whole, so none is copied
-            logp = onnx(ids, pos, types, self.cache.step_mask(new, self._own[t], whole=True), past, self.source)
+        else:  # the cache's buffers whole, so none is copied and the shapes stay the same from step to step
+            logp = runner(ids, pos, types, self.cache.step_mask(new, self._own[t], whole=True), past, self.source)
         if prev is not None:
             self.cache.commit(new, keep=1)
         self.step_no += 1

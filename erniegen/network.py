@@ -169,13 +169,18 @@ class Attention(nn.Module):
         linears = (self.query, self.key, self.value)
         if not all(isinstance(m, nn.Linear) for m in linears):
             return None
+        if torch.compiler.is_compiling():  # the cache's key (tensor versions) cannot be traced; compiled code
+            return self._stacked_qkv()      # stacks the weights itself
         key = values_key(*(t for m in linears for t in (m.weight, m.bias)))
         if self._qkv_key != key:
             with torch.no_grad():
-                self._qkv = (torch.cat([self.query.weight * self.scale, self.key.weight, self.value.weight]),
-                             torch.cat([self.query.bias * self.scale, self.key.bias, self.value.bias]))
+                self._qkv = self._stacked_qkv()
             self._qkv_key = key
         return self._qkv
+
+    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.query.weight * self.scale, self.key.weight, self.value.weight]),
+                torch.cat([self.query.bias * self.scale, self.key.bias, self.value.bias]))
 
     def _fused_product(self, x: torch.Tensor) -> torch.Tensor | None:
         """(B,T,3H): the query (scaled), key and value of ``x`` in one product, or None where there is none."""
@@ -323,8 +328,8 @@ class LMHead(nn.Module):
             return self.quantized(x) + bias
         if packs(x, self.word.weight, self):
             return packed_linear(x, self.word.weight, bias, self)
-        if torch.is_grad_enabled() or x.device.type != "cpu":
-            return F.linear(x, self.word.weight, bias)
+        if torch.is_grad_enabled() or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.linear(x, self.word.weight, bias)  # the transposed copy's cache cannot be traced either
         t = self._transposed()
         return torch.addmm(bias, x.reshape(-1, x.shape[-1]), t).view(*x.shape[:-1], t.shape[1])
 
@@ -359,9 +364,9 @@ class Network(nn.Module):
         self.precision = "fp32"  # of inference, set by erniegen.precision.apply_precision; checkpoints stay fp32
         # activation maxima that int8 smooths with (erniegen.precision.calibrate), read from the checkpoint's folder
         self.int8_calibration: dict[str, torch.Tensor] | None = None
-        # the infilling step exported to ONNX Runtime, set by erniegen.onnx_runtime.use_onnx_runtime (runtime
-        # "onnx"); None: PyTorch runs it (runtime "torch")
-        self.onnx_step: Callable[..., torch.Tensor] | None = None
+        # what runs the infilling step outside eager PyTorch (ONNX Runtime, torch.compile), set by
+        # erniegen.runtimes.use_runtime; None: eager PyTorch runs it (runtime "torch")
+        self.step_runner: Callable[..., torch.Tensor] | None = None
         self._pending_extras: dict[str, torch.Tensor] = {}
         self.apply(self._init_weights)
 

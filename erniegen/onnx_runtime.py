@@ -9,7 +9,7 @@ How: :func:`use_onnx_runtime` exports :func:`erniegen.ernie_gen.step_log_probs` 
 every layer over each layer's cached keys/values, then the next-token log-probabilities at the last token)
 with PyTorch's TorchScript exporter, in memory, and opens one ONNX Runtime CPU session on it, on as many
 threads as PyTorch uses. :class:`erniegen.ernie_gen.InfillingStepper` calls the session instead of the
-network when the model carries one (``model.onnx_step``); the prefill (the source's pass that fills the
+network when the model carries one (``model.step_runner``); the prefill (the source's pass that fills the
 cache), the search and the cache's bookkeeping (commit, beam expansion and reordering, all
 :class:`erniegen.passes.KVCache`) stay PyTorch's. The session reads each layer's whole cache buffer in place
 through an IOBinding (bound again only when a beam reorder moves the buffers), with the slots not committed
@@ -39,37 +39,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
-from .ernie_gen import CopySource, copy_head, step_log_probs
+from .ernie_gen import CopySource, copy_head
 from .network import Network, PastSlot
-from .registry import default_decoder
+from .runtimes import FlatStep, flat_inputs, use_runtime
 
 if TYPE_CHECKING:
     import onnxruntime
 
-RUNTIMES: tuple[str, ...] = ("torch", "onnx")
-ONNX_DECODERS: tuple[str, ...] = ("infilling",)
 OPSET = 17
 _NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}
-
-
-def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:
-    """``runtime`` if it runs ``precision`` and ``decoder`` (None: not chosen yet), else an error naming them."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
-    if runtime == "onnx" and precision != "fp32":
-        raise ValueError(f"runtime 'onnx' runs fp32 weights only, got precision {precision!r}; use precision fp32, "
-                         "or runtime torch")
-    if runtime == "onnx" and decoder is not None and decoder not in ONNX_DECODERS:
-        raise ValueError(f"runtime 'onnx' runs the {' and '.join(ONNX_DECODERS)} decoder only (greedy and beam "
-                         f"search), got decoder {decoder!r}; use runtime torch for it")
-    return runtime
-
-
-def runtime_of(model: Network) -> str:
-    """The runtime of ``model``'s infilling steps."""
-    return "torch" if model.onnx_step is None else "onnx"
 
 
 def import_onnxruntime() -> ModuleType:
@@ -83,9 +62,7 @@ def import_onnxruntime() -> ModuleType:
 
 def use_onnx_runtime(model: Network) -> Network:
     """Run ``model``'s infilling steps with ONNX Runtime from now on (exported here); returns the model."""
-    check_runtime("onnx", model.precision, default_decoder(model.settings.method))
-    model.onnx_step = OnnxInfillingStep(model)
-    return model
+    return use_runtime(model, "onnx", OnnxInfillingStep)
 
 
 def session_options() -> onnxruntime.SessionOptions:
@@ -96,22 +73,6 @@ def session_options() -> onnxruntime.SessionOptions:
 
 
 COPY_NAMES: tuple[str, ...] = ("copy_keys", "copy_ids", "copy_valid")  # the copy source's inputs, in order
-
-
-class _Step(nn.Module):
-    """:func:`~erniegen.ernie_gen.step_log_probs` with the past (and the copy source of a model that copies) as
-    flat inputs and the keys/values as flat outputs."""
-
-    def __init__(self, model: Network):
-        super().__init__()
-        self.model = model
-        self.copies = copy_head(model) is not None
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
-                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        source, past = (CopySource(*rest[:3]), rest[3:]) if self.copies else (None, rest)
-        logp, kv = step_log_probs(self.model, ids, pos, types, mask, list(zip(past[0::2], past[1::2])), source)
-        return (logp, *(x for pair in kv for x in pair))
 
 
 def _logaddexp(g, a, b):
@@ -135,7 +96,7 @@ def export_step(model: Network) -> bytes:
     types = torch.full((b, t), model.target_type_id)
     mask = torch.ones(b, t, cached + t, dtype=torch.bool)
     past = [torch.zeros(b, heads, cached, width) for _ in past_names]
-    step = _Step(model).eval()
+    step = FlatStep(model).eval()
     source_len = 4
     copy_inputs = [torch.zeros(b, source_len, cfg.hidden_size), torch.zeros(b, source_len, dtype=torch.long),
                    torch.ones(b, source_len, dtype=torch.bool)] if step.copies else []
@@ -189,6 +150,8 @@ class OnnxInfillingStep:
     writes into tensors made here, with no numpy arrays made or outputs copied per call, and an input is bound
     again only when its memory or shape changed (the cache buffers stay the same between beam reorders)."""
 
+    runtime = "onnx"
+
     def __init__(self, model: Network, options: onnxruntime.SessionOptions | None = None):
         """``options``: ONNX Runtime SessionOptions to use instead of :func:`session_options`' (a profiler's)."""
         ort = import_onnxruntime()
@@ -214,13 +177,8 @@ class OnnxInfillingStep:
              past: list[PastSlot], source: CopySource | None) -> dict[str, torch.Tensor]:
         """The session's inputs by name, each contiguous; ``source``: the copy source, for (and only for) a
         model that copies."""
-        if (source is not None) != self.copies:
-            raise ValueError("the exported step " + ("copies: it needs the copy source" if self.copies
-                                                     else "does not copy: it takes no copy source"))
-        feed = {"ids": ids, "pos": pos, "types": types, "mask": mask}
-        if source is not None:
-            feed |= zip(COPY_NAMES, (source.keys, source.ids, source.valid))
-        feed |= zip(self.past_names, (x for slot in past for x in (slot.k, slot.v)))
+        names = ["ids", "pos", "types", "mask", *(COPY_NAMES if self.copies else ()), *self.past_names]
+        feed = dict(zip(names, flat_inputs(ids, pos, types, mask, past, source, self.copies)))
         return {name: x.contiguous() for name, x in feed.items()}
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,

@@ -68,7 +68,7 @@ def test_bound_step_equals_a_plain_run_of_the_session(pair):
     what ``session.run`` on numpy copies gives, through the first step, beam expansion and reordering; every
     step's log-probabilities are a tensor of their own, not overwritten by the next step."""
     _, onnx = pair
-    step = onnx.onnx_step
+    step = onnx.step_runner
     earlier: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def checked(ids, pos, types, mask, past, source):
@@ -83,7 +83,7 @@ def test_bound_step_equals_a_plain_run_of_the_session(pair):
         earlier.append((got, got.clone()))
         return got
 
-    onnx.onnx_step = checked
+    onnx.step_runner = checked
     src_ids = torch.tensor([s + [0] * (8 - len(s)) for s in SOURCES])
     stepper = InfillingStepper(onnx, src_ids, torch.tensor([len(s) for s in SOURCES]), 8)
     prev = None
@@ -134,7 +134,7 @@ def test_what_onnx_cannot_run_is_refused_naming_the_option(decisive, tmp_path, c
     absent = str(tmp_path / "absent")  # refused before any load
     with pytest.raises(ValueError, match="runtime 'onnx' runs fp32 weights only, got precision 'int8'"):
         erniegen.load(absent, precision="int8", runtime="onnx")
-    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'; choose from torch, onnx"):
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'; choose from torch, onnx, compile"):
         erniegen.load(absent, runtime="tensorrt")
     assert "got precision 'bf16'" in _refused(tmp_path, capsys, "--runtime", "onnx", "--precision", "bf16")
     assert "got decoder 'nar'" in _refused(tmp_path, capsys, "--runtime", "onnx", "--decoder", "nar")
@@ -145,7 +145,7 @@ def test_what_onnx_cannot_run_is_refused_naming_the_option(decisive, tmp_path, c
     decisive.settings.method = "ernie-gen"
     with pytest.raises(ValueError, match="got precision 'int8'"):
         use_onnx_runtime(apply_precision(decisive, "int8"))
-    assert decisive.onnx_step is None
+    assert decisive.step_runner is None
 
 
 def test_without_onnxruntime_the_error_says_what_to_install(tmp_path, capsys, monkeypatch):

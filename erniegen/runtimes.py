@@ -1,0 +1,115 @@
+"""What runs the infilling decode step: PyTorch eager (``torch``), ONNX Runtime (``onnx``, erniegen.onnx_runtime)
+or ``torch.compile`` (``compile``): ``erniegen.load(path, runtime=...)``, ``--runtime``.
+
+Each runtime other than eager sets ``model.step_runner``, which :class:`erniegen.ernie_gen.InfillingStepper` calls
+instead of the network: the step's tokens against every layer's whole cache buffer, the slots not committed
+masked out (``KVCache.step_mask(..., whole=True)``), so that a step never copies or slices the cache and has the
+same shapes from one step to the next; the runner writes the step's keys and values into the buffers. The
+prefill, the search and the cache's bookkeeping stay eager PyTorch for every runtime.
+
+Why ``compile``: a decode step at batch 1 is ~150 small operations around 26 products; Inductor fuses the
+small ones (residual adds into LayerNorms, GELUs, the attention's masking and softmax). On a CPU with native bf16
+the compiled bf16 step ran 1.4x the eager one (BENCHMARKS.md section 3); for fp32 Inductor multiplies at batch 1
+with MKL's packed product, which at a step's two rows loses what the fusion wins, and int8's quantized products
+are not fused at all: both measured slower than eager there. Compiling takes ~10-60 s on first use, once per
+batch-size class (1 or more) and step length (the first step has one token, the others two); source length and
+batch size are dynamic, so a run over many batches does not recompile.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .ernie_gen import CopySource, copy_head, step_log_probs
+from .network import Network, PastSlot
+from .registry import default_decoder
+
+RUNTIMES: tuple[str, ...] = ("torch", "onnx", "compile")
+STEP_RUNTIMES: tuple[str, ...] = ("onnx", "compile")  # the runtimes that run the infilling step only
+STEP_DECODERS: tuple[str, ...] = ("infilling",)
+
+
+def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:
+    """``runtime`` if it runs ``precision`` and ``decoder`` (None: not chosen yet), else an error naming them."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if runtime == "onnx" and precision != "fp32":
+        raise ValueError(f"runtime 'onnx' runs fp32 weights only, got precision {precision!r}; use precision fp32, "
+                         "or runtime torch")
+    if runtime in STEP_RUNTIMES and decoder is not None and decoder not in STEP_DECODERS:
+        raise ValueError(f"runtime {runtime!r} runs the {' and '.join(STEP_DECODERS)} decoder only (greedy and "
+                         f"beam search), got decoder {decoder!r}; use runtime torch for it")
+    return runtime
+
+
+def runtime_of(model: Network) -> str:
+    """The runtime of ``model``'s infilling steps."""
+    return "torch" if model.step_runner is None else model.step_runner.runtime
+
+
+def use_runtime(model: Network, runtime: str, runner: Callable[[Network], Callable] | None = None) -> Network:
+    """Run ``model``'s infilling steps with ``runtime`` from now on; returns the model. ``runner`` makes the step
+    runner of a runtime defined elsewhere (erniegen.onnx_runtime's). The runner works from the weights as they are
+    now: a model changed afterwards needs this again."""
+    check_runtime(runtime, model.precision, default_decoder(model.settings.method))
+    if runner is None:
+        runner = {"torch": lambda _: None, "compile": CompiledInfillingStep}[runtime]
+    model.step_runner = runner(model)
+    return model
+
+
+class FlatStep(nn.Module):
+    """:func:`~erniegen.ernie_gen.step_log_probs` with the past (and the copy source of a model that copies) as
+    flat inputs and the keys/values as flat outputs: the form an exporter or a compiler takes."""
+
+    def __init__(self, model: Network):
+        super().__init__()
+        self.model = model
+        self.copies = copy_head(model) is not None
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        source, past = (CopySource(*rest[:3]), rest[3:]) if self.copies else (None, rest)
+        logp, kv = step_log_probs(self.model, ids, pos, types, mask, list(zip(past[0::2], past[1::2])), source)
+        return (logp, *(x for pair in kv for x in pair))
+
+
+def flat_inputs(ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                past: list[PastSlot], source: CopySource | None, copies: bool) -> list[torch.Tensor]:
+    """:class:`FlatStep`'s inputs in order; ``source`` for (and only for) a model that ``copies``."""
+    if (source is not None) != copies:
+        raise ValueError("the step " + ("copies: it needs the copy source" if copies
+                                        else "does not copy: it takes no copy source"))
+    rest = [] if source is None else [source.keys, source.ids, source.valid]
+    return [ids, pos, types, mask, *rest, *(x for slot in past for x in (slot.k, slot.v))]
+
+
+class CompiledInfillingStep:
+    """``model``'s infilling step under ``torch.compile`` (Inductor, with freezing: the weights are constants of
+    the compiled code, packed for its products). Called as :class:`erniegen.ernie_gen.InfillingStepper` calls a
+    step runner; returns the log-probabilities and writes the step's keys/values into the buffers."""
+
+    runtime = "compile"
+
+    def __init__(self, model: Network):
+        self.copies = copy_head(model) is not None
+        self._step: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(
+            FlatStep(model).eval(), dynamic=False, options={"freezing": True})
+
+    def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
+                 past: list[PastSlot], source: CopySource | None = None) -> torch.Tensor:
+        # contiguous: a view's strides would be guarded on too (the copy source's keys are a view in a first step)
+        inputs = [x.contiguous() for x in flat_inputs(ids, pos, types, mask, past, source, self.copies)]
+        # rows, cache capacity and source length vary between batches, the step's token count (1 or 2) does not
+        # within one: sizes that vary are symbolic in the graph, so that new ones need no new compile
+        copy = 3 if self.copies else 0
+        dims = [(0,), (0,), (0,), (0, 2)] + [(0, 1)] * copy + [(0, 2)] * (len(inputs) - 4 - copy)
+        for x, varying in zip(inputs, dims):
+            for dim in varying:
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+        logp, *kv = self._step(*inputs)
+        for slot, k, v in zip(past, kv[0::2], kv[1::2]):
+            slot.extend(k, v)
+        return logp

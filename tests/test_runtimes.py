@@ -1,0 +1,114 @@
+"""The ``compile`` runtime (erniegen.runtimes): the infilling step under torch.compile gives eager PyTorch's
+log-probabilities and decodes its ids, greedy and beam, through the API and the command line, without compiling
+again for new batch sizes or source lengths; what it cannot run is refused, naming the option.
+
+Compiling is slow (seconds a graph), so one compiled model serves the module. Its word embeddings are scaled up
+(as in test_onnx_runtime.py) so that float noise cannot flip a near tie in a decode.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import erniegen
+from conftest import copying, tiny_config
+from erniegen.cli import main
+from erniegen.decoding import DecodeOptions, generate_ids
+from erniegen.ernie_gen import InfillingStepper
+from erniegen.model import Transformer
+from erniegen.runtimes import runtime_of, use_runtime
+
+SOURCES = [[4, 10, 11, 12, 5], [4, 30, 31, 32, 33, 34, 35, 5], [4, 20, 21, 5]]  # three lengths, one padded batch
+BANNED = [0, 1, 3, 4, 6]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_tokenizer):
+    """An eager model that copies and a compiled copy of it, compiled once for the module (first step, later
+    steps; one row, several rows)."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_config()).eval()
+    model.tokenizer = tiny_tokenizer
+    with torch.no_grad():
+        model.embeddings.word.weight.mul_(30)
+    copying(model, gate_bias=0.0)
+    compiled = use_runtime(copy.deepcopy(model), "compile")
+    for rows in (SOURCES[:1], SOURCES):  # warm: every graph the tests below need
+        generate_ids(compiled, rows, "infilling", batch_size=3, opts=DecodeOptions(max_length=3))
+    return model, compiled
+
+
+@torch.inference_mode()
+def test_step_log_probs_equal_eager(pair):
+    model, compiled = pair
+    assert runtime_of(compiled) == "compile" and runtime_of(model) == "torch"
+    src_ids = torch.tensor([s + [0] * (8 - len(s)) for s in SOURCES])
+    src_len = torch.tensor([len(s) for s in SOURCES])
+    steppers = [InfillingStepper(m, src_ids, src_len, 8) for m in (model, compiled)]
+    prev = None
+    for i in range(7):
+        if i == 3:  # beam search's bookkeeping on the cache: rows copied, then reordered
+            for s in steppers:
+                s.expand(2)
+                s.reorder(torch.tensor([5, 0, 2, 2, 1, 4]))
+            prev = prev.repeat_interleave(2)[[5, 0, 2, 2, 1, 4]]
+        expected, got = (s.step(prev) for s in steppers)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        for a, b in zip(steppers[0].cache.k + steppers[0].cache.v, steppers[1].cache.k + steppers[1].cache.v):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)  # the runner wrote the step's keys/values
+        prev = expected.argmax(-1)
+    assert steppers[1].cache.length == steppers[0].cache.length == 8 + 6
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_greedy_and_beam_decode_eager_ids_without_compiling_again(pair, num_beams):
+    """New batch sizes (beam rows, a last short batch) and source lengths run the graphs compiled already."""
+    model, compiled = pair
+    opts = DecodeOptions(num_beams=num_beams, max_length=8, min_length=3, banned_ids=BANNED)
+    sources = SOURCES + [[4, 40, 41, 42, 43, 44, 45, 46, 47, 48, 5]]  # a longer source: a larger cache
+    expected = generate_ids(model, sources, "infilling", batch_size=3, opts=opts)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert generate_ids(compiled, sources, "infilling", batch_size=3, opts=opts) == expected
+    assert all(len(ids) >= 2 for ids in expected)
+    with pytest.raises(ValueError, match="runtime 'compile' runs the infilling decoder only .*decoder 'typical'"):
+        generate_ids(compiled, sources, "typical", opts=opts)
+
+
+def test_load_and_command_line_take_the_runtime(pair, tmp_path, capsys):
+    model, _ = pair
+    model.save_pretrained(tmp_path / "model")
+    texts = ["the city river", "who was the king of the old city"]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"source": t}) + "\n" for t in texts))
+    expected = erniegen.load(str(tmp_path / "model")).generate(texts, num_beams=2, max_length=5)
+    assert erniegen.load(str(tmp_path / "model"), runtime="compile").generate(
+        texts, num_beams=2, max_length=5) == expected
+    main(["generate", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "in.jsonl"), "--output",
+          str(tmp_path / "out.jsonl"), "--runtime", "compile", "--num-beams", "2", "--max-length", "5"])
+    assert [json.loads(x)["prediction"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == expected
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "in.jsonl"), "--output",
+              str(tmp_path / "nar.jsonl"), "--runtime", "compile", "--decoder", "nar"])
+    assert stop.value.code == 2 and "runtime 'compile' runs the infilling decoder only" in capsys.readouterr().err
+    assert not (tmp_path / "nar.jsonl").exists()
+
+
+@torch.no_grad()
+def test_a_second_model_compiled_in_the_process_steps_with_its_own_weights(pair):
+    """The compiled code is shared between models (it is not compiled again): each must still read its own
+    weights."""
+    model, compiled = pair
+    other = copy.deepcopy(model)
+    for p in other.parameters():
+        p.add_(torch.randn_like(p) * 0.5)
+    other_compiled = use_runtime(copy.deepcopy(other), "compile")
+    src_ids, src_len = torch.tensor([SOURCES[1]]), torch.tensor([len(SOURCES[1])])
+    for eager, fast in ((other, other_compiled), (model, compiled)):
+        steppers = [InfillingStepper(m, src_ids, src_len, 4) for m in (eager, fast)]
+        prev = None
+        for _ in range(3):
+            expected, got = (s.step(prev) for s in steppers)
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+            prev = expected.argmax(-1)

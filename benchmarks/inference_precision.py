@@ -18,7 +18,8 @@ What it measures, every figure a median after warm-up:
 4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
    models given, in every precision, and the Hugging Face ``generate()`` baseline;
 5. with ``--compile``: every precision also with ``runtime="compile"`` (erniegen.runtimes: the step compiled by
-   ``torch.compile``), in the step rows (with the seconds its first two steps spend compiling) and the infilling
+   ``torch.compile``), in the step rows (with the seconds its first two steps spend compiling, and the compiled
+   step over the eager one of the same precision, timed alternately ``--ab-rounds`` times) and the infilling
    rows of 4;
 6. with ``--onnx``: "fp32 onnx", the fp32 model loaded with ``runtime="onnx"`` (erniegen.onnx_runtime), in
    the step rows and the infilling rows of 4 (its export on load is timed too), beside a second floor: the
@@ -29,7 +30,7 @@ What it measures, every figure a median after warm-up:
 8. with ``--ab-rounds N``: int8 infilling greedy at batch 1 against Hugging Face ``generate()`` on the same
    sources, alternated N times (which goes first alternates too), each round's ratio and their median: this
    VM's speed drifts by up to a quarter within minutes, which two blocks timed minutes apart would take for a
-   difference between the decoders.
+   difference between the decoders. The rounds of 5 too.
 
 Prints the CPU model (``lscpu``) and the date, and writes every row to ``--output`` as JSON.
 """
@@ -240,6 +241,15 @@ def main() -> None:
         load_s = time.perf_counter() - t0  # runtime onnx: with the export
         compile_s = first_steps_s(model, source) if runtime == "compile" else None
         step, prefill = step_and_prefill_ms(model, source, args.steps)
+        vs_eager = None
+        if runtime == "compile":  # against the eager step of the same precision, alternated: this VM drifts
+            eager = fp32 if precision == "fp32" else load(args.ar_model, precision=precision)
+            ratios = []
+            for _ in range(max(1, args.ab_rounds)):
+                eager_step = step_and_prefill_ms(eager, source, args.steps)[0]
+                step_again = step_and_prefill_ms(model, source, args.steps)[0]
+                ratios.append(round(step_again / eager_step, 3))
+            vs_eager = {"compiled_over_eager": ratios, "median_compiled_over_eager": statistics.median(ratios)}
         if args.unpacked and runtime == "torch":
             with plain_products():
                 plain_step, plain_prefill = step_and_prefill_ms(load(args.ar_model, precision=precision), source,
@@ -258,7 +268,7 @@ def main() -> None:
         if runtime == "onnx":
             row["load_s"] = round(load_s, 1)
         if compile_s is not None:
-            row["compile_s"] = round(compile_s, 1)
+            row |= {"compile_s": round(compile_s, 1)} | vs_eager
         emit(row)
     baseline = None if args.no_baseline else hf_gpt2_like(fp32)
     if baseline is not None:

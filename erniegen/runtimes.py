@@ -9,9 +9,9 @@ prefill, the search and the cache's bookkeeping stay eager PyTorch for every run
 
 Why ``compile``: a decode step at batch 1 is ~150 small operations around 26 products; Inductor fuses the
 small ones (residual adds into LayerNorms, GELUs, the attention's masking and softmax). On a CPU with native bf16
-the compiled bf16 step ran 1.4x the eager one (BENCHMARKS.md section 3); for fp32 Inductor multiplies at batch 1
-with MKL's packed product, which at a step's two rows loses what the fusion wins, and int8's quantized products
-are not fused at all: both measured slower than eager there. Compiling takes ~10-60 s on first use, once per
+the compiled bf16 step took 0.74x the eager one's time (BENCHMARKS.md section 3); for fp32 Inductor multiplies at
+batch 1 with MKL's packed product, which at a step's two rows loses what the fusion wins, and int8's quantized
+products are not fused at all: both measured slower than eager there (1.24x, 1.14x). Compiling takes ~10-60 s on first use, once per
 batch-size class (1 or more) and step length (the first step has one token, the others two); source length and
 batch size are dynamic, so a run over many batches does not recompile.
 """
@@ -95,8 +95,7 @@ class CompiledInfillingStep:
 
     def __init__(self, model: Network):
         self.copies = copy_head(model) is not None
-        self._step: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(
-            FlatStep(model).eval(), dynamic=False, options={"freezing": True})
+        self._step: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(FlatStep(model).eval(), dynamic=False)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
                  past: list[PastSlot], source: CopySource | None = None) -> torch.Tensor:
@@ -109,7 +108,10 @@ class CompiledInfillingStep:
         for x, varying in zip(inputs, dims):
             for dim in varying:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
-        logp, *kv = self._step(*inputs)
+        # freezing set around the call, where the compile happens: torch.compile's own options did not apply it
+        # (the compiled step then ran slower than eager, its products on unpacked weights)
+        with torch._inductor.config.patch(freezing=True):
+            logp, *kv = self._step(*inputs)
         for slot, k, v in zip(past, kv[0::2], kv[1::2]):
             slot.extend(k, v)
         return logp

@@ -11,7 +11,8 @@ Why ``compile``: a decode step at batch 1 is ~150 small operations around 26 pro
 small ones (residual adds into LayerNorms, GELUs, the attention's masking and softmax). On a CPU with native bf16
 the compiled bf16 step took 0.74x the eager one's time (BENCHMARKS.md section 3); for fp32 Inductor multiplies at
 batch 1 with MKL's packed product, which at a step's two rows loses what the fusion wins, and int8's quantized
-products are not fused at all: both measured slower than eager there (1.24x, 1.14x). Compiling takes ~10-60 s on first use, once per
+products break the graph in every layer: both measured slower than eager there (1.24x, 1.14x), and int8 is
+refused. Compiling takes ~10-60 s on first use, once per
 batch-size class (1 or more) and step length (the first step has one token, the others two); source length and
 batch size are dynamic, so a run over many batches does not recompile.
 """
@@ -38,6 +39,11 @@ def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = N
     if runtime == "onnx" and precision != "fp32":
         raise ValueError(f"runtime 'onnx' runs fp32 weights only, got precision {precision!r}; use precision fp32, "
                          "or runtime torch")
+    if runtime == "compile" and precision == "int8":
+        # its dynamically quantized products break the graph in every layer, and each layer then compiles apart
+        # until torch.compile's recompile limit sends the rest back to eager: slower than eager (BENCHMARKS.md)
+        raise ValueError("runtime 'compile' runs fp32 and bf16 weights, got precision 'int8'; use runtime torch "
+                         "for int8")
     if runtime in STEP_RUNTIMES and decoder is not None and decoder not in STEP_DECODERS:
         raise ValueError(f"runtime {runtime!r} runs the {' and '.join(STEP_DECODERS)} decoder only (greedy and "
                          f"beam search), got decoder {decoder!r}; use runtime torch for it")

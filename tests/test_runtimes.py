@@ -93,6 +93,8 @@ def test_load_and_command_line_take_the_runtime(pair, tmp_path, capsys):
               str(tmp_path / "nar.jsonl"), "--runtime", "compile", "--decoder", "nar"])
     assert stop.value.code == 2 and "runtime 'compile' runs the infilling decoder only" in capsys.readouterr().err
     assert not (tmp_path / "nar.jsonl").exists()
+    with pytest.raises(ValueError, match="runtime 'compile' runs fp32 and bf16 weights, got precision 'int8'"):
+        erniegen.load(str(tmp_path / "model"), precision="int8", runtime="compile")
 
 
 @torch.no_grad()

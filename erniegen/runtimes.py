@@ -12,9 +12,9 @@ small ones (residual adds into LayerNorms, GELUs, the attention's masking and so
 the compiled bf16 step took 0.74x the eager one's time (BENCHMARKS.md section 3); for fp32 Inductor multiplies at
 batch 1 with MKL's packed product, which at a step's two rows loses what the fusion wins, and int8's quantized
 products break the graph in every layer: both measured slower than eager there (1.24x, 1.14x), and int8 is
-refused. Compiling takes ~10-60 s on first use, once per
-batch-size class (1 or more) and step length (the first step has one token, the others two); source length and
-batch size are dynamic, so a run over many batches does not recompile.
+refused. Compiling takes ~10-60 s on first use, once per batch-size class (1 or more), step length (the first
+step has one token, the others two) and grad mode (no_grad or inference_mode); source length and batch size are
+symbolic, so a run over many batches does not compile again.
 """
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ class CompiledInfillingStep:
         for x, varying in zip(inputs, dims):
             for dim in varying:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
-        # freezing set around the call, where the compile happens: torch.compile's own options did not apply it
-        # (the compiled step then ran slower than eager, its products on unpacked weights)
+        # freezing set around the call, where the compile happens: torch.compile's own options={"freezing": True}
+        # did not take effect here (the compiled step then ran slower than eager, BENCHMARKS.md section 3)
         with torch._inductor.config.patch(freezing=True):
             logp, *kv = self._step(*inputs)
         for slot, k, v in zip(past, kv[0::2], kv[1::2]):

@@ -192,7 +192,7 @@ def main() -> None:
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--compile", action="store_true",
-                   help="also time every precision with runtime compile (torch.compile): the step and infilling")
+                   help="also time fp32 and bf16 with runtime compile (torch.compile): the step and infilling")
     p.add_argument("--unpacked", action="store_true",
                    help="also time each precision's step with the oneDNN-packed weights off")
     p.add_argument("--ab-rounds", type=int, default=0,

@@ -60,6 +60,28 @@ def copying(model, gate_bias: float | None = None, constant_gate: bool = False):
     return head
 
 
+def step_side_by_side(model, other, sources: list[list[int]], order: list[int], steps: int = 7):
+    """Infilling steppers of ``model`` and ``other`` over the same padded ``sources``, stepped together on
+    ``model``'s greedy choices, with beam search's bookkeeping before step 3 (each row copied twice, then the
+    rows put in ``order``); yields (steppers, ``model``'s log-probabilities, ``other``'s) after every step."""
+    from erniegen.ernie_gen import InfillingStepper
+    width = max(len(s) for s in sources)
+    src_ids = torch.tensor([s + [0] * (width - len(s)) for s in sources])
+    src_len = torch.tensor([len(s) for s in sources])
+    steppers = [InfillingStepper(m, src_ids, src_len, 8) for m in (model, other)]
+    order = torch.tensor(order)
+    prev = None
+    for i in range(steps):
+        if i == 3:
+            for s in steppers:
+                s.expand(2)
+                s.reorder(order)
+            prev = prev.repeat_interleave(2)[order]
+        expected, got = (s.step(prev) for s in steppers)
+        yield steppers, expected, got
+        prev = expected.argmax(-1)
+
+
 def save_tiny_minilm(directory: Path, max_positions: int) -> Path:
     """A tiny random model with the real MiniLM tokenizer (30,522 wordpieces), saved to ``directory``."""
     from transformers import AutoTokenizer

@@ -18,13 +18,14 @@ pytest.importorskip("onnxruntime")
 import erniegen  # noqa: E402
 from erniegen.cli import main  # noqa: E402
 from erniegen.decoding import DecodeOptions, generate_ids  # noqa: E402
-from conftest import copying  # noqa: E402
+from conftest import copying, step_side_by_side  # noqa: E402
 from erniegen.ernie_gen import InfillingStepper  # noqa: E402
 from erniegen.onnx_runtime import use_onnx_runtime  # noqa: E402
 from erniegen.precision import apply_precision  # noqa: E402
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 30, 31, 32, 33, 34, 35, 5], [4, 20, 21, 5]]  # three lengths, one padded batch
 BANNED = [0, 1, 3, 4, 6]
+REORDER = [5, 0, 2, 2, 1, 4]  # beam search's reorder of the 3 sources' 6 rows: one twice, one dropped
 
 
 @pytest.fixture
@@ -46,19 +47,8 @@ def pair(request, decisive):
 @torch.no_grad()
 def test_step_log_probs_equal_pytorchs(pair):
     model, onnx = pair
-    src_ids = torch.tensor([s + [0] * (8 - len(s)) for s in SOURCES])
-    src_len = torch.tensor([len(s) for s in SOURCES])
-    steppers = [InfillingStepper(m, src_ids, src_len, 8) for m in (model, onnx)]
-    prev = None
-    for i in range(7):
-        if i == 3:  # beam search's bookkeeping on the cache: rows copied, then reordered
-            for s in steppers:
-                s.expand(2)
-                s.reorder(torch.tensor([5, 0, 2, 2, 1, 4]))
-            prev = prev.repeat_interleave(2)[[5, 0, 2, 2, 1, 4]]
-        expected, got = (s.step(prev) for s in steppers)
+    for steppers, expected, got in step_side_by_side(model, onnx, SOURCES, REORDER):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-        prev = expected.argmax(-1)
     assert steppers[1].cache.length == steppers[0].cache.length == 8 + 6
 
 
@@ -90,8 +80,8 @@ def test_bound_step_equals_a_plain_run_of_the_session(pair):
     for i in range(5):
         if i == 2:
             stepper.expand(2)
-            stepper.reorder(torch.tensor([5, 0, 2, 2, 1, 4]))
-            prev = prev.repeat_interleave(2)[[5, 0, 2, 2, 1, 4]]
+            stepper.reorder(torch.tensor(REORDER))
+            prev = prev.repeat_interleave(2)[REORDER]
         prev = stepper.step(prev).argmax(-1)
     assert len(earlier) == 5
     assert all(torch.equal(got, kept) for got, kept in earlier)

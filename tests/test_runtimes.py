@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import erniegen
-from conftest import copying, tiny_config
+from conftest import copying, step_side_by_side, tiny_config
 from erniegen.cli import main
 from erniegen.decoding import DecodeOptions, generate_ids
 from erniegen.ernie_gen import InfillingStepper
@@ -23,6 +23,7 @@ from erniegen.runtimes import runtime_of, use_runtime
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 30, 31, 32, 33, 34, 35, 5], [4, 20, 21, 5]]  # three lengths, one padded batch
 BANNED = [0, 1, 3, 4, 6]
+REORDER = [5, 0, 2, 2, 1, 4]  # beam search's reorder of the 3 sources' 6 rows: one twice, one dropped
 
 
 @pytest.fixture(scope="module")
@@ -45,21 +46,10 @@ def pair(tiny_tokenizer):
 def test_step_log_probs_equal_eager(pair):
     model, compiled = pair
     assert runtime_of(compiled) == "compile" and runtime_of(model) == "torch"
-    src_ids = torch.tensor([s + [0] * (8 - len(s)) for s in SOURCES])
-    src_len = torch.tensor([len(s) for s in SOURCES])
-    steppers = [InfillingStepper(m, src_ids, src_len, 8) for m in (model, compiled)]
-    prev = None
-    for i in range(7):
-        if i == 3:  # beam search's bookkeeping on the cache: rows copied, then reordered
-            for s in steppers:
-                s.expand(2)
-                s.reorder(torch.tensor([5, 0, 2, 2, 1, 4]))
-            prev = prev.repeat_interleave(2)[[5, 0, 2, 2, 1, 4]]
-        expected, got = (s.step(prev) for s in steppers)
+    for steppers, expected, got in step_side_by_side(model, compiled, SOURCES, REORDER):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
         for a, b in zip(steppers[0].cache.k + steppers[0].cache.v, steppers[1].cache.k + steppers[1].cache.v):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)  # the runner wrote the step's keys/values
-        prev = expected.argmax(-1)
     assert steppers[1].cache.length == steppers[0].cache.length == 8 + 6
 
 

@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "train the whole model before fine-tuning (default: the task preset's for a checkpoint "
                         "erniegen never trained, else 0)")
     f.add_argument("--max-source-len", type=int)
-    f.add_argument("--max-target-len", type=int)
+    f.add_argument("--max-target-len", type=int,
+                   help="target tokens kept, end included (default: the task preset's; for --method elmer, "
+                        "the slot count T, the longest training target)")
     f.add_argument("--source-field")
     f.add_argument("--target-field")
     f.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")

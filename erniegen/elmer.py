@@ -1,9 +1,12 @@
 """ELMER (Li et al., EMNLP 2022): non-autoregressive generation with an off-ramp after every layer.
 
 Layout (nar.py's, with a fixed slot count): the source ``[CLS] X [SEP]`` is encoded once
-(:func:`erniegen.passes.encode_source`); T = the task's ``max_target_len`` target slots, all [MASK],
-attend to the source and to every slot -- slots past a row's end included, as visible slots, since
-ELMER has no length predictor. The output is what precedes the first end [SEP] (ELMER §3.1).
+(:func:`erniegen.passes.encode_source`); T target slots, all [MASK], attend to the source and to
+every slot -- slots past a row's end included, as visible slots, since ELMER has no length predictor.
+The output is what precedes the first end [SEP] (ELMER §3.1). T is the task's maximum target length:
+the longest training target, end included, unless ``--max-target-len`` sets it
+(finetune.fit_target_len; a preset's cap, 96 for squad_qg, would spend most of each step on slots
+no question reaches).
 
 Off-ramps: after layer l, Pr(y_t | h^l_t) = softmax(W^l_c h^l_t) (§3.2). By default every layer reads
 the model's own tied LM head; ``layer_heads: true`` gives each layer but the last its own transform
@@ -467,7 +470,8 @@ class ElmerObjective(nn.Module):
 
 
 def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ElmerObjective:
-    """The objective of ``--method elmer|elmer-soft``; T = the preset's ``max_target_len``."""
+    """The objective of ``--method elmer|elmer-soft``; T = the preset's ``max_target_len`` (fitted to the
+    training targets by fine-tuning)."""
     cfg = ElmerConfig(**(options | {"method": method, "label_smoothing": preset.label_smoothing}))
     model.settings.extra = model.settings.extra | {"max_target_len": int(preset.max_target_len)}
     return ElmerObjective(model, cfg, int(preset.max_target_len))

@@ -96,6 +96,22 @@ def resolve_method_options(cfg: FinetuneConfig) -> dict:
     return options
 
 
+def fit_target_len(preset: TaskPreset, feats: Sequence) -> TaskPreset:
+    """The preset with ``max_target_len`` lowered to the longest target of ``feats`` (end [SEP] included).
+
+    A method that decodes a fixed number of slots (ELMER: T = the task's longest target) computes every
+    slot at every layer: squad_qg's cap of 96 against sentence-level questions of at most 40 tokens
+    made most of each training step and of each decode work on slots no target ever reaches.
+    """
+    longest = max(len(f.target_ids) for f in feats)
+    if longest >= preset.max_target_len:
+        return preset
+    if is_main_process():
+        print(f"note: {longest} target slots (the longest training target, end included) instead of the task's "
+              f"cap of {preset.max_target_len}; --max-target-len sets them", file=sys.stderr)
+    return dataclasses.replace(preset, max_target_len=longest)
+
+
 def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None, spread: bool = False):
     """Read and encode ``path``; with ``limit``, its first ``limit`` rows, or with ``spread`` ``limit`` rows
     evenly spaced over the file: dev files are often grouped by article (squad_qg_sent's first 300 dev pairs
@@ -219,10 +235,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
         max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),
         num_beams=preset.num_beams, length_penalty=preset.length_penalty,
         no_repeat_ngram_size=preset.no_repeat_ngram_size, max_token_run=preset.max_token_run,
-        answer_marker=preset.answer_marker,
-        extra=model.settings.extra | {"max_target_len": preset.max_target_len})
+        answer_marker=preset.answer_marker)
 
     train_examples, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
+    if family.fixed_slots and cfg.max_target_len is None:
+        preset = fit_target_len(preset, train_feats)
+    model.settings.extra = model.settings.extra | {"max_target_len": preset.max_target_len}
     train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
     if not tcfg.resume:
         prepare_untrained_checkpoint(model, cfg, preset, train_feats, tcfg.seed)

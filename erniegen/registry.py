@@ -44,6 +44,9 @@ class Family:
     about: Mapping[str, str]  # each --method value -> a few words for the command line's help
     # (method, training features, options) -> the features training reads, e.g. with MIST's static pseudo targets
     prepare_features: Callable[[str, Sequence, dict], list] = _unchanged
+    # decodes max_target_len slots whatever the source (no length predictor): unless the user sets
+    # --max-target-len, fine-tuning fits it to the longest training target instead of the preset's cap
+    fixed_slots: bool = False
 
 
 # Fields of an options dataclass that the recipe fills from the task preset and the command line.
@@ -62,7 +65,7 @@ MIST = Family(
     prepare_features=mist.prepare_features)
 ELMER = Family(
     name="ELMER", methods={"elmer": "elmer-hard", "elmer-soft": "elmer-soft"}, options=elmer.ElmerConfig,
-    build_objective=elmer.build_objective, decoders=elmer.DECODERS, uses_noise=False,
+    build_objective=elmer.build_objective, decoders=elmer.DECODERS, uses_noise=False, fixed_slots=True,
     about={"elmer": "non-autoregressive with entropy-threshold early exit",
            "elmer-soft": "ELMER's soft exit, every layer's prediction fed on"})
 FAMILIES: tuple[Family, ...] = (ERNIE_GEN, MIST, ELMER)

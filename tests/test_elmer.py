@@ -409,6 +409,12 @@ def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_p
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(best), "--input", str(pairs), "--output", str(tmp_path / "x.jsonl"),
               "--decoder", "elmer-soft"])
+    # without --max-target-len, T is the longest training target ("what city" + [SEP]), not the preset's cap
+    main(["finetune", "--model", str(tmp_path / "tiny"), "--train", str(pairs), "--task", "default", "--output",
+          str(tmp_path / "fitted"), "--method", "elmer", "--max-steps", "1", "--batch-size", "2", "--precision", "fp32"])
+    longest = max(len(tiny_tokenizer(r["target"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
+    fitted = Transformer.from_pretrained(str(tmp_path / "fitted" / "best"))
+    assert fitted.settings.extra["max_target_len"] == longest == 3
 
 
 # ---- LPLM pre-training -------------------------------------------------------------------------

@@ -214,8 +214,10 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         mask = mask[:, None]
         # fp32 only: in bf16 the explicit scores would be rounded to bf16 before the softmax, where the fused
-        # kernel keeps them in fp32
-        if qkv is not None and q.dtype == torch.float32 and past is not None and not isinstance(past, PastSlot):
+        # kernel keeps them in fp32. Not in compiled code: Inductor's autotuned batched products, with the batch
+        # symbolic, baked the first batch's size into the key operand (torch 2.13), and fuses the concatenation
+        if (qkv is not None and q.dtype == torch.float32 and past is not None and not isinstance(past, PastSlot)
+                and not torch.compiler.is_compiling()):
             out = _split_attention(q, past, k, v, mask, dropout)
         else:
             if past is None:

@@ -8,13 +8,15 @@ same shapes from one step to the next; the runner writes the step's keys and val
 prefill, the search and the cache's bookkeeping stay eager PyTorch for every runtime.
 
 Why ``compile``: a decode step at batch 1 is ~150 small operations around 26 products; Inductor fuses the
-small ones (residual adds into LayerNorms, GELUs, the attention's masking and softmax). On a CPU with native bf16
-the compiled bf16 step took 0.74x the eager one's time (BENCHMARKS.md section 3); for fp32 Inductor multiplies at
-batch 1 with MKL's packed product, which at a step's two rows loses what the fusion wins, and int8's quantized
-products break the graph in every layer: both measured slower than eager there (1.24x, 1.14x), and int8 is
-refused. Compiling takes ~10-60 s on first use, once per batch-size class (1 or more), step length (the first
-step has one token, the others two) and grad mode (no_grad or inference_mode); source length and batch size are
-symbolic, so a run over many batches does not compile again.
+small ones (residual adds into LayerNorms, GELUs, the attention's masking and softmax), and with
+``max_autotune`` over its own C++ GEMM template (``INDUCTOR_CONFIG``) it writes the products for the step's
+few rows itself, over weights it packs once at compile time. Both are needed: compiled with Inductor's default
+products (MKL's packed product, slow at two rows), the fp32 step was no faster than eager, and bf16 0.93x;
+with the template fp32 took 0.50x eager (1.17x the fp32 floor) and bf16 0.49x (BENCHMARKS.md section 3).
+int8's quantized products break the graph in every layer: refused. Compiling, products autotuned, takes
+~1.5 min on first use, once per batch-size class (1 or more), step length (the first step has one token,
+the others two) and grad mode (no_grad or inference_mode); source length and batch size are symbolic, so a
+run over many batches does not compile again.
 """
 from __future__ import annotations
 
@@ -30,6 +32,10 @@ from .registry import default_decoder
 RUNTIMES: tuple[str, ...] = ("torch", "onnx", "compile")
 STEP_RUNTIMES: tuple[str, ...] = ("onnx", "compile")  # the runtimes that run the infilling step only
 STEP_DECODERS: tuple[str, ...] = ("infilling",)
+# Inductor settings of the compiled step (module docstring). freezing makes the weights constants of the compiled
+# code, which the template packs; it is set around the call, where the compile happens: torch.compile's own
+# options={"freezing": True} did not take effect here
+INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:
@@ -93,8 +99,8 @@ def flat_inputs(ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask:
 
 
 class CompiledInfillingStep:
-    """``model``'s infilling step under ``torch.compile`` (Inductor, with freezing: the weights are constants of
-    the compiled code, packed for its products). Called as :class:`erniegen.ernie_gen.InfillingStepper` calls a
+    """``model``'s infilling step under ``torch.compile`` (Inductor with ``INDUCTOR_CONFIG``: the weights are
+    constants of the compiled code, packed for products it writes itself). Called as :class:`erniegen.ernie_gen.InfillingStepper` calls a
     step runner; returns the log-probabilities and writes the step's keys/values into the buffers."""
 
     runtime = "compile"
@@ -114,9 +120,7 @@ class CompiledInfillingStep:
         for x, varying in zip(inputs, dims):
             for dim in varying:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
-        # freezing set around the call, where the compile happens: torch.compile's own options={"freezing": True}
-        # did not take effect here (the compiled step then ran slower than eager, BENCHMARKS.md section 3)
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(INDUCTOR_CONFIG):
             logp, *kv = self._step(*inputs)
         for slot, k, v in zip(past, kv[0::2], kv[1::2]):
             slot.extend(k, v)

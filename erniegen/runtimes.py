@@ -104,8 +104,12 @@ class CompiledInfillingStep:
     step runner; returns the log-probabilities and writes the step's keys/values into the buffers."""
 
     runtime = "compile"
+    # graphs of one model: first step or later (1 or 2 tokens) x one row or several x no_grad or inference_mode
+    GRAPHS_PER_MODEL = 8
+    compiled_models = 0  # in this process: dynamo's recompile limit counts the graphs of every model together
 
     def __init__(self, model: Network):
+        CompiledInfillingStep.compiled_models += 1
         self.copies = copy_head(model) is not None
         self._step: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(FlatStep(model).eval(), dynamic=False)
 
@@ -120,7 +124,10 @@ class CompiledInfillingStep:
         for x, varying in zip(inputs, dims):
             for dim in varying:
                 torch._dynamo.maybe_mark_dynamic(x, dim)
-        with torch._inductor.config.patch(INDUCTOR_CONFIG):
+        # every model compiles its own graphs (its weights are their constants), all of them cached on the one
+        # FlatStep.forward: under dynamo's default limit of 8 the third model compiled in a process ran eager
+        limit = self.GRAPHS_PER_MODEL * CompiledInfillingStep.compiled_models
+        with torch._inductor.config.patch(INDUCTOR_CONFIG), torch._dynamo.config.patch(recompile_limit=limit):
             logp, *kv = self._step(*inputs)
         for slot, k, v in zip(past, kv[0::2], kv[1::2]):
             slot.extend(k, v)

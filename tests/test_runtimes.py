@@ -88,19 +88,20 @@ def test_load_and_command_line_take_the_runtime(pair, tmp_path, capsys):
 
 
 @torch.no_grad()
-def test_a_second_model_compiled_in_the_process_steps_with_its_own_weights(pair):
-    """The compiled code is shared between models (it is not compiled again): each must still read its own
-    weights."""
+def test_each_model_compiled_in_the_process_steps_with_its_own_weights(pair):
+    """Every compiled model has graphs of its own (its weights are their constants), all cached on one function:
+    a third model must still compile rather than hit dynamo's recompile limit (it then ran eager), and each
+    must read its own weights."""
     model, compiled = pair
-    other = copy.deepcopy(model)
-    for p in other.parameters():
-        p.add_(torch.randn_like(p) * 0.5)
-    other_compiled = use_runtime(copy.deepcopy(other), "compile")
-    src_ids, src_len = torch.tensor([SOURCES[1]]), torch.tensor([len(SOURCES[1])])
-    for eager, fast in ((other, other_compiled), (model, compiled)):
-        steppers = [InfillingStepper(m, src_ids, src_len, 4) for m in (eager, fast)]
-        prev = None
-        for _ in range(3):
-            expected, got = (s.step(prev) for s in steppers)
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
-            prev = expected.argmax(-1)
+    models = [(model, compiled)]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        other = copy.deepcopy(model)
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        models.append((other, use_runtime(copy.deepcopy(other), "compile")))
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for rows in (SOURCES[1:2], SOURCES):  # one row and several: each model's own graphs
+            for eager, fast in reversed(models):
+                for _, expected, got in step_side_by_side(eager, fast, rows, list(range(2 * len(rows))), steps=3):
+                    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

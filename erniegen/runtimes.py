@@ -11,12 +11,12 @@ Why ``compile``: a decode step at batch 1 is ~150 small operations around 26 pro
 small ones (residual adds into LayerNorms, GELUs, the attention's masking and softmax), and with
 ``max_autotune`` over its own C++ GEMM template (``INDUCTOR_CONFIG``) it writes the products for the step's
 few rows itself, over weights it packs once at compile time. Both are needed: compiled with Inductor's default
-products (MKL's packed product, slow at two rows), the fp32 step was no faster than eager, and bf16 0.93x;
-with the template fp32 took 0.50x eager (1.17x the fp32 floor) and bf16 0.49x (BENCHMARKS.md section 3).
-int8's quantized products break the graph in every layer: refused. Compiling, products autotuned, takes
-~1.5 min on first use, once per batch-size class (1 or more), step length (the first step has one token,
-the others two) and grad mode (no_grad or inference_mode); source length and batch size are symbolic, so a
-run over many batches does not compile again.
+products (MKL's packed product, slow at two rows), the fp32 step was 1.24x eager's time and bf16 0.74x; with
+the template fp32 took 0.49x (1.17x the fp32 floor) and bf16 0.45x (BENCHMARKS.md section 3). int8's quantized
+products break the graph in every layer: refused. Compiling, products autotuned, takes ~1.5 min on first use
+(~30 s once Inductor's on-disk cache holds the autotuned choices), once per batch-size class (1 or more), step
+length (the first step has one token, the others two) and grad mode (no_grad or inference_mode); source length
+and batch size are symbolic, so a run over many batches does not compile again.
 """
 from __future__ import annotations
 

@@ -100,7 +100,7 @@ def fit_target_len(preset: TaskPreset, feats: Sequence) -> TaskPreset:
     """The preset with ``max_target_len`` lowered to the longest target of ``feats`` (end [SEP] included).
 
     A method that decodes a fixed number of slots (ELMER: T = the task's longest target) computes every
-    slot at every layer: squad_qg's cap of 96 against sentence-level questions of at most 40 tokens
+    slot at every layer: squad_qg's cap of 96 against sentence-level questions of at most 39 tokens
     made most of each training step and of each decode work on slots no target ever reaches.
     """
     longest = max(len(f.target_ids) for f in feats)

@@ -60,22 +60,26 @@ def copying(model, gate_bias: float | None = None, constant_gate: bool = False):
     return head
 
 
-def step_side_by_side(model, other, sources: list[list[int]], order: list[int], steps: int = 7):
+# beam search's reorder of three sources' six rows (each copied twice): one row twice, one dropped
+REORDER = [5, 0, 2, 2, 1, 4]
+
+
+def step_side_by_side(model, other, sources: list[list[int]], order: list[int] | None = REORDER, steps: int = 7):
     """Infilling steppers of ``model`` and ``other`` over the same padded ``sources``, stepped together on
-    ``model``'s greedy choices, with beam search's bookkeeping before step 3 (each row copied twice, then the
-    rows put in ``order``); yields (steppers, ``model``'s log-probabilities, ``other``'s) after every step."""
+    ``model``'s greedy choices, with beam search's bookkeeping before step 3 unless ``order`` is None (each row
+    copied twice, then the rows put in ``order``); yields (steppers, ``model``'s log-probabilities, ``other``'s)
+    after every step."""
     from erniegen.ernie_gen import InfillingStepper
     width = max(len(s) for s in sources)
     src_ids = torch.tensor([s + [0] * (width - len(s)) for s in sources])
     src_len = torch.tensor([len(s) for s in sources])
     steppers = [InfillingStepper(m, src_ids, src_len, 8) for m in (model, other)]
-    order = torch.tensor(order)
     prev = None
     for i in range(steps):
-        if i == 3:
+        if i == 3 and order is not None:
             for s in steppers:
                 s.expand(2)
-                s.reorder(order)
+                s.reorder(torch.tensor(order))
             prev = prev.repeat_interleave(2)[order]
         expected, got = (s.step(prev) for s in steppers)
         yield steppers, expected, got

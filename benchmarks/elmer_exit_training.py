@@ -1,7 +1,7 @@
 """How to train a hard-exit ELMER model, on a toy task: a loss at every off-ramp (``exits: all``, the
 default) against one loss per slot at an exit layer drawn uniformly, as LPLM draws it (``exits: drawn``).
 
-    .venv/bin/python benchmarks/elmer_exit_training.py [--steps 600] [--output results/elmer_exits.json]
+    .venv/bin/python benchmarks/elmer_exit_training.py [--steps 600] [--output results/elmer_exit_training.json]
 
 A tiny random 4-layer model learns to reverse 3-6 random words (T = 8 slots) with each objective, then
 decodes held-out sources with ``elmer-hard`` at the paper's thresholds δ ∈ {0, 0.25, 0.5, 0.75, 1}:

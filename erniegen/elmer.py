@@ -227,7 +227,8 @@ def hard_exit(model: Network, source: EncodedSource, width: int, threshold: floa
     """Run T slots with hard early exit at entropy threshold ``threshold`` (nats).
 
     ``active_only`` computes each layer for the active slots only, with the exited ones' keys/values
-    as ``past``; ``False`` computes every slot and keeps the exited ones' old states, the plain
+    as ``past`` (while every slot is active, the plain pass: packing them would compute their keys and
+    values twice); ``False`` computes every slot and keeps the exited ones' old states, the plain
     reference the fast path is tested against.
     """
     slots, eos = make_slots(model, source, width), model.tokenizer.sep_token_id
@@ -238,12 +239,14 @@ def hard_exit(model: Network, source: EncodedSource, width: int, threshold: floa
     exit_layer = torch.zeros_like(tokens)
     states: list[torch.Tensor] = []
     for layer in range(n_layers):
-        if active_only:
+        if active_only and not bool(active.all()):
             x = _active_layer(model, layer, x, active, slots.roles, source)
         else:
             out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
             x = torch.where(active[:, :, None], out, x)
         states.append(x)
+        if layer < n_layers - 1 and threshold <= 0:
+            continue  # no entropy is below 0: skip the off-ramp (a vocabulary projection) nothing can leave by
         rows, cols = active.nonzero(as_tuple=True)
         logp = torch.log_softmax(layer_logits(model, layer, x[rows, cols]).float(), -1)
         entropy = -(logp.exp() * logp).sum(-1)

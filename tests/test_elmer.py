@@ -112,6 +112,19 @@ def test_exits_at_the_last_layer_equal_the_plain_slot_pass(elmer_model):
 
 
 @torch.no_grad()
+def test_zero_threshold_runs_only_the_last_off_ramp(elmer_model, monkeypatch):
+    """δ = 0 can exit nothing early, so the vocabulary projections below the last layer are skipped."""
+    layers = []
+    real = elmer.layer_logits
+    monkeypatch.setattr(elmer, "layer_logits", lambda model, layer, x: layers.append(layer) or real(model, layer, x))
+    hard_exit(elmer_model, _source(elmer_model), T, 0.0, OPTS)
+    assert layers == [2]
+    layers.clear()
+    hard_exit(elmer_model, _source(elmer_model), T, 1e-9, OPTS)
+    assert layers == [0, 1, 2]
+
+
+@torch.no_grad()
 def test_huge_threshold_exits_every_slot_at_layer_1(elmer_model):
     out = hard_exit(elmer_model, _source(elmer_model), T, 1e9, OPTS)
     assert (out.exit_layer == 1).all()

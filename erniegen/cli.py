@@ -40,6 +40,7 @@ OPTION_RANGES: dict[str, Range] = {
     "length_beam": AT_LEAST_1, "num_samples": AT_LEAST_1, "fixed_length": AT_LEAST_1,
     "epochs": AT_LEAST_1, "max_steps": AT_LEAST_1, "grad_accum": AT_LEAST_1, "lr": Range(0, low_open=True),
     "warmup_ratio": FRACTION, "warmup_steps": AT_LEAST_0, "noise_rate": FRACTION, "word_weight": FRACTION,
+    "label_smoothing": Range(0, 1, high_open=True),
     "noise_ramp": FRACTION, "head_warmup_steps": AT_LEAST_0, "adapt_steps": AT_LEAST_0,
     "ema_decay": Range(0, 1, high_open=True),
     "attention_dropout": Range(0, 1, high_open=True), "dropout": Range(0, 1, high_open=True),
@@ -173,6 +174,7 @@ def cmd_finetune(args) -> None:
                           resume=args.resume, eval_raw_weights=args.eval_raw_weights, max_time=_max_time(args))
     cfg = FinetuneConfig(train=args.train, dev=args.dev, output=args.output, model=args.model, task=args.task,
                          method=args.method, noise_rate=args.noise_rate, noise_ramp=args.noise_ramp,
+                         label_smoothing=args.label_smoothing,
                          head_warmup_steps=args.head_warmup_steps, adapt_steps=args.adapt_steps,
                          max_source_len=args.max_source_len,
                          max_target_len=args.max_target_len, source_field=args.source_field,
@@ -328,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--noise-ramp", type=float,
                    help="fraction of the run over which ρ rises linearly from 0 to ρ_f (0: ρ_f from the start); "
                         "default: the task preset's")
+    f.add_argument("--label-smoothing", type=float,
+                   help="ε of the training cross-entropy; default: the method's (0 for ELMER, whose hard exit "
+                        "compares entropies with δ), else the task preset's (0.1)")
     f.add_argument("--head-warmup-steps", type=int,
                    help="masked-LM steps that train a missing LM head before fine-tuning (default: 300 when "
                         "the checkpoint has no head, else 0)")

@@ -25,7 +25,7 @@ Two exits, two methods:
   W [Embed(ŷ^l_t); h^l_t], into the next layer's input. The output is the last layer's argmax.
 
 Training (§3.3): the loss is the mean over layers of each off-ramp's cross-entropy, labels past a
-row's end [SEP] ignored. The paper does not say how hard-exit models are trained; here they are
+row's end [SEP] ignored, without label smoothing (LABEL_SMOOTHING, the released code's). The paper does not say how hard-exit models are trained; here they are
 trained exactly so, every slot running every layer with a loss at every off-ramp (what the released
 code does). That makes every off-ramp a predictor of the whole target, so its entropy is a
 meaningful exit signal at every layer whatever δ is chosen after training; training with exits
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -66,8 +67,12 @@ from .nar import checked_f_ratio, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
 from .precision import Linear
-from .search import DecodeOptions, Decoder, until_end
+from .search import EXIT_THRESHOLD, DecodeOptions, Decoder, until_end
 
+# No label smoothing, as the released code trains (a plain cross-entropy): a model fitted to targets smoothed by ε
+# predicts with an entropy of at least entropy_floor(ε, V), 1.36 nats for ε = 0.1 over BERT's 30,522 words,
+# above every δ the paper tries (0-1), so hard exit could not fire. The soft exit trains the same way.
+LABEL_SMOOTHING = 0.0
 GOLD_RATE = 0.3  # soft exit: the released code feeds the gold token's embedding with this probability
 HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
 IGNORE = -100
@@ -78,7 +83,8 @@ ELMER_MASK_MODES = ("all", "glat")
 
 @dataclass
 class ElmerConfig:
-    """``method_options`` of ``--method elmer|elmer-soft`` (label smoothing comes from the task preset)."""
+    """``method_options`` of ``--method elmer|elmer-soft`` (label smoothing comes from the recipe: LABEL_SMOOTHING
+    unless ``--label-smoothing`` sets it)."""
 
     method: str = "elmer"
     layer_heads: bool = False  # one off-ramp transform per layer instead of the shared LM head (§3.2)
@@ -105,6 +111,15 @@ class ElmerConfig:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
         self.f_ratio = checked_f_ratio(self.mask_mode, self.f_ratio, ELMER_MASK_MODES)
 
+
+
+def entropy_floor(smoothing: float, vocab: int) -> float:
+    """The entropy (nats) of a target smoothed by ``smoothing`` over ``vocab`` words as cross_entropy smooths it
+    (1 - ε + ε/V on the gold word, ε/V elsewhere): what a model that fits such targets predicts."""
+    if smoothing <= 0:
+        return 0.0
+    gold, other = 1 - smoothing + smoothing / vocab, smoothing / vocab
+    return -(gold * math.log(gold) + (vocab - 1) * other * math.log(other))
 
 
 # ---- off-ramps and fusion ----------------------------------------------------------------------
@@ -476,6 +491,11 @@ def build_objective(method: str, model: Network, preset: TaskPreset, options: di
     """The objective of ``--method elmer|elmer-soft``; T = the preset's ``max_target_len`` (fitted to the
     training targets by fine-tuning)."""
     cfg = ElmerConfig(**(options | {"method": method, "label_smoothing": preset.label_smoothing}))
+    floor = entropy_floor(cfg.label_smoothing, model.config.vocab_size)
+    if not SOFT[method] and floor >= EXIT_THRESHOLD:
+        print(f"warning: label smoothing {cfg.label_smoothing} keeps the off-ramps' entropy above ~{floor:.2f} nats, "
+              f"over the default exit threshold δ = {EXIT_THRESHOLD}: few slots will exit before the last layer "
+              f"(ELMER trains with {LABEL_SMOOTHING})", file=sys.stderr)
     model.settings.extra = model.settings.extra | {"max_target_len": int(preset.max_target_len)}
     return ElmerObjective(model, cfg, int(preset.max_target_len))
 

@@ -41,6 +41,7 @@ class FinetuneConfig:
     method: str = "ernie-gen"  # a --method of erniegen.registry.METHODS
     noise_rate: float | None = None
     noise_ramp: float | None = None  # fraction of the run over which ρ rises from 0 to ρ_f; None: the preset's
+    label_smoothing: float | None = None  # None: the method family's (registry.Family), else the preset's
     head_warmup_steps: int | None = None  # masked-LM steps for a missing head; None: HEAD_WARMUP_STEPS if missing
     adapt_steps: int | None = None  # whole-model masked-LM steps; None: the preset's for a checkpoint erniegen never trained
     max_source_len: int | None = None
@@ -61,13 +62,16 @@ class FinetuneConfig:
 
 
 def resolve_preset(cfg: FinetuneConfig, max_positions: int) -> TaskPreset:
-    """The task preset with the user's overrides, fitted to the model's position table."""
+    """The task preset with the method family's and the user's overrides, fitted to the model's position table."""
     preset = get_task(cfg.task)
     over = {k: getattr(cfg, k) for k in ("max_source_len", "max_target_len", "source_field", "target_field",
                                          "noise_rate", "noise_ramp", "hidden_dropout", "freeze_embeddings",
                                          "answer_marker")
             if getattr(cfg, k) is not None}
     preset = dataclasses.replace(preset, **over)
+    smoothing = cfg.label_smoothing if cfg.label_smoothing is not None else registry.family(cfg.method).label_smoothing
+    if smoothing is not None:
+        preset = dataclasses.replace(preset, label_smoothing=smoothing)
     if preset.answer_marker == "none":
         preset = dataclasses.replace(preset, answer_marker=None)
     if preset.max_source_len + preset.max_target_len > max_positions:

@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from .batch import collate_pairs
 from .corpus import CorpusSpec, SequenceStream, StreamState
-from .elmer import LPLM_EXITS, LplmObjective, lplm_features
+from .elmer import LABEL_SMOOTHING, LPLM_EXITS, LplmObjective, lplm_features
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
 from .model import Transformer
 from .network import Layer
@@ -86,7 +86,7 @@ class PretrainConfig:
     method: str = DEFAULT_METHOD       # of the ERNIE-GEN family: "ernie-gen" (infilling) | "typical" (ablation)
     word_weight: float | None = None   # λ; None = 0.5 for ernie-gen (paper), 1.0 for typical; 1.0 = no span flow
     noise_rate: float = 0.05           # ρ_p, pre-training noise (paper); 0 = the no-noise ablation
-    label_smoothing: float = 0.1       # as in fine-tuning (ErnieGenConfig)
+    label_smoothing: float | None = None  # None: the objective's, as it fine-tunes (0.1 ERNIE-GEN, 0 LPLM)
     max_len: int = 512                 # tokens of [CLS] S' [SEP] T [SEP] (BERT's limit)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)  # γ = 0.25, U(1,4) 0.4 / U(4,32) 0.6
     text_field: str = "text"
@@ -200,9 +200,11 @@ class LplmStream(PretrainStream):
 def build_objective(model: Transformer, cfg: PretrainConfig) -> ErnieGenObjective | LplmObjective:
     """ERNIE-GEN's multi-flow objective with the pre-training λ and ρ_p (or an ablation of them), or LPLM's."""
     if cfg.objective == "lplm":
-        return LplmObjective(model, cfg.sequence_len + 1, cfg.label_smoothing, exits=cfg.lplm_exits)
-    ecfg = ErnieGenConfig(method=cfg.method, noise_rate=cfg.noise_rate, word_weight=cfg.resolved_word_weight(),
-                          label_smoothing=cfg.label_smoothing)
+        smoothing = LABEL_SMOOTHING if cfg.label_smoothing is None else cfg.label_smoothing
+        return LplmObjective(model, cfg.sequence_len + 1, smoothing, exits=cfg.lplm_exits)
+    ecfg = ErnieGenConfig(method=cfg.method, noise_rate=cfg.noise_rate, word_weight=cfg.resolved_word_weight())
+    if cfg.label_smoothing is not None:
+        ecfg = dataclasses.replace(ecfg, label_smoothing=cfg.label_smoothing)
     repl = replacement_vocab(model.tokenizer, model.config.vocab_size, [model.attn_id])
     return ErnieGenObjective(model, ecfg, model.attn_id, repl)
 

@@ -47,6 +47,8 @@ class Family:
     # decodes max_target_len slots whatever the source (no length predictor): unless the user sets
     # --max-target-len, fine-tuning fits it to the longest training target instead of the preset's cap
     fixed_slots: bool = False
+    # the family's label smoothing, over the task preset's (None: the preset's); --label-smoothing overrides both
+    label_smoothing: float | None = None
 
 
 # Fields of an options dataclass that the recipe fills from the task preset and the command line.
@@ -66,6 +68,7 @@ MIST = Family(
 ELMER = Family(
     name="ELMER", methods={"elmer": "elmer-hard", "elmer-soft": "elmer-soft"}, options=elmer.ElmerConfig,
     build_objective=elmer.build_objective, decoders=elmer.DECODERS, uses_noise=False, fixed_slots=True,
+    label_smoothing=elmer.LABEL_SMOOTHING,
     about={"elmer": "non-autoregressive with entropy-threshold early exit",
            "elmer-soft": "ELMER's soft exit, every layer's prediction fed on"})
 FAMILIES: tuple[Family, ...] = (ERNIE_GEN, MIST, ELMER)

@@ -3,6 +3,7 @@ objective, the saved extras, the command line, LPLM pre-training (corruption, ex
 a tiny model that learns to reverse its source."""
 import dataclasses
 import json
+import math
 import random
 from pathlib import Path
 
@@ -558,3 +559,47 @@ def test_recorded_exit_shares_count_the_output_slots_of_every_batch(elmer_model)
     assert shares == pytest.approx([w / sum(want) for w in want]) and sum(shares) == pytest.approx(1.0)
     assert elmer.exit_shares(elmer.Counter(), 3) == [0.0, 0.0, 0.0]
     assert elmer.HardExitDecoder().exit_counts is None  # the registry's decoder records nothing
+
+
+# ---- label smoothing: the recipe ELMER trains with ---------------------------------------------
+
+
+def test_entropy_floor_of_smoothed_targets():
+    # ε = 0.1 over BERT's 30,522 words: 1 - ε + ε/V on the gold word, ε/V on each of the others, by hand
+    gold, other = 0.9 + 0.1 / 30522, 0.1 / 30522
+    assert elmer.entropy_floor(0.1, 30522) == pytest.approx(-(gold * math.log(gold) + 30521 * other * math.log(other)))
+    assert elmer.entropy_floor(0.1, 30522) == pytest.approx(1.3577, abs=1e-4)  # above every δ of the paper (0-1)
+    assert elmer.entropy_floor(0.0, 30522) == 0.0
+    assert elmer.entropy_floor(1.0, 100) == pytest.approx(math.log(100))  # everything smoothed: uniform
+
+
+def test_elmer_trains_without_label_smoothing_unless_told(tiny_model, capsys):
+    from erniegen.finetune import FinetuneConfig, resolve_preset
+    cfg = FinetuneConfig(train="t.jsonl", output="out", task="squad_qg")
+    assert get_task("squad_qg").label_smoothing == 0.1
+    assert resolve_preset(dataclasses.replace(cfg, method="elmer"), 1024).label_smoothing == 0.0
+    assert resolve_preset(dataclasses.replace(cfg, method="elmer-soft"), 1024).label_smoothing == 0.0
+    assert resolve_preset(dataclasses.replace(cfg, method="elmer", label_smoothing=0.1), 1024).label_smoothing == 0.1
+    assert resolve_preset(cfg, 1024).label_smoothing == 0.1  # ERNIE-GEN keeps the preset's
+    assert resolve_preset(dataclasses.replace(cfg, method="mist", label_smoothing=0.2), 1024).label_smoothing == 0.2
+    args = build_parser().parse_args(["finetune", "--train", "t", "--output", "o", "--method", "elmer",
+                                      "--label-smoothing", "0.05"])
+    assert args.label_smoothing == 0.05
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["finetune", "--train", "t", "--output", "o", "--label-smoothing", "1.0"])
+    assert "--label-smoothing must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert build_objective("elmer", tiny_model, dataclasses.replace(PRESET, label_smoothing=0.0), {}).cfg.label_smoothing == 0.0
+    assert capsys.readouterr().err == ""
+    build_objective("elmer", tiny_model, dataclasses.replace(PRESET, label_smoothing=0.1), {})
+    assert "few slots will exit before the last layer" in capsys.readouterr().err
+    build_objective("elmer-soft", tiny_model, dataclasses.replace(PRESET, label_smoothing=0.1), {})
+    assert capsys.readouterr().err == ""  # the soft exit compares no entropy
+
+
+def test_lplm_pretrains_without_label_smoothing_and_ernie_gen_with_the_fine_tuning_one(tiny_model):
+    cfg = lambda **kw: pt.PretrainConfig(model="-", corpus="-", output="-", **kw)
+    assert pt.build_objective(tiny_model, cfg(objective="lplm")).label_smoothing == 0.0
+    assert pt.build_objective(tiny_model, cfg(objective="lplm", label_smoothing=0.1)).label_smoothing == 0.1
+    assert pt.build_objective(tiny_model, cfg()).cfg.label_smoothing == 0.1
+    assert pt.build_objective(tiny_model, cfg(label_smoothing=0.0)).cfg.label_smoothing == 0.0

@@ -25,9 +25,9 @@ Two exits, two methods:
   W [Embed(ŷ^l_t); h^l_t], into the next layer's input. The output is the last layer's argmax.
 
 Training (§3.3): the loss is the mean over layers of each off-ramp's cross-entropy, labels past a
-row's end [SEP] ignored, without label smoothing (LABEL_SMOOTHING, the released code's). The paper does not say how hard-exit models are trained; here they are
-trained exactly so, every slot running every layer with a loss at every off-ramp (what the released
-code does). That makes every off-ramp a predictor of the whole target, so its entropy is a
+row's end [SEP] ignored, without label smoothing (LABEL_SMOOTHING, the released code's). The paper
+does not say how hard-exit models are trained; here they are trained exactly so, every slot running
+every layer with a loss at every off-ramp (what the released code does). That makes every off-ramp a predictor of the whole target, so its entropy is a
 meaningful exit signal at every layer whatever δ is chosen after training; training with exits
 drawn per token (as LPLM pre-training does) would tie each layer to the exit pattern of the draw.
 ``exits: drawn`` trains the other way instead, each slot's loss at one exit layer drawn uniformly

@@ -56,6 +56,7 @@ from erniegen.decoding import DecodeOptions, default_banned_ids, encode_sources 
 from erniegen.ernie_gen import InfillingStepper  # noqa: E402
 from erniegen.onnx_runtime import import_onnxruntime  # noqa: E402
 from erniegen.precision import PRECISIONS  # noqa: E402
+from erniegen.search import EXIT_THRESHOLD  # noqa: E402
 
 
 def median_ms(fn, repeats: int, warmup: int) -> float:
@@ -287,7 +288,9 @@ def main() -> None:
                (args.nar_model, "NAR single pass", "nar", {}),
                (args.nar_model, "MIST iterative k=3", "mist-iter", dict(iterations=3)),
                (args.nar_model, "Mask-Predict k=3", "mask-predict", dict(iterations=3)),
-               (args.elmer_model, "ELMER hard exit", "elmer-hard", {}),
+               (args.elmer_model, f"ELMER hard exit δ={EXIT_THRESHOLD}", "elmer-hard", {}),
+               # δ 0: no slot can exit early, so no off-ramp below the last runs: the plain pass, for the cost of exiting
+               (args.elmer_model, "ELMER hard exit δ=0", "elmer-hard", dict(exit_threshold=0.0)),
                (args.elmer_soft_model, "ELMER soft exit", "elmer-soft", {})]
     for path in dict.fromkeys(c[0] for c in configs if c[0]):
         for precision, runtime in variants:

@@ -80,7 +80,8 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations", type=int, default=None, help="NAR refinement iterations")
     g.add_argument("--length-beam", type=int, default=None, help="NAR: candidate lengths decoded in parallel")
     g.add_argument("--dedup", action="store_true", default=None,
-                   help="NAR post-processing: drop consecutive duplicate tokens (changes scores; reported apart)")
+                   help="NAR and ELMER post-processing: drop consecutive duplicate tokens (changes scores; "
+                        "reported apart)")
     g.add_argument("--exit-threshold", type=float, default=None,
                    help="ELMER hard exit: a slot exits once its prediction entropy (nats) is below this "
                         "(default 0.5, the paper's)")

@@ -63,7 +63,7 @@ from torch import nn
 
 from .data import TaskPreset
 from .masks import NAR, PAD, Roles, attention_mask
-from .nar import checked_f_ratio, glancing_reveal, position_limit
+from .nar import checked_f_ratio, dedup_consecutive, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
 from .precision import Linear
@@ -220,9 +220,11 @@ def pick(logp: torch.Tensor, slot: torch.Tensor, eos: int, opts: DecodeOptions) 
     return logp.argmax(-1)
 
 
-def outputs(tokens: torch.Tensor, eos: int, max_length: int) -> list[list[int]]:
-    """What precedes each row's first end token, at most ``max_length - 1`` ids (the end token counts)."""
-    return [until_end(row, eos)[: max_length - 1] for row in tokens.tolist()]
+def outputs(tokens: torch.Tensor, eos: int, opts: DecodeOptions) -> list[list[int]]:
+    """What precedes each row's first end token, at most ``max_length - 1`` ids (the end token counts);
+    with ``opts.dedup`` consecutive repeats dropped first (the released ELMER code scores so)."""
+    rows = [until_end(row, eos) for row in tokens.tolist()]
+    return [(dedup_consecutive(row) if opts.dedup else row)[: opts.max_length - 1] for row in rows]
 
 
 # ---- hard exit ---------------------------------------------------------------------------------
@@ -314,7 +316,7 @@ class HardExitDecoder(Decoder):
         out = hard_exit(model, source, slot_count(model), opts.exit_threshold, opts)
         if self.exit_counts is not None:
             self.exit_counts.update(out.exit_layer[output_slots(out.tokens, eos)].tolist())
-        return outputs(out.tokens, eos, opts.max_length)
+        return outputs(out.tokens, eos, opts)
 
 
 def output_slots(tokens: torch.Tensor, eos: int) -> torch.Tensor:
@@ -365,7 +367,7 @@ class SoftExitDecoder(Decoder):
         *_, logits = soft_exit_layers(model, source, width)
         slot = torch.arange(width, device=logits.device).repeat(len(src_len))
         tokens = pick(torch.log_softmax(logits.flatten(0, 1).float(), -1), slot, eos, opts)
-        return outputs(tokens.view(-1, width), eos, opts.max_length)
+        return outputs(tokens.view(-1, width), eos, opts)
 
 
 def check_soft(model: Network, soft: bool) -> None:

@@ -205,6 +205,17 @@ def test_output_is_what_precedes_the_first_end_token(elmer_model):
     assert [len(x) for x in generate_ids(elmer_model, SOURCES, "elmer-hard", opts=opts)] == [2, 2, 2]
 
 
+@torch.no_grad()
+def test_dedup_drops_consecutive_repeats_in_both_exits(elmer_model, soft_model):
+    for model, name in [(elmer_model, "elmer-hard"), (soft_model, "elmer-soft")]:
+        model.head.bias.zero_()
+        model.head.bias[20] = 100.0  # every slot predicts word 20, none the end
+        plain = generate_ids(model, SOURCES, name, opts=OPTS)
+        dedup = generate_ids(model, SOURCES, name, opts=dataclasses.replace(OPTS, dedup=True))
+        assert plain == [[20] * (T - 1)] * 3, name
+        assert dedup == [[20]] * 3, name
+
+
 def test_soft_exit_fuses_the_predicted_embedding(soft_model):
     source = _source(soft_model)
     fusion = soft_model.extras[FUSION]

@@ -298,7 +298,7 @@ def cmd_pretrain(args) -> None:
                          objective=args.objective, lplm_exits=args.lplm_exits, method=args.method,
                          word_weight=args.word_weight,
                          noise_rate=args.noise_rate, max_len=args.max_len, text_field=args.text_field,
-                         paragraphs=args.paragraphs,
+                         paragraphs=args.paragraphs, head_warmup_steps=args.head_warmup_steps,
                          shuffle_window=args.shuffle_window, trainer=trainer)
     _report(pretrain(cfg))
 
@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "every slot at the last layer, the control that tells what the drawn exits add")
     pt.add_argument("--method", default="ernie-gen", choices=list(registry.ERNIE_GEN.methods),
                     help=registry.method_help(registry.ERNIE_GEN.methods))
+    pt.add_argument("--head-warmup-steps", type=int,
+                    help="masked-LM steps that train a missing LM head over the corpus's first sequences before "
+                         "pre-training (default: 300 when the checkpoint has no head, else 0)")
     pt.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     pt.add_argument("--fsdp", action="store_true",
                     help="shard weights, gradients and optimizer state with FSDP instead of DDP "

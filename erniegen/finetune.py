@@ -20,7 +20,7 @@ from . import registry
 from .batch import collate_pairs
 from .data import TaskPreset, encode_examples, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
-from .head_warmup import HEAD_WARMUP_STEPS, adapt_to_task, init_attn_embedding, warm_up_head
+from .head_warmup import prepare_checkpoint
 from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
@@ -172,22 +172,16 @@ def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decod
 
 def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, preset: TaskPreset, train_feats,
                                  seed: int) -> None:
-    """[ATTN] from [MASK] for a checkpoint erniegen never trained; a masked-LM warm-up of a missing head,
-    then task-adaptive masked-LM steps of the whole model, over the training sources and targets (see
-    head_warmup.py). An explicit ``adapt_steps`` applies to any checkpoint."""
+    """head_warmup.prepare_checkpoint over the training sources and questions, with the task preset's
+    adaptation steps for a checkpoint erniegen never trained. An explicit ``adapt_steps`` applies to any checkpoint."""
     fresh = not model.trained_by_erniegen
-    if fresh and init_attn_embedding(model) and is_main_process():
-        print(f"note: [ATTN] ({model.settings.attn_token}) starts as a copy of the [MASK] embedding", file=sys.stderr)
-    head_steps = cfg.head_warmup_steps
-    if head_steps is None or not fresh:
-        head_steps = HEAD_WARMUP_STEPS if fresh and model.head_was_missing else 0
     adapt_steps = cfg.adapt_steps if cfg.adapt_steps is not None else preset.adapt_steps if fresh else 0
-    if head_steps == 0 and adapt_steps == 0:
-        return
-    texts = [f.source_ids for f in train_feats] + [[model.tokenizer.cls_token_id, *f.target_ids] for f in train_feats]
-    # every process runs these identically (same seed, same texts), so DDP starts from equal weights
-    warm_up_head(model, texts, head_steps, seed=seed, progress=is_main_process())
-    adapt_to_task(model, texts, adapt_steps, seed=seed + 1, progress=is_main_process())
+
+    def texts() -> list[list[int]]:
+        return [f.source_ids for f in train_feats] + [[model.tokenizer.cls_token_id, *f.target_ids]
+                                                       for f in train_feats]
+
+    prepare_checkpoint(model, texts, cfg.head_warmup_steps, adapt_steps, seed=seed, progress=is_main_process())
 
 
 def resolve_attention_dropout(model: Transformer, requested: float | None) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,27 @@ def init_attn_embedding(model: Network) -> bool:
     with torch.no_grad():
         model.embeddings.word.weight[attn_id] = model.embeddings.word.weight[tok.mask_token_id]
     return True
+
+
+def prepare_checkpoint(model: Network, texts: Callable[[], Sequence[Sequence[int]]], head_steps: int | None,
+                       adapt_steps: int = 0, *, seed: int = 0, progress: bool = True) -> None:
+    """Get a checkpoint erniegen never trained ready for fine-tuning or pre-training: [ATTN] from [MASK],
+    ``head_steps`` masked-LM steps of the head (None: HEAD_WARMUP_STEPS when the checkpoint had no head, else
+    none), then ``adapt_steps`` of the whole model (:func:`adapt_to_task`, any checkpoint).
+
+    ``texts`` (token ids with [CLS]/[SEP]) is called only when a step runs: it may read a corpus. Every
+    process runs this identically (same texts, same seed), so distributed training starts from equal weights.
+    """
+    fresh = not model.trained_by_erniegen
+    if fresh and init_attn_embedding(model) and progress:
+        print(f"note: [ATTN] ({model.settings.attn_token}) starts as a copy of the [MASK] embedding", file=sys.stderr)
+    if head_steps is None or not fresh:
+        head_steps = HEAD_WARMUP_STEPS if fresh and model.head_was_missing else 0
+    if head_steps == 0 and adapt_steps == 0:
+        return
+    corpus = texts()
+    warm_up_head(model, corpus, head_steps, seed=seed, progress=progress)
+    adapt_to_task(model, corpus, adapt_steps, seed=seed + 1, progress=progress)
 
 
 def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, mask_id: int, prob: float,

@@ -1,7 +1,8 @@
 """ERNIE-GEN pre-training recipe (Xiao et al., IJCAI 2020, §3): a streamed corpus, handed to the shared loop.
 
 Read top to bottom: settings are checked; the span vocabulary is loaded or built from the corpus;
-the model is loaded; each rank streams its own shard of the corpus, where every sequence S becomes
+the model is loaded (a checkpoint without a masked-LM head gets fine-tuning's head warm-up first, over
+the corpus's first sequences); each rank streams its own shard of the corpus, where every sequence S becomes
 one infilling example (fragments T cut out of S, the rest S' as source, §3.1); the objective runs
 the word-by-word and span-by-span flows in parallel on one contextual flow, with loss
 ``λ·L_word + (1−λ)·L_span`` on noised targets (§3); then :func:`erniegen.train.train` runs.
@@ -26,6 +27,7 @@ count smaller; the log's ``tokens_per_s`` counts the tokens actually processed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import random
 import sys
@@ -42,6 +44,7 @@ from .batch import collate_pairs
 from .corpus import CorpusSpec, SequenceStream, StreamState
 from .elmer import LABEL_SMOOTHING, LPLM_EXITS, LplmObjective, lplm_features
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
+from .head_warmup import prepare_checkpoint
 from .model import Transformer
 from .network import Layer
 from .pretrain_data import FragmentConfig, iter_pretrain_examples
@@ -87,6 +90,7 @@ class PretrainConfig:
     word_weight: float | None = None   # λ; None = 0.5 for ernie-gen (paper), 1.0 for typical; 1.0 = no span flow
     noise_rate: float = 0.05           # ρ_p, pre-training noise (paper); 0 = the no-noise ablation
     label_smoothing: float | None = None  # None: the objective's, as it fine-tunes (0.1 ERNIE-GEN, 0 LPLM)
+    head_warmup_steps: int | None = None  # masked-LM steps for a missing head first; None: HEAD_WARMUP_STEPS if missing
     max_len: int = 512                 # tokens of [CLS] S' [SEP] T [SEP] (BERT's limit)
     fragments: FragmentConfig = field(default_factory=FragmentConfig)  # γ = 0.25, U(1,4) 0.4 / U(4,32) 0.6
     text_field: str = "text"
@@ -234,6 +238,20 @@ def load_or_build_span_vocab(cfg: PretrainConfig, spec: CorpusSpec, tokenizer, r
     return SpanVocab.load(str(path))
 
 
+# The head warm-up of a checkpoint without a masked-LM head reads the corpus's first sequences of at most
+# HEAD_WARMUP_LEN tokens, up to HEAD_WARMUP_TEXTS of them: the frozen encoder's states over short windows
+# teach the head what it needs at a fraction of the cost of full-length ones.
+HEAD_WARMUP_LEN = 128
+HEAD_WARMUP_TEXTS = 4096
+
+
+def head_warmup_texts(spec: CorpusSpec, tokenizer, max_len: int = HEAD_WARMUP_LEN) -> list[list[int]]:
+    """``[CLS] x [SEP]`` for the corpus's first HEAD_WARMUP_TEXTS sequences, alike in every process."""
+    stream = SequenceStream(spec, tokenizer, max_len=max_len, num_special_tokens=2)
+    return [[tokenizer.cls_token_id, *ids, tokenizer.sep_token_id]
+            for ids in itertools.islice(stream, HEAD_WARMUP_TEXTS)]
+
+
 def fit_warmup(trainer: TrainConfig) -> TrainConfig:
     """Clamp the warm-up to the run's length (a run shorter than 4,000 steps is a smoke test or a benchmark)."""
     if trainer.max_steps is None:
@@ -271,6 +289,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if cfg.max_len > positions:
             raise ValueError(f"max_len={cfg.max_len} exceeds the {positions} positions of {cfg.model}")
         spec = CorpusSpec.from_arg(cfg.corpus, text_field=cfg.text_field, paragraphs=cfg.paragraphs)
+        # a checkpoint erniegen never trained (all-MiniLM-L6-v2: no masked-LM head) gets fine-tuning's preparation:
+        # without it the first hundreds of steps teach a random head to read the encoder (head_warmup.py)
+        prepare_checkpoint(model, lambda: head_warmup_texts(spec, model.tokenizer, min(HEAD_WARMUP_LEN, cfg.max_len)),
+                           cfg.head_warmup_steps, seed=tcfg.seed, progress=is_main_process())
         if cfg.objective == "lplm":
             model.settings = dataclasses.replace(
                 model.settings, method="elmer", extra=model.settings.extra | {

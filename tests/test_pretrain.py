@@ -247,6 +247,44 @@ def test_output_loads_and_finetunes(tiny_dir, tmp_path):
     assert torch.equal(tuned.state_dict()["embeddings.word.weight"], model.state_dict()["embeddings.word.weight"])
 
 
+def test_a_headless_checkpoint_warms_its_head_on_the_corpus_before_pretraining(tmp_path, monkeypatch, capsys):
+    """all-MiniLM-L6-v2 has no masked-LM head: pre-training starts as fine-tuning does, [ATTN] from [MASK] and the
+    head trained alone over the corpus's first sequences, so that the pre-training steps do not go to the head."""
+    import transformers
+    from erniegen.model import resolve_model_path
+    torch.manual_seed(0)
+    enc = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=64, max_position_embeddings=128))
+    enc.save_pretrained(tmp_path / "enc")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(resolve_model_path("minilm")))
+    tokenizer.save_pretrained(tmp_path / "enc")
+    corpus = write_corpus(tmp_path / "c.jsonl", 6)
+    texts = pt.head_warmup_texts(pt.CorpusSpec.from_arg(str(corpus)), tokenizer)
+    docs = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert texts == [tokenizer(d)["input_ids"] for d in docs]  # one short document each: [CLS] doc [SEP]
+
+    seen = {}
+
+    def record(objective, *args, **kwargs):  # the model as the pre-training loop receives it
+        seen[steps] = {n: p.detach().clone() for n, p in objective.model.named_parameters()}
+        return {}
+    monkeypatch.setattr(pt, "train", record)
+    for steps in (0, 3):
+        cfg = dataclasses.replace(config(tmp_path / "enc", corpus, tmp_path / f"out{steps}"), head_warmup_steps=steps)
+        with pytest.warns(UserWarning, match="no masked-LM head"):
+            pt.pretrain(cfg)
+    assert "head warm-up: 3 masked-LM steps over 6 texts" in capsys.readouterr().err
+    cold, warm = seen[0], seen[3]
+    moved = sorted(n for n in cold if not torch.equal(cold[n], warm[n]))
+    assert moved == ["head.bias", "head.dense.bias", "head.dense.weight", "head.norm.bias", "head.norm.weight"]
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        model = Transformer.from_pretrained(str(tmp_path / "enc"))
+    word = "embeddings.word.weight"
+    attn, mask = model.attn_id, tokenizer.mask_token_id
+    assert torch.equal(warm[word][attn], warm[word][mask]) and not torch.equal(model.state_dict()[word][attn],
+                                                                                model.state_dict()[word][mask])
+
+
 # ---- two processes --------------------------------------------------------------------------------
 
 

@@ -27,9 +27,10 @@ Two exits, two methods:
 Training (§3.3): the loss is the mean over layers of each off-ramp's cross-entropy, labels past a
 row's end [SEP] ignored, without label smoothing (LABEL_SMOOTHING, the released code's). The paper
 does not say how hard-exit models are trained; here they are trained exactly so, every slot running
-every layer with a loss at every off-ramp (what the released code does). That makes every off-ramp a predictor of the whole target, so its entropy is a
-meaningful exit signal at every layer whatever δ is chosen after training; training with exits
-drawn per token (as LPLM pre-training does) would tie each layer to the exit pattern of the draw.
+every layer with a loss at every off-ramp (what the released code does). That makes every off-ramp a
+predictor of the whole target, so its entropy is a meaningful exit signal at every layer whatever δ is
+chosen after training; training with exits drawn per token (as LPLM pre-training does) would tie each
+layer to the exit pattern of the draw.
 ``exits: drawn`` trains the other way instead, each slot's loss at one exit layer drawn uniformly
 (:func:`drawn_exit_loss`, LPLM's draw), for comparison (benchmarks/elmer_exit_training.py); there,
 as in the released code, copied states are detached. Soft-exit training follows the released code

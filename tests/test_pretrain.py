@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny_minilm, tiny_config
+from conftest import save_tiny_minilm
 
 import erniegen.pretrain as pt
 from erniegen.batch import collate_pairs

@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--source-field")
     f.add_argument("--target-field")
     f.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
-    f.add_argument("--eval-samples", type=int, default=300, help="dev examples decoded per evaluation, evenly spaced over the dev file")
+    f.add_argument("--eval-samples", type=int, default=300,
+                   help="dev examples decoded per evaluation, evenly spaced over the dev file")
     f.add_argument("--save-every", type=int)
     f.add_argument("--log-every", type=int, default=10)
     f.add_argument("--max-train-examples", type=int)

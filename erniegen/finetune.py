@@ -43,7 +43,7 @@ class FinetuneConfig:
     noise_ramp: float | None = None  # fraction of the run over which ρ rises from 0 to ρ_f; None: the preset's
     label_smoothing: float | None = None  # None: the method family's (registry.Family), else the preset's
     head_warmup_steps: int | None = None  # masked-LM steps for a missing head; None: HEAD_WARMUP_STEPS if missing
-    adapt_steps: int | None = None  # whole-model masked-LM steps; None: the preset's for a checkpoint erniegen never trained
+    adapt_steps: int | None = None  # whole-model masked-LM steps; None: the preset's if erniegen never trained it
     max_source_len: int | None = None
     max_target_len: int | None = None
     source_field: str | None = None

@@ -100,8 +100,9 @@ def flat_inputs(ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask:
 
 class CompiledInfillingStep:
     """``model``'s infilling step under ``torch.compile`` (Inductor with ``INDUCTOR_CONFIG``: the weights are
-    constants of the compiled code, packed for products it writes itself). Called as :class:`erniegen.ernie_gen.InfillingStepper` calls a
-    step runner; returns the log-probabilities and writes the step's keys/values into the buffers."""
+    constants of the compiled code, packed for products it writes itself). Called as
+    :class:`erniegen.ernie_gen.InfillingStepper` calls a step runner; returns the log-probabilities and writes
+    the step's keys/values into the buffers."""
 
     runtime = "compile"
     # graphs of one model: first step or later (1 or 2 tokens) x one row or several x no_grad or inference_mode

@@ -305,7 +305,8 @@ def cmd_pretrain(args) -> None:
 
 def cmd_plot(args) -> None:
     from .plots import plot_runs
-    plot_runs(args.runs, args.output, window=args.smooth, labels=args.labels.split(",") if args.labels else None)
+    plot_runs(args.runs, args.output, window=args.smooth, labels=args.labels.split(",") if args.labels else None,
+              series=args.series.split(",") if args.series else None)
     print(f"wrote {args.output}")
 
 
@@ -484,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--output", required=True, help="image file; the format follows the suffix (.png, .svg, .pdf)")
     pl.add_argument("--smooth", type=int, default=1, help="moving average over this many logged points")
     pl.add_argument("--labels", help="comma-separated legend names, one a run (default: the folder names)")
+    pl.add_argument("--series", help="comma-separated curves to draw, e.g. loss,dev_loss,bleu4 "
+                                     "(default: every loss and dev metric logged)")
     pl.set_defaults(func=cmd_plot)
     return p
 

@@ -2,7 +2,8 @@
 
 ``erniegen plot RUN [RUN ...] --output curves.png`` draws each run's training losses (``loss`` and its
 named parts, e.g. ``loss_word`` / ``loss_span``) and its clean dev loss (``dev_loss``, dots) against the
-optimizer step, and its other dev evaluations in a second panel when the runs have any.
+optimizer step, and its other dev evaluations in a second panel when the runs have any. ``--series`` keeps
+only the named curves: runs of a multi-loss method compared on every curve are unreadable.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ LOG_FILE = "log.jsonl"
 LINE_STYLES = ("-", "--", ":", "-.")        # one colour per run, one line style per loss or metric
 Series = dict[str, tuple[list[int], list[float]]]
 RAW = " (raw weights)"                      # suffix of a moving-average run's raw-weight evaluations
+LEGEND_DROP_PT = 40                         # a legend beneath a panel starts this far below its axis
 
 
 def read_log(run: str | Path) -> tuple[list[dict], list[dict]]:
@@ -69,20 +71,39 @@ def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
 
 def _legend(ax) -> None:
     """Inside the panel for up to eight curves; beneath it, in two columns, for more (several runs), where
-    it would otherwise cover the curves."""
+    it would otherwise cover the curves. Placed a fixed distance below the axis (clear of its tick labels
+    and title), not a fraction of the panel's height, which shrinks as the legend grows."""
     if len(ax.get_legend_handles_labels()[1]) > 8:
-        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        from matplotlib.transforms import offset_copy
+        below = offset_copy(ax.transAxes, fig=ax.figure, y=-LEGEND_DROP_PT, units="points")
+        ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below)
     else:
         ax.legend(fontsize=7)
 
 
-def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] | None = None) -> dict:
-    """Draw the runs' curves into ``output`` (any format matplotlib knows, by its suffix); returns the data."""
+def select_series(data: dict[str, tuple[Series, Series]], names: list[str]) -> dict[str, tuple[Series, Series]]:
+    """Only the curves named (a name keeps its raw-weight twin too); a name no run logged is an error that
+    lists what the runs have, so a typo does not draw an empty panel."""
+    logged = {key.removesuffix(RAW) for losses, metrics in data.values() for key in (*losses, *metrics)}
+    unknown = [n for n in names if n not in logged]
+    if unknown:
+        raise ValueError(f"--series {','.join(unknown)}: not logged by these runs; they log {','.join(sorted(logged))}")
+    keep = set(names)
+    return {label: tuple({k: v for k, v in series.items() if k.removesuffix(RAW) in keep} for series in pair)
+            for label, pair in data.items()}
+
+
+def plot_runs(runs: list[str], output: str, window: int = 1, labels: list[str] | None = None,
+              series: list[str] | None = None) -> dict:
+    """Draw the runs' curves into ``output`` (any format matplotlib knows, by its suffix); returns the data.
+    ``series``: the curve names to draw (default: every one logged)."""
     plt = _pyplot()
     labels = labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs]
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
     data = {label: run_series(run, window) for label, run in zip(labels, runs)}
+    if series:
+        data = select_series(data, series)
     has_eval = any(metrics for _, metrics in data.values())
     fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(12 if has_eval else 7, 4.5), squeeze=False)
     loss_ax = axes[0][0]

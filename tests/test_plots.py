@@ -94,3 +94,36 @@ def test_exit_share_plot_draws_one_bar_per_layer_and_threshold(tmp_path, monkeyp
     assert [h for _, h, _ in bars] == [[50.0, 25.0, 25.0], [75.0, 25.0, 0.0]]  # percent of output slots
     assert bars[0][0] == pytest.approx([0.8, 1.8, 2.8]) and bars[1][0] == pytest.approx([1.2, 2.2, 3.2])
     assert [k["label"] for _, _, k in bars] == ["δ = 0.25 (BLEU-4 3.00)", "δ = 1"]
+
+
+def test_series_keeps_only_the_named_curves_and_rejects_unlogged_names(tmp_path):
+    events = [{"step": 1, "loss": 6.0, "loss_nat": 3.0, "loss_length": 2.0},
+              {"step": 1, "eval_raw": {"bleu4": 1.0, "dev_loss": 5.0}, "eval": {"bleu4": 2.0, "dev_loss": 4.5,
+                                                                               "rougeL": 30.0}}]
+    runs = [str(write_log(tmp_path / "mist", events)), str(write_log(tmp_path / "pt", PRETRAIN))]
+    data = plot_runs(runs, str(tmp_path / "p.png"), series=["loss", "bleu4"])
+    assert data["mist"] == ({"loss": ([1], [6.0])}, {"bleu4": ([1], [2.0]), "bleu4 (raw weights)": ([1], [1.0])})
+    assert data["pt"] == ({"loss": ([10, 20, 30], [0.0, -10.0, -20.0])}, {})
+    with pytest.raises(ValueError, match=r"--series blue4: not logged by these runs; they log "
+                                         r"bleu4,dev_loss,loss,loss_length,loss_nat,loss_span,loss_word,rougeL"):
+        plot_runs(runs, str(tmp_path / "q.png"), series=["loss", "blue4"])
+    assert not (tmp_path / "q.png").exists()
+    main(["plot", runs[0], "--output", str(tmp_path / "c.png"), "--series", "dev_loss,rougeL"])
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_long_legend_sits_below_the_axis_labels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    runs = [str(write_log(tmp_path / f"r{i}", PRETRAIN)) for i in range(4)]      # 12 curves: legend beneath
+    figures = []
+    real = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: figures.append(real(*a, **k)) or figures[-1])
+    plot_runs(runs, str(tmp_path / "p.png"))
+    fig, axes = figures[0]
+    canvas = FigureCanvasAgg(fig)              # the figure was closed once saved: draw it again as saved
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = axes[0][0].get_legend().get_window_extent(renderer)
+    label = axes[0][0].xaxis.label.get_window_extent(renderer)
+    assert legend.y1 <= label.y0             # the legend's top is below the x-axis label's bottom

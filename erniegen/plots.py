@@ -72,7 +72,7 @@ def run_series(run: str | Path, window: int = 1) -> tuple[Series, Series]:
 def _legend(ax) -> None:
     """Inside the panel for up to eight curves; beneath it, in two columns, for more (several runs), where
     it would otherwise cover the curves. Placed a fixed distance below the axis (clear of its tick labels
-    and title), not a fraction of the panel's height, which shrinks as the legend grows."""
+    and axis label), not a fraction of the panel's height, which shrinks as the legend grows."""
     if len(ax.get_legend_handles_labels()[1]) > 8:
         from matplotlib.transforms import offset_copy
         below = offset_copy(ax.transAxes, fig=ax.figure, y=-LEGEND_DROP_PT, units="points")

@@ -337,21 +337,34 @@ def exit_shares(counts: Counter[int], n_layers: int) -> list[float]:
 
 
 def soft_exit_layers(model: Network, source: EncodedSource, width: int, gold: torch.Tensor | None = None,
-                     gold_rate: float = 0.0, slot_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """Each layer's off-ramp logits (N,T,V) of a soft-exit pass; between layers the argmax (or, with
-    probability ``gold_rate``, the ``gold`` id where it is not IGNORE) is fused into the next input."""
+                     gold_rate: float = 0.0, slot_ids: torch.Tensor | None = None,
+                     scored: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """Each layer's off-ramp logits of a soft-exit pass: (N,T,V), or (n,V) for the slots the boolean (N,T)
+    ``scored`` selects. Between layers the argmax of every slot (or, with probability ``gold_rate``, the
+    ``gold`` id where it is not IGNORE) is fused into the next input.
+
+    Training passes ``scored`` (its labelled slots): the other slots need only their argmax, so their
+    scores are computed without a graph; the off-ramps over 30,522 words are most of a soft-exit step.
+    """
     slots = make_slots(model, source, width, slot_ids)
     x, n_layers = slots.x, len(model.layers)
     for layer in range(n_layers):
         x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
-        logits = layer_logits(model, layer, x)
+        logits = layer_logits(model, layer, x if scored is None else x[scored])
         yield logits
-        if layer < n_layers - 1:
+        if layer == n_layers - 1:
+            break
+        if scored is None:
             ids = logits.detach().argmax(-1)
-            if gold is not None and gold_rate > 0:
-                swap = (torch.rand(ids.shape, device=ids.device) < gold_rate) & (gold != IGNORE)
-                ids = torch.where(swap, gold, ids)
-            x = fuse(model, x, ids)
+        else:
+            ids = torch.empty(scored.shape, dtype=torch.long, device=x.device)
+            ids[scored] = logits.detach().argmax(-1)
+            with torch.no_grad():
+                ids[~scored] = layer_logits(model, layer, x[~scored]).argmax(-1)
+        if gold is not None and gold_rate > 0:
+            swap = (torch.rand(ids.shape, device=ids.device) < gold_rate) & (gold != IGNORE)
+            ids = torch.where(swap, gold, ids)
+        x = fuse(model, x, ids)
 
 
 class SoftExitDecoder(Decoder):
@@ -459,7 +472,7 @@ class ElmerObjective(nn.Module):
                     "num_tokens": n_tokens}
         if self.soft:
             gold_rate = self.cfg.gold_rate if self.training else 0.0
-            logits = [lg[where] for lg in soft_exit_layers(self.model, source, self.width, gold, gold_rate, slot_ids)]
+            logits = list(soft_exit_layers(self.model, source, self.width, gold, gold_rate, slot_ids, where))
         else:
             logits = list(self._layer_logits(source, where, slot_ids))
         losses = torch.stack([F.cross_entropy(lg.float(), labels[where], label_smoothing=self.cfg.label_smoothing)

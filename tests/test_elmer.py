@@ -236,6 +236,34 @@ def test_soft_exit_fuses_the_predicted_embedding(soft_model):
         assert torch.allclose(last, fresh.logits(plain), atol=1e-5)
 
 
+def test_soft_training_scores_only_labelled_slots_with_a_graph_and_matches_full_scores(tiny_tokenizer):
+    """The objective keeps a graph for the labelled slots' scores only; every slot's argmax still feeds the
+    next layer: loss and gradients equal the pass that scores every slot, gold swaps and dropout included."""
+    model = _model(tiny_tokenizer, soft=True)
+    obj = build_objective("elmer-soft", model, PRESET, {"gold_rate": 0.5}).train()
+    batch = collate_pairs(ITEMS)
+    gold = slot_labels(batch["tgt_ids"], batch["tgt_len"], T)
+    labelled = gold != IGNORE
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(3)
+    out = obj(**batch)
+    got = grads(out["loss"])
+    torch.manual_seed(3)
+    source = encode_source(model, batch["src_ids"], batch["src_len"], hidden=False)[0]
+    full = [lg[labelled] for lg in soft_exit_layers(model, source, T, gold, 0.5)]
+    expect_loss = torch.stack([torch.nn.functional.cross_entropy(lg, gold[labelled]) for lg in full]).mean()
+    expect = grads(expect_loss)
+    assert torch.allclose(out["loss"], expect_loss, atol=1e-6)
+    assert got.keys() == expect.keys() and any(FUSION in name for name in got)
+    for name in expect:
+        assert torch.allclose(got[name], expect[name], atol=1e-6), name
+
+
 def test_hard_and_soft_models_are_not_mixed_up(elmer_model, soft_model, tiny_model):
     with pytest.raises(ValueError, match="decode it with --decoder elmer-soft"):
         generate_ids(soft_model, SOURCES, "elmer-hard", opts=OPTS)

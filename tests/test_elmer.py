@@ -2,6 +2,7 @@
 objective, the saved extras, the command line, LPLM pre-training (corruption, exit draws, resume), and
 a tiny model that learns to reverse its source."""
 import dataclasses
+import importlib.util
 import json
 import math
 import random
@@ -28,6 +29,7 @@ from erniegen.nar import masked_slots
 from erniegen.passes import encode_source, slot_pass, slot_roles
 from erniegen.train import TrainConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 ITEMS = [{"source_ids": [4, 10, 11, 12, 5], "target_ids": [20, 21, 22, 5]},
          {"source_ids": [4, 30, 5], "target_ids": [40, 5]}]
@@ -203,6 +205,24 @@ def test_output_is_what_precedes_the_first_end_token(elmer_model):
     assert generate_ids(elmer_model, SOURCES, "elmer-hard", opts=OPTS) == [[], [], []]
     opts = dataclasses.replace(OPTS, min_length=3)  # ... unless min_length bans it from the first two
     assert [len(x) for x in generate_ids(elmer_model, SOURCES, "elmer-hard", opts=opts)] == [2, 2, 2]
+
+
+def test_length_diagnostic_own_length_is_the_decoders_and_oracle_length_is_the_references(elmer_model, soft_model):
+    """benchmarks/elmer_length.py: the own-length outputs are the decoders' (hard exit at δ = 0); the oracle
+    ones have exactly the reference's length and never the end token."""
+    spec = importlib.util.spec_from_file_location("elmer_length", ROOT / "benchmarks" / "elmer_length.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ref_len = [1, 3, 7]  # 7 > T - 1: cut to the slots there are
+    for model, name in [(elmer_model, "elmer-hard"), (soft_model, "elmer-soft")]:
+        opts = dataclasses.replace(OPTS, exit_threshold=0.0)
+        own, oracle = script.decode_both(model, SOURCES, ref_len, opts, batch_size=2)
+        assert own == generate_ids(model, SOURCES, name, opts=opts), name
+        assert [len(x) for x in oracle] == [1, 3, T - 1], name
+        assert not {SEP, *OPTS.banned_ids} & {t for row in oracle for t in row}, name
+    stats = script.length_stats([[1], [1, 2, 3], [1, 2]], [1, 2, 4])
+    assert stats | {"mean_abs_len_error": 1.0, "exact_len": round(1 / 3, 4), "shorter": round(1 / 3, 4),
+                    "longer": round(1 / 3, 4)} == stats
 
 
 @torch.no_grad()

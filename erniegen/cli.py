@@ -63,6 +63,19 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-length {low} exceeds --max-length {high}")
 
 
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    """What ``generate`` and ``distill`` share: both decode every row of INPUT into OUTPUT, resumably."""
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--source-field", default="source")
+    p.add_argument("--target-field", default="target")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUTPUT.partial (same model, input and options)")
+    _add_decoding(p)
+    p.set_defaults(func=cmd_generate)
+
+
 def _add_decoding(p: argparse.ArgumentParser) -> None:
     from . import registry
     from .runtimes import RUNTIMES
@@ -194,7 +207,7 @@ def cmd_generate(args) -> None:
     from .data import read_examples
     from .decoding import iter_generate_text
     from .model import resolve_model_path
-    from .outputs import PartialPredictions, check_output_path, file_stamps, output_format
+    from .outputs import PartialPredictions, check_output_path, distilled_row, file_stamps, output_format
     from . import load
     fmt = output_format(args.output)
     check_output_path(args.output, [args.input])
@@ -214,6 +227,15 @@ def cmd_generate(args) -> None:
     for rows, preds in iter_generate_text(model, [e.source for e in examples], args.decoder, args.batch_size,
                                           progress=True, skip=done, **_decode_options(args)):
         partial.append(rows, preds)
+    if args.command == "distill":
+        blank = [e.where for i, e in enumerate(examples) if not partial.done[i].strip()]
+        partial.finish(args.output, fmt, examples, lambda e, text: distilled_row(e, text, args.target_field))
+        print(f"wrote {len(examples)} rows with the teacher's output as '{args.target_field}' to {args.output}",
+              file=sys.stderr)
+        if blank:
+            print(f"note: the teacher wrote nothing for {len(blank)} rows (first: {blank[0]}); they keep their "
+                  f"reference as '{args.target_field}', or have none", file=sys.stderr)
+        return
     partial.finish(args.output, fmt, examples)
     print(f"wrote {len(examples)} predictions to {args.output}", file=sys.stderr)
     unscorable = sum(e.target is None for e in examples)
@@ -384,16 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_max_time(f)
     f.set_defaults(func=cmd_finetune)
 
-    g = sub.add_parser("generate", help="write each input row back with a 'prediction' field")
-    g.add_argument("--model", required=True)
-    g.add_argument("--input", required=True)
-    g.add_argument("--output", required=True)
-    g.add_argument("--source-field", default="source")
-    g.add_argument("--target-field", default="target")
-    g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUTPUT.partial (same model, input and options)")
-    _add_decoding(g)
-    g.set_defaults(func=cmd_generate)
+    _add_generation(sub.add_parser("generate", help="write each input row back with a 'prediction' field"))
+
+    d = sub.add_parser(
+        "distill", help="write each input row back with a teacher's output as its target",
+        description="Sequence-level knowledge distillation (Kim & Rush 2016; Gu et al. 2018 for non-autoregressive "
+                    "models): a trained model (typically autoregressive: --decoder infilling) decodes every "
+                    "source of INPUT, and each row is written back with that output as TARGET_FIELD, its "
+                    "reference moved to 'reference'. Fine-tune a student on OUTPUT with --train; keep the human "
+                    "references for --dev. Rows without a target are welcome (unlabelled sources).")
+    _add_generation(d)
 
     e = sub.add_parser("evaluate", help="score a predictions file against its 'target' field")
     e.add_argument("--task", default="squad_qg")

@@ -16,7 +16,7 @@ import csv
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -157,15 +157,30 @@ class PartialPredictions:
         self._file.flush()
         self.done.update(zip(rows, predictions))
 
-    def finish(self, output: str, fmt: str, examples: Sequence[Example]) -> None:
-        """Write ``output`` (every row, input order) atomically, then remove the partial file."""
+    def finish(self, output: str, fmt: str, examples: Sequence[Example],
+               row_of: Callable[[Example, str], dict] | None = None) -> None:
+        """Write ``output`` (every row, input order) atomically, then remove the partial file. Each row is
+        ``row_of(example, output text)``: by default the input row with a ``prediction`` field."""
         if self._file is not None:
             self._file.close()
         missing = [i for i in range(len(examples)) if i not in self.done]
         if missing:
             raise RuntimeError(f"rows {missing[:5]} were never decoded")
-        write_predictions(output, fmt, [e.row | {"prediction": self.done[i]} for i, e in enumerate(examples)])
+        row_of = row_of or (lambda e, text: e.row | {"prediction": text})
+        write_predictions(output, fmt, [row_of(e, self.done[i]) for i, e in enumerate(examples)])
         self.path.unlink()
+
+
+def distilled_row(example: Example, text: str, target_field: str) -> dict:
+    """A training row whose target is the teacher's output (sequence-level distillation); the reference moves
+    to ``reference`` (null if the row had none; kept if already there: distilling a distilled file keeps the
+    human reference). A blank output keeps the reference as the target: training refuses blank targets, and
+    a row is never dropped."""
+    row = dict(example.row)
+    row.setdefault("reference", example.target)  # null for an unlabelled row, so a second pass cannot fill it
+    if text.strip():
+        row[target_field] = text
+    return row
 
 
 def write_predictions(output: str, fmt: str, rows: Sequence[dict]) -> None:

@@ -100,6 +100,38 @@ def test_unreadable_input_and_missing_prediction_field(tmp_path, tiny_minilm_dir
     assert p.returncode == 2 and "p.jsonl:1: field 'prediction'" in p.stderr
 
 
+def test_distill_writes_the_teachers_outputs_as_targets(tmp_path, tiny_minilm_dir):
+    """`erniegen distill` = `generate`'s outputs as the targets, every other field and the order kept, the
+    reference under 'reference'; an unlabelled row gets a target too, and a student trains on the file."""
+    rows = [{"id": "a", "source": "the cat sat on the mat [SEP] cat", "target": "what sat on the mat?"},
+            {"id": "b", "source": "paris is in france [SEP] paris", "target": "what city is in france?"},
+            {"id": "c", "source": "water boils at 100 degrees [SEP] 100"}]
+    inp = tmp_path / "train.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["--model", str(tiny_minilm_dir), "--input", str(inp), "--max-length", "6", "--min-length", "3"]
+    run("generate", *flags, "--output", str(tmp_path / "pred.jsonl"))
+    run("distill", *flags, "--output", str(tmp_path / "kd.jsonl"))
+    pred = [json.loads(x) for x in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    kd = [json.loads(x) for x in (tmp_path / "kd.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in kd] == [p["prediction"] for p in pred] and all(r["target"].strip() for r in kd)
+    assert [r.get("reference") for r in kd] == ["what sat on the mat?", "what city is in france?", None]
+    assert [{k: v for k, v in r.items() if k not in ("target", "reference")} for r in kd] == \
+        [{k: v for k, v in r.items() if k != "target"} for r in rows]
+    # distilling a distilled file keeps the human reference
+    run("distill", *flags[:3], str(tmp_path / "kd.jsonl"), *flags[4:], "--output", str(tmp_path / "kd2.jsonl"))
+    again = [json.loads(x) for x in (tmp_path / "kd2.jsonl").read_text().splitlines()]
+    assert [r.get("reference") for r in again] == [r.get("reference") for r in kd]
+    # an output of nothing (the end token first) keeps the reference as the target; the note says how many
+    p = run("distill", *flags[:4], "--max-length", "1", "--output", str(tmp_path / "blank.jsonl"))
+    blank = [json.loads(x) for x in (tmp_path / "blank.jsonl").read_text().splitlines()]
+    assert [r.get("target") for r in blank] == [r.get("target") for r in rows]
+    assert "nothing for 3 rows" in p.stderr
+    run("finetune", "--model", str(tiny_minilm_dir), "--train", str(tmp_path / "kd.jsonl"), "--output",
+        str(tmp_path / "student"), "--max-steps", "1", "--batch-size", "3", "--head-warmup-steps", "0",
+        "--adapt-steps", "0")
+    assert (tmp_path / "student" / "best" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_finetune_under_torchrun_with_two_processes(tmp_path, tiny_minilm_dir):
     """The real recipe under torchrun/gloo: two ranks, rank 0 writes, the result reloads."""

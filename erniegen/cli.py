@@ -202,7 +202,8 @@ def cmd_finetune(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    """Check options, output, input and resume state first; then decode, saving every batch to OUTPUT.partial."""
+    """``generate`` and ``distill``: check options, output, input and resume state first; then decode, saving
+    every batch to OUTPUT.partial; the two differ only in the rows written at the end."""
     _check_runtime(args)
     from .data import read_examples
     from .decoding import iter_generate_text

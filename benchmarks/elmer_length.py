@@ -26,7 +26,8 @@ from erniegen import load  # noqa: E402
 from erniegen.batch import pad  # noqa: E402
 from erniegen.bench import write_results  # noqa: E402
 from erniegen.decoding import encode_sources, ids_to_text, options_from_settings  # noqa: E402
-from erniegen.elmer import FUSION, attach, hard_exit, layer_logits, outputs, pick, slot_count, soft_exit_layers  # noqa: E402
+from erniegen.elmer import (FUSION, attach, hard_exit, layer_logits, outputs, pick, slot_count,  # noqa: E402
+                             soft_exit_layers)
 from erniegen.metrics import qg_scores  # noqa: E402
 from erniegen.network import Network  # noqa: E402
 from erniegen.passes import encode_source  # noqa: E402

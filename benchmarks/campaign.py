@@ -18,7 +18,9 @@ the ``--data`` folder (the shared benchmark data) and ``{runs}`` the ``--runs`` 
 gets ``--model minilm --task squad_qg`` and squad_qg_sent's train and dev files first, so its own flags
 override them; it is scored on its own ``--dev`` file. ``NAME decode RUN [GENERATE FLAGS...]`` scores an
 earlier finetune run's best model once more with other decoding (a decoder, its iterations), once RUN is
-trained (and at least ``--min-train`` minutes are left, for the decoding).
+trained (and at least ``--min-train`` minutes are left, for the decoding). ``NAME distill RUN [GENERATE
+FLAGS...]`` has RUN's best model write RUN's training questions (``erniegen distill``) into
+``{runs}/NAME/distilled.jsonl``, which later lines pass as ``--train {runs}/NAME/distilled.jsonl``.
 A run cut at the budget resumes only where its run folder survives, and a new session may start on a new
 machine, so a training is not started when scored runs say it needs more time than is left: the queue goes on
 to the next entry that fits (a stopped run is always continued). With ``--split`` a run that cannot finish is
@@ -46,11 +48,14 @@ EXIT_STOPPED = 75  # erniegen's exit status for a run stopped by --max-time with
 EG = [sys.executable, "-m", "erniegen.cli"]
 
 
+READS_A_RUN = ("decode", "distill")  # entries whose first flag is an earlier finetune run
+
+
 @dataclass
 class Entry:
     name: str
-    command: str        # finetune | pretrain | decode
-    flags: list[str]    # decode: RUN, then generate's flags
+    command: str        # finetune | pretrain | decode | distill
+    flags: list[str]    # decode, distill: RUN, then generate's flags
     line: int
 
 
@@ -60,13 +65,15 @@ def read_queue(path: Path) -> list[Entry]:
         words = shlex.split(raw, comments=True)
         if not words:
             continue
-        if len(words) < 2 or words[1] not in ("finetune", "pretrain", "decode") or words[1:] == ["decode"]:
-            raise SystemExit(f"{path}:{i}: expected 'NAME finetune|pretrain [FLAGS...]' or 'NAME decode RUN "
-                             f"[FLAGS...]', got {raw.strip()!r}")
+        if len(words) < 2 or words[1] not in ("finetune", "pretrain", *READS_A_RUN) or words[1:] in (
+                [c] for c in READS_A_RUN):
+            raise SystemExit(f"{path}:{i}: expected 'NAME finetune|pretrain [FLAGS...]' or 'NAME decode|distill "
+                             f"RUN [FLAGS...]', got {raw.strip()!r}")
         if words[0] in seen:
             raise SystemExit(f"{path}:{i}: run name {words[0]!r} is queued twice")
-        if words[1] == "decode" and words[2] not in {e.name for e in entries if e.command == "finetune"}:
-            raise SystemExit(f"{path}:{i}: {words[0]} decodes {words[2]!r}, which no earlier finetune line trains")
+        if words[1] in READS_A_RUN and words[2] not in {e.name for e in entries if e.command == "finetune"}:
+            raise SystemExit(f"{path}:{i}: {words[0]} {words[1]}s with {words[2]!r}, which no earlier finetune line "
+                             f"trains")
         seen.add(words[0])
         entries.append(Entry(words[0], words[1], words[2:], i))
     return entries
@@ -100,7 +107,7 @@ def flags_of(e: Entry, runs: Path, data: Path) -> list[str]:
 def needs(e: Entry) -> list[str]:
     """The runs ``e`` reads a model of: a decode entry's RUN, and every ``{runs}/NAME`` in a training's flags (a
     static MIST reads a trained NAT model's pseudo targets; a fine-tuning starts from a pre-training)."""
-    if e.command == "decode":
+    if e.command in READS_A_RUN:
         return [e.flags[0]]
     return [m for f in e.flags for m in re.findall(r"\{runs\}/([^/\s]+)", f)]
 
@@ -145,10 +152,10 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict], machine: 
         if e.name in results:
             r = results[e.name]
             state = f"scored: BLEU-4 {r.get('bleu4', float('nan')):.2f}  ROUGE-L {r.get('rougeL', float('nan')):.2f}"
-        elif e.command == "decode":
-            state = f"waits for {e.flags[0]}" if waits_for(e, runs) else "to score"
+        elif e.command in READS_A_RUN and not (runs / f"{e.name}.done").exists():
+            state = f"waits for {e.flags[0]}" if waits_for(e, runs) else f"to {e.command}"
         elif (runs / f"{e.name}.done").exists():
-            state = "trained" + ("" if e.command == "pretrain" else ", not scored")
+            state = {"pretrain": "trained", "distill": "distilled"}.get(e.command, "trained, not scored")
         elif resumable(run):
             state = f"stopped at step {last_step(run)} (resumable)"
         elif missing := waits_for(e, runs):
@@ -157,7 +164,7 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict], machine: 
             state = "started, no checkpoint yet"
         else:
             state = "queued"
-        if e.command != "decode" and e.name not in results and (m := expected_minutes(e, results, machine)):
+        if e.command not in READS_A_RUN and e.name not in results and (m := expected_minutes(e, results, machine)):
             state += f" (~{m:.0f} min here)"
         print(f"{e.name:24s} {e.command:9s} {state}")
 
@@ -225,6 +232,19 @@ def train(e: Entry, runs: Path, data: Path, seconds: float) -> int:
     return rc
 
 
+def distill(e: Entry, teacher: Entry, runs: Path, data: Path) -> None:
+    """The ``teacher`` run's best model writes the targets of its own training file into NAME/distilled.jsonl
+    (resumed where a killed call left its partial file), then NAME.done."""
+    out = runs / e.name / "distilled.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    resume = ["--resume"] if out.with_name(out.name + ".partial").exists() else []
+    print(f"[{time.strftime('%H:%M:%S')}] {e.name}: distilling with {teacher.name}", flush=True)
+    subprocess.run([*EG, "distill", "--model", str(runs / teacher.name / "best"), "--input",
+                    last_value(flags_of(teacher, runs, data), "--train"), "--output", str(out), *e.flags[1:],
+                    *resume], check=True, cwd=ROOT)
+    (runs / f"{e.name}.done").write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
 def score(e: Entry, trained: Entry, runs: Path, data: Path, results: Path) -> None:
     """Full dev set of the ``trained`` run's best model, decoded by its default decoding (a finetune entry) or
     by ``e``'s generate flags (a decode entry); one JSON line naming ``e`` in ``results``."""
@@ -290,12 +310,16 @@ def main() -> None:
     for e in entries:
         if e.name in scored(args.results):
             continue
-        if e.command == "decode":
+        if e.command in READS_A_RUN:
+            if (args.runs / f"{e.name}.done").exists():
+                continue
             if waits_for(e, args.runs):
                 print(f"{e.name}: waits for {e.flags[0]} to be trained")
             elif deadline - time.monotonic() < 60 * args.min_train:
-                print(f"{hms(deadline - time.monotonic())} left: not enough to score {e.name}")
+                print(f"{hms(deadline - time.monotonic())} left: not enough to {e.command} {e.name}")
                 break
+            elif e.command == "distill":
+                distill(e, by_name[e.flags[0]], args.runs, args.data)
             else:
                 score(e, by_name[e.flags[0]], args.runs, args.data, args.results)
             continue

@@ -176,6 +176,11 @@ def test_every_campaign_run_is_a_valid_command():
             check_options(args)
             assert args.decoder is None or args.decoder in registry.DECODERS  # None: the model's default
             continue
+        if e.command == "distill":  # RUN's best model writes RUN's training targets
+            args = parser.parse_args(["distill", "--model", f"runs/{flags[0]}/best", "--input", "train.jsonl",
+                                      "--output", f"runs/{e.name}/distilled.jsonl", *flags[1:]])
+            check_options(args)
+            continue
         args = parser.parse_args([e.command, *flags, "--output", f"runs/{e.name}"])
         check_options(args)
         if e.command == "finetune":
@@ -202,11 +207,15 @@ def test_campaign_queue_errors_name_the_line(tmp_path):
     campaign = import_campaign()
     queue = tmp_path / "q.txt"
     queue.write_text("a finetune --seed 1\nb decode c --decoder nar\n")
-    with pytest.raises(SystemExit, match=r"q.txt:2: b decodes 'c', which no earlier finetune line trains"):
+    with pytest.raises(SystemExit, match=r"q.txt:2: b decodes with 'c', which no earlier finetune line trains"):
         campaign.read_queue(queue)
-    queue.write_text("a finetune --seed 1\nb decode\n")
-    with pytest.raises(SystemExit, match=r"q.txt:2: expected"):
+    queue.write_text("a finetune --seed 1\nb distill c\n")
+    with pytest.raises(SystemExit, match=r"q.txt:2: b distills with 'c', which no earlier finetune line trains"):
         campaign.read_queue(queue)
+    for line in ("b decode", "b distill"):
+        queue.write_text(f"a finetune --seed 1\n{line}\n")
+        with pytest.raises(SystemExit, match=r"q.txt:2: expected"):
+            campaign.read_queue(queue)
     queue.write_text("a finetune --seed 1\nb decode a --decoder nar\n")
     e = campaign.read_queue(queue)[1]
     assert (e.command, e.flags, campaign.label(e)) == ("decode", ["a", "--decoder", "nar"], "b: a/best, --decoder nar")
@@ -245,6 +254,31 @@ def test_campaign_expects_a_run_to_take_as_long_as_its_scored_twin():
     assert campaign.expected_minutes(entry("--method mist --seed 2"), rows, "unseen CPU") == 140.0
 
 
+def test_campaign_distills_a_trained_runs_training_file(tmp_path, tiny_minilm_dir):
+    """A distill entry runs `erniegen distill` with RUN's best model over RUN's --train file, into
+    RUNS/NAME/distilled.jsonl, marks NAME.done, and a later call skips it."""
+    import shutil
+    rows = [{"source": "the cat sat on the mat [SEP] cat", "target": "what sat?"},
+            {"source": "paris is in france [SEP] paris", "target": "what city?"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_minilm_dir, runs / "t" / "best")
+    (runs / "t.done").write_text("{}")
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({"name": "t", "label": "t default decoding", "bleu4": 0.0}) + "\n")
+    queue = tmp_path / "q.txt"
+    queue.write_text(f"t finetune --train {train}\nk distill t --max-length 4\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "campaign.py"), "--queue", str(queue), "--runs", str(runs),
+           "--results", str(results), "--budget", "20:00", "--min-train", "1"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    kd = [json.loads(x) for x in (runs / "k" / "distilled.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in kd] == ["what sat?", "what city?"] and (runs / "k.done").exists()
+    p = subprocess.run(cmd + ["--status"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert "k                        distill   distilled" in p.stdout
+
+
 def test_campaign_waits_for_the_runs_an_entry_reads(tmp_path):
     """A static MIST reads a NAT model and a decode entry its run's: neither starts before that run is trained
     in the same runs folder (run folders do not outlive a machine)."""
@@ -253,11 +287,15 @@ def test_campaign_waits_for_the_runs_an_entry_reads(tmp_path):
     queue.write_text("nat finetune --method nat\n"
                      "static finetune --method mist --method-option pseudo_from={runs}/nat/best\n"
                      "plain finetune --seed 3\n"
-                     "again decode nat --decoder nar\n")
-    nat, static, plain, again = campaign.read_queue(queue)
-    assert [campaign.needs(e) for e in (nat, static, plain, again)] == [[], ["nat"], [], ["nat"]]
+                     "again decode nat --decoder nar\n"
+                     "kd distill nat\n"
+                     "student finetune --method nat --train {runs}/kd/distilled.jsonl\n")
+    nat, static, plain, again, kd, student = campaign.read_queue(queue)
+    assert [campaign.needs(e) for e in (nat, static, plain, again, kd, student)] == \
+        [[], ["nat"], [], ["nat"], ["nat"], ["kd"]]
     runs = tmp_path / "runs"
     runs.mkdir()
-    assert campaign.waits_for(static, runs) == ["nat"] and campaign.waits_for(again, runs) == ["nat"]
+    assert [campaign.waits_for(e, runs) for e in (static, again, kd)] == [["nat"]] * 3
     (runs / "nat.done").write_text("{}")
-    assert campaign.waits_for(static, runs) == [] and campaign.waits_for(again, runs) == []
+    assert [campaign.waits_for(e, runs) for e in (static, again, kd)] == [[]] * 3
+    assert campaign.waits_for(student, runs) == ["kd"]

@@ -1,4 +1,5 @@
-"""``erniegen`` command line: finetune, generate, evaluate, bench, span-vocab, pretrain, plot."""
+"""``erniegen`` command line: finetune, generate, distill, evaluate, bench, tradeoff, calibrate, span-vocab, pretrain,
+plot."""
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,7 @@ OPTION_RANGES: dict[str, Range] = {
     "log_every": AT_LEAST_1, "max_train_examples": AT_LEAST_1, "shuffle_window": AT_LEAST_1,
     "seed": Range(0, 2**32, high_open=True), "smooth": AT_LEAST_1,
     "top_bigrams": AT_LEAST_0, "top_trigrams": AT_LEAST_0, "max_items_in_memory": AT_LEAST_0,
-    "min_count": AT_LEAST_1, "exit_threshold": AT_LEAST_0,
+    "min_count": AT_LEAST_1, "exit_threshold": AT_LEAST_0, "latency_samples": AT_LEAST_1, "limit": AT_LEAST_1,
 }
 
 
@@ -291,6 +292,26 @@ def cmd_bench(args) -> None:
     print(json.dumps(result))
 
 
+def _choice_options(ns: argparse.Namespace) -> dict:
+    """A ``tradeoff`` choice's flags checked as ``generate`` checks its own; its decoding options."""
+    check_options(ns)
+    _check_runtime(ns)
+    return _decode_options(ns)
+
+
+def cmd_tradeoff(args) -> None:
+    from .outputs import check_output_path
+    from .tradeoff import parse_choice, run_tradeoff
+    choices = [parse_choice(text, _add_decoding, _choice_options) for text in args.choice]
+    check_output_path(args.output, [args.input])
+    if args.plot:
+        from .plots import check_image_path
+        check_output_path(args.plot, [args.input, args.output], "--plot")
+        check_image_path(args.plot)
+    run_tradeoff(choices, args.input, args.output, args.plot, args.latency_samples, args.limit, args.source_field,
+                 args.target_field)
+
+
 def cmd_calibrate(args) -> None:
     from .data import read_examples
     from .finetune import write_int8_calibration
@@ -434,6 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--target-field", default="target")
     _add_decoding(b)
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser(
+        "tradeoff", help="quality beside latency and throughput for each decoding choice, and the Pareto front",
+        description="Every --choice (a model and the decoding flags of `erniegen generate`) decodes all rows of "
+                    "INPUT at its --batch-size (after one batch of warm-up) and is scored with its model's task "
+                    "metric; then its batch-1 latency is timed over the first --latency-samples rows after two "
+                    "warm-up rows. Prints a Markdown table, writes OUTPUT (JSON, after every choice) and the "
+                    "plot; a choice on the front is one no other beats on both quality and time. Run it on an "
+                    "idle machine: every timing shares the cores with whatever else runs.")
+    t.add_argument("--input", required=True, help="labelled rows to decode and score (jsonl, csv or tsv): a dev set")
+    t.add_argument("--choice", action="append", required=True, metavar="'LABEL=MODEL [FLAGS]'",
+                   help="e.g. 'greedy=runs/qg/best --num-beams 1' or 'int8=runs/qg/best --precision int8'; "
+                        "repeat for each choice")
+    t.add_argument("--output", required=True, help="results as JSON, with the machine, CPU model and date")
+    t.add_argument("--plot", help="image of quality against latency and throughput (.png, .svg, .pdf)")
+    t.add_argument("--latency-samples", type=int, default=20, help="rows timed one at a time, per choice")
+    t.add_argument("--limit", type=int, help="only the first N rows (quick looks; scores then differ from the full set's)")
+    t.add_argument("--source-field", default="source")
+    t.add_argument("--target-field", default="target")
+    t.set_defaults(func=cmd_tradeoff)
 
     c = sub.add_parser("calibrate", help="record activation maxima that int8 inference smooths with",
                        description="Decode NUM_SAMPLES sources (evenly spaced over INPUT; training sources are "

@@ -140,6 +140,16 @@ def _pyplot():
     return plt
 
 
+def check_image_path(output: str, option: str = "--plot") -> None:
+    """Before a long measurement: matplotlib is there and writes ``output``'s format (not at the end)."""
+    plt = _pyplot()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    suffix = Path(output).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise ValueError(f"{option} {output}: matplotlib writes {', '.join(sorted(formats))}, not {suffix or 'no suffix'!r}")
+
+
 def _save(fig, plt, output: str) -> None:
     """Write the figure under a temporary name, then rename: a reader never sees half a file."""
     fig.tight_layout()
@@ -165,4 +175,37 @@ def plot_exit_shares(rows: list[dict], output: str) -> None:
     ax.set_xticks(list(range(1, max(len(r["shares"]) for r in rows) + 1)))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
+    _save(fig, plt, output)
+
+
+METRIC_NAMES = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "meteor": "METEOR"}
+
+
+def plot_tradeoff(rows: list[dict], primary: str, output: str) -> None:
+    """``erniegen tradeoff``'s picture: quality against batch-1 latency (log scale) and against throughput,
+    each choice a labelled point, the choices no other beats joined as the front."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = ((axes[0], "b1_median_ms", "front_latency", "ms a sample at batch 1 (median, log scale)"),
+              (axes[1], "samples_per_s", "front_throughput", "samples a second at the choice's batch size"))
+    for ax, x, front, xlabel in panels:
+        points = [(r[x], r["scores"][primary], r["label"], r.get(front, False)) for r in rows]
+        ax.scatter([p[0] for p in points], [p[1] for p in points],
+                   c=["tab:red" if p[3] else "tab:gray" for p in points], zorder=3)
+        for px, py, label, _ in points:
+            ax.annotate(label, (px, py), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        on = sorted((p for p in points if p[3]), key=lambda p: p[0])
+        ax.plot([p[0] for p in on], [p[1] for p in on], color="tab:red", alpha=0.5,
+                drawstyle="steps-post" if x == "b1_median_ms" else "steps-pre")
+        if x == "b1_median_ms":
+            from matplotlib.ticker import ScalarFormatter
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set(xlabel=xlabel)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel(METRIC_NAMES.get(primary, primary))
+    fig.suptitle("What each decoding choice costs (red, joined: the front, where no other choice is both better "
+                 "and faster)", fontsize=11)
     _save(fig, plt, output)

@@ -309,7 +309,7 @@ def cmd_tradeoff(args) -> None:
         check_output_path(args.plot, [args.input, args.output], "--plot")
         check_image_path(args.plot)
     run_tradeoff(choices, args.input, args.output, args.plot, args.latency_samples, args.limit, args.source_field,
-                 args.target_field)
+                 args.target_field, args.predictions)
 
 
 def cmd_calibrate(args) -> None:
@@ -470,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeat for each choice")
     t.add_argument("--output", required=True, help="results as JSON, with the machine, CPU model and date")
     t.add_argument("--plot", help="image of quality against latency and throughput (.png, .svg, .pdf)")
+    t.add_argument("--predictions", metavar="DIR",
+                   help="also write each choice's predictions here, as DIR/LABEL.jsonl (the input rows with a "
+                        "'prediction' field)")
     t.add_argument("--latency-samples", type=int, default=20, help="rows timed one at a time, per choice")
     t.add_argument("--limit", type=int, help="only the first N rows (quick looks; scores then differ from the full set's)")
     t.add_argument("--source-field", default="source")

@@ -8,11 +8,13 @@ rows after a warm-up) and marks the choices no other beats on both axes: the Par
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -69,11 +71,17 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_is_better: bool 
     return [not any(beats(q, p) for q in points if q is not p) for p in points]
 
 
+def file_name(label: str) -> str:
+    """A choice's predictions file: its label with anything but letters, digits, ``.``, ``_``, ``-`` as ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-") + ".jsonl"
+
+
 @torch.inference_mode()
 def measure(model, choice: Choice, sources: Sequence[str], references: Sequence[str], metric: str,
-            latency_samples: int, warmup: int = 2) -> dict:
+            latency_samples: int, warmup: int = 2) -> tuple[dict, list[str]]:
     """Quality and throughput from decoding every row at the choice's batch size (after one batch of
-    warm-up), then median / p90 latency at batch 1 over the first ``latency_samples`` rows."""
+    warm-up), then median / p90 latency at batch 1 over the first ``latency_samples`` rows; and the
+    predictions."""
     from .decoding import encode_sources, generate_ids, ids_to_text
     from .metrics import compute_metrics
     from .registry import default_decoder
@@ -94,7 +102,7 @@ def measure(model, choice: Choice, sources: Sequence[str], references: Sequence[
             "mean_output_words": sum(len(p.split()) for p in predictions) / max(1, len(predictions)),
             "batch_size": choice.batch_size, "samples_per_s": len(sources) / seconds,
             "b1_median_ms": latency["median_ms_per_sample"], "b1_p90_ms": latency["p90_ms_per_sample"],
-            "b1_samples": latency["num_samples"]}
+            "b1_samples": latency["num_samples"]}, predictions
 
 
 def mark_fronts(rows: list[dict], primary: str) -> None:
@@ -122,15 +130,23 @@ def markdown_table(rows: list[dict], primary: str) -> str:
 
 def run_tradeoff(choices: Sequence[Choice], input_path: str, output: str, plot: str | None = None,
                  latency_samples: int = 20, limit: int | None = None, source_field: str = "source",
-                 target_field: str = "target") -> list[dict]:
+                 target_field: str = "target", predictions_dir: str | None = None) -> list[dict]:
     """Measure every choice on the rows of ``input_path``; write the JSON (after each choice, so a stopped
-    run keeps what it measured), the plot, and print the table."""
+    run keeps what it measured), each choice's predictions into ``predictions_dir`` (input rows with a
+    ``prediction`` field, named by :func:`file_name`), the plot, and print the table."""
     from . import load
     from .data import get_task, read_examples
+    from .outputs import ensure_writable_dir, write_predictions
     from .plots import plot_tradeoff
     labels = [c.label for c in choices]
     if len(set(labels)) != len(labels):
         raise ValueError(f"--choice labels must differ, got {labels}")
+    if predictions_dir is not None:
+        names = [file_name(label) for label in labels]
+        if len(set(names)) != len(names) or ".jsonl" in names:
+            raise ValueError(f"--predictions: the labels {labels} give the file names {names}; make them differ "
+                             "in letters or digits")
+        ensure_writable_dir(predictions_dir, "--predictions folder")
     examples = read_examples(input_path, source_field, target_field)
     examples = examples[:limit] if limit else examples
     sources, references = [e.source for e in examples], [e.target for e in examples]
@@ -144,8 +160,12 @@ def run_tradeoff(choices: Sequence[Choice], input_path: str, output: str, plot: 
             raise ValueError(f"--choice {choice.label!r}: its model was trained for task {model.settings.task!r}, "
                              f"scored with {task_metric!r}, but earlier choices are scored with {metric!r}")
         metric = task_metric
-        rows.append(measure(model, choice, sources, references, metric, latency_samples))
+        row, predictions = measure(model, choice, sources, references, metric, latency_samples)
+        rows.append(row)
         del model
+        if predictions_dir is not None:
+            write_predictions(str(Path(predictions_dir) / file_name(choice.label)), "jsonl",
+                              [e.row | {"prediction": p} for e, p in zip(examples, predictions)])
         mark_fronts(rows, PRIMARY_METRIC[metric])
         write_results(output, rows, input=input_path, metric=metric, primary=PRIMARY_METRIC[metric],
                       threads=torch.get_num_threads(), latency_samples=latency_samples)

@@ -6,8 +6,12 @@ import shutil
 import pytest
 
 from erniegen.cli import _add_decoding, _choice_options
-from erniegen.tradeoff import mark_fronts, markdown_table, pareto_front, parse_choice
+from erniegen.tradeoff import file_name, mark_fronts, markdown_table, pareto_front, parse_choice
 from test_cli import run, tiny_minilm_dir  # noqa: F401  (a module fixture)
+
+
+def test_file_names():
+    assert file_name("beam 5 int8") == "beam-5-int8.jsonl" and file_name("NAT/KD: δ=0") == "NAT-KD-0.jsonl"
 
 
 def test_pareto_front_by_hand():
@@ -66,6 +70,7 @@ def test_tradeoff_reports_what_generate_and_evaluate_report(tmp_path, tiny_minil
              "beam 2": ["--num-beams", "2", "--max-length", "6", "--batch-size", "2"]}
     out, plot = tmp_path / "tradeoff.json", tmp_path / "tradeoff.png"
     p = run("tradeoff", "--input", str(inp), "--output", str(out), "--plot", str(plot), "--latency-samples", "2",
+            "--predictions", str(tmp_path / "preds"),
             *(a for label, f in flags.items() for a in ("--choice", f"{label}={model} {' '.join(f)}")))
     result = json.loads(out.read_text())
     assert result["meta"]["primary"] == "bleu4" and result["meta"]["cpu"]
@@ -75,6 +80,8 @@ def test_tradeoff_reports_what_generate_and_evaluate_report(tmp_path, tiny_minil
         run("generate", "--model", str(model), "--input", str(inp), "--output", str(pred), *f)
         want = json.loads(run("evaluate", "--task", "squad_qg", "--predictions", str(pred)).stdout)
         row = got[label]
+        kept = [json.loads(x) for x in (tmp_path / "preds" / file_name(label)).read_text().splitlines()]
+        assert kept == [json.loads(x) for x in pred.read_text().splitlines()]
         assert {k: row["scores"][k] for k in ("bleu4", "meteor", "rougeL")} == \
             {k: want[k] for k in ("bleu4", "meteor", "rougeL")}
         assert row["n"] == 6 and row["b1_samples"] == 2 and row["samples_per_s"] > 0 and row["b1_median_ms"] > 0
@@ -92,7 +99,9 @@ def test_tradeoff_refuses_before_measuring(tmp_path, tiny_minilm_dir):  # noqa: 
     cases = [(["--choice", f"a={tiny_minilm_dir}", "--choice", f"a={tiny_minilm_dir} --num-beams 2"],
               "--choice labels must differ"),
              (["--choice", f"a={tiny_minilm_dir}", "--plot", str(tmp_path / "t.xyz")], "not 'xyz'"),
-             (["--choice", f"a={tiny_minilm_dir} --max-length 0"], "--max-length must be >= 1")]
+             (["--choice", f"a={tiny_minilm_dir} --max-length 0"], "--max-length must be >= 1"),
+             (["--choice", f"a b={tiny_minilm_dir}", "--choice", f"a/b={tiny_minilm_dir}", "--predictions",
+               str(tmp_path / "p")], "give the file names ['a-b.jsonl', 'a-b.jsonl']")]
     for extra, message in cases:
         p = run(*base, *extra, check=False)
         assert p.returncode == 2 and message in p.stderr, p.stderr

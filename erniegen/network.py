@@ -500,12 +500,7 @@ class Network(nn.Module):
         if cfg.model_type not in _PREFIXES:
             raise ValueError(f"{path / 'config.json'}: model_type {cfg.model_type!r} is not a supported "
                              f"BERT-family layout ({', '.join(sorted(_PREFIXES))})")
-        settings = GenerationSettings()
-        if (path / SETTINGS_FILE).exists():
-            try:
-                settings = GenerationSettings(**_read_json_object(path / SETTINGS_FILE))
-            except TypeError as e:  # an unknown key
-                raise ValueError(f"{path / SETTINGS_FILE}: {e}") from None
+        settings = read_settings(path)
         for k, v in settings_overrides.items():
             setattr(settings, k, v)
         # before the weights: a folder that cannot generate should fail fast, not after a long load
@@ -683,6 +678,17 @@ def _load_tokenizer(path: Path):
     except Exception as e:  # transformers raises many types for a bad tokenizer file
         reason = str(e).split("\n")[0].split(". ")[0]  # the first sentence
         raise ValueError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {reason})") from None
+
+
+def read_settings(name_or_path: str | Path) -> GenerationSettings:
+    """A checkpoint's erniegen settings without its weights (the defaults for one erniegen never trained)."""
+    path = resolve_model_path(str(name_or_path))
+    if not (path / SETTINGS_FILE).exists():
+        return GenerationSettings()
+    try:
+        return GenerationSettings(**_read_json_object(path / SETTINGS_FILE))
+    except TypeError as e:  # an unknown key
+        raise ValueError(f"{path / SETTINGS_FILE}: {e}") from None
 
 
 def resolve_model_path(name_or_path: str) -> Path:

@@ -105,6 +105,18 @@ def measure(model, choice: Choice, sources: Sequence[str], references: Sequence[
             "b1_samples": latency["num_samples"]}, predictions
 
 
+def task_metric(choices: Sequence[Choice]) -> str:
+    """The metric every choice's model is scored with, read before any weights load: a missing model folder
+    or models of different tasks stop the run before its first measurement, not in the middle."""
+    from .data import get_task
+    from .network import read_settings
+    metrics = {c.label: (get_task(s.task).metric, s.task) for c in choices for s in [read_settings(c.model)]}
+    if len({m for m, _ in metrics.values()}) > 1:
+        raise ValueError("the choices' models are scored with different metrics: " + ", ".join(
+            f"{label!r} ({task}: {m})" for label, (m, task) in metrics.items()) + "; compare models of one task")
+    return next(iter(metrics.values()))[0]
+
+
 def mark_fronts(rows: list[dict], primary: str) -> None:
     """Each row's place on the two fronts: quality against batch-1 latency, and against throughput."""
     quality = [r["scores"][primary] for r in rows]
@@ -119,8 +131,9 @@ def markdown_table(rows: list[dict], primary: str) -> str:
               and all(k in r["scores"] for r in rows)]
     head = ["choice", primary, *others, "ms/sample, batch 1 (median)", "p90", "samples/s at its batch", "batch"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    def mark(on: bool | None) -> str:
+        return " ◆" if on else ""
     for r in sorted(rows, key=lambda r: -r["scores"][primary]):
-        mark = lambda on: " ◆" if on else ""  # noqa: E731
         lines.append("| " + " | ".join([
             r["label"], f"{r['scores'][primary]:.2f}", *(f"{r['scores'][k]:.2f}" for k in others),
             f"{r['b1_median_ms']:.1f}{mark(r.get('front_latency'))}", f"{r['b1_p90_ms']:.1f}",
@@ -135,7 +148,7 @@ def run_tradeoff(choices: Sequence[Choice], input_path: str, output: str, plot: 
     run keeps what it measured), each choice's predictions into ``predictions_dir`` (input rows with a
     ``prediction`` field, named by :func:`file_name`), the plot, and print the table."""
     from . import load
-    from .data import get_task, read_examples
+    from .data import read_examples
     from .outputs import ensure_writable_dir, write_predictions
     from .plots import plot_tradeoff
     labels = [c.label for c in choices]
@@ -150,16 +163,12 @@ def run_tradeoff(choices: Sequence[Choice], input_path: str, output: str, plot: 
     examples = read_examples(input_path, source_field, target_field)
     examples = examples[:limit] if limit else examples
     sources, references = [e.source for e in examples], [e.target for e in examples]
-    metric, rows = None, []
+    metric = task_metric(choices)
+    rows = []
     for i, choice in enumerate(choices):
         print(f"[{i + 1}/{len(choices)}] {choice.label}: {choice.model} {shlex.join(choice.flags)}", file=sys.stderr)
         torch.manual_seed(0)
         model = load(choice.model, precision=choice.precision, runtime=choice.runtime)
-        task_metric = get_task(model.settings.task).metric
-        if metric is not None and task_metric != metric:
-            raise ValueError(f"--choice {choice.label!r}: its model was trained for task {model.settings.task!r}, "
-                             f"scored with {task_metric!r}, but earlier choices are scored with {metric!r}")
-        metric = task_metric
         row, predictions = measure(model, choice, sources, references, metric, latency_samples)
         rows.append(row)
         del model

@@ -57,11 +57,16 @@ def test_a_choice_takes_generates_flags_and_their_checks():
         assert message in str(e.value), (text, str(e.value))
 
 
+def squad_qg_copy(model, to):
+    """The tiny model, saved as one trained for squad_qg (scored with BLEU-4 / METEOR / ROUGE-L)."""
+    shutil.copytree(model, to)
+    settings = json.loads((to / "erniegen_config.json").read_text())
+    (to / "erniegen_config.json").write_text(json.dumps(settings | {"task": "squad_qg"}))
+    return to
+
+
 def test_tradeoff_reports_what_generate_and_evaluate_report(tmp_path, tiny_minilm_dir):  # noqa: F811
-    model = tmp_path / "qg-model"
-    shutil.copytree(tiny_minilm_dir, model)
-    settings = json.loads((model / "erniegen_config.json").read_text())
-    (model / "erniegen_config.json").write_text(json.dumps(settings | {"task": "squad_qg"}))
+    model = squad_qg_copy(tiny_minilm_dir, tmp_path / "qg-model")
     rows = [{"source": f"the {w} sat on the mat number {i} [SEP] {w}", "target": f"what sat on mat {i}?"}
             for i, w in enumerate(["cat", "dog", "cow", "hen", "fox", "owl"])]
     inp = tmp_path / "dev.jsonl"
@@ -92,6 +97,7 @@ def test_tradeoff_reports_what_generate_and_evaluate_report(tmp_path, tiny_minil
 
 
 def test_tradeoff_refuses_before_measuring(tmp_path, tiny_minilm_dir):  # noqa: F811
+    qg_model = squad_qg_copy(tiny_minilm_dir, tmp_path / "qg-model")
     inp = tmp_path / "dev.jsonl"
     inp.write_text(json.dumps({"source": "a b c", "target": "d"}) + "\n")
     out = tmp_path / "t.json"
@@ -101,7 +107,10 @@ def test_tradeoff_refuses_before_measuring(tmp_path, tiny_minilm_dir):  # noqa: 
              (["--choice", f"a={tiny_minilm_dir}", "--plot", str(tmp_path / "t.xyz")], "not 'xyz'"),
              (["--choice", f"a={tiny_minilm_dir} --max-length 0"], "--max-length must be >= 1"),
              (["--choice", f"a b={tiny_minilm_dir}", "--choice", f"a/b={tiny_minilm_dir}", "--predictions",
-               str(tmp_path / "p")], "give the file names ['a-b.jsonl', 'a-b.jsonl']")]
+               str(tmp_path / "p")], "give the file names ['a-b.jsonl', 'a-b.jsonl']"),
+             (["--choice", f"a={tiny_minilm_dir}", "--choice", f"b={tmp_path / 'absent'}"], "absent"),
+             (["--choice", f"a={tiny_minilm_dir}", "--choice", f"qg={qg_model}"],
+              "'a' (default: rouge), 'qg' (squad_qg: qg); compare models of one task")]
     for extra, message in cases:
         p = run(*base, *extra, check=False)
         assert p.returncode == 2 and message in p.stderr, p.stderr

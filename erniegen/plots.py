@@ -182,23 +182,27 @@ METRIC_NAMES = {"bleu4": "BLEU-4", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1", "ro
 
 
 def plot_tradeoff(rows: list[dict], primary: str, output: str) -> None:
-    """``erniegen tradeoff``'s picture: quality against batch-1 latency (log scale) and against throughput,
-    each choice a labelled point, the choices no other beats joined as the front."""
+    """``erniegen tradeoff``'s picture: quality against batch-1 latency (log scale) and against throughput.
+    One colour a choice, one marker shape a model, named in one legend beneath (labels written beside the
+    points overlap where choices cluster); the choices no other beats are ringed and joined as the front."""
     plt = _pyplot()
+    from matplotlib.ticker import ScalarFormatter
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    colours = plt.get_cmap("tab20" if len(rows) > 10 else "tab10")
+    models = list(dict.fromkeys(r.get("model", "") for r in rows))
+    markers = "osD^vPX*<>"
     panels = ((axes[0], "b1_median_ms", "front_latency", "ms a sample at batch 1 (median, log scale)"),
               (axes[1], "samples_per_s", "front_throughput", "samples a second at the choice's batch size"))
     for ax, x, front, xlabel in panels:
-        points = [(r[x], r["scores"][primary], r["label"], r.get(front, False)) for r in rows]
-        ax.scatter([p[0] for p in points], [p[1] for p in points],
-                   c=["tab:red" if p[3] else "tab:gray" for p in points], zorder=3)
-        for px, py, label, _ in points:
-            ax.annotate(label, (px, py), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        on = sorted((p for p in points if p[3]), key=lambda p: p[0])
-        ax.plot([p[0] for p in on], [p[1] for p in on], color="tab:red", alpha=0.5,
-                drawstyle="steps-post" if x == "b1_median_ms" else "steps-pre")
+        for i, r in enumerate(rows):
+            on = r.get(front, False)
+            ax.scatter(r[x], r["scores"][primary], color=colours(i % colours.N), zorder=3, s=60 if on else 36,
+                       marker=markers[models.index(r.get("model", "")) % len(markers)],
+                       edgecolors="black" if on else "none", linewidths=1.2, label=r["label"])
+        on = sorted((r for r in rows if r.get(front)), key=lambda r: r[x])
+        ax.plot([r[x] for r in on], [r["scores"][primary] for r in on], color="black", alpha=0.35, zorder=2,
+                drawstyle="steps-post" if x == "b1_median_ms" else "steps-pre", label="_front")
         if x == "b1_median_ms":
-            from matplotlib.ticker import ScalarFormatter
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(ScalarFormatter())
             ax.xaxis.set_minor_formatter(ScalarFormatter())
@@ -206,6 +210,8 @@ def plot_tradeoff(rows: list[dict], primary: str, output: str) -> None:
         ax.set(xlabel=xlabel)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(METRIC_NAMES.get(primary, primary))
-    fig.suptitle("What each decoding choice costs (red, joined: the front, where no other choice is both better "
-                 "and faster)", fontsize=11)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("What each decoding choice costs (ringed and joined: the front, where no other choice is both "
+                 "better and faster)", fontsize=11)
     _save(fig, plt, output)

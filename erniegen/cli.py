@@ -1,5 +1,5 @@
-"""``erniegen`` command line: finetune, generate, distill, evaluate, bench, tradeoff, calibrate, span-vocab, pretrain,
-plot."""
+"""``erniegen`` command line: finetune, generate, distill, evaluate, bench, tradeoff, serve, calibrate, span-vocab,
+pretrain, plot."""
 from __future__ import annotations
 
 import argparse
@@ -51,17 +51,21 @@ OPTION_RANGES: dict[str, Range] = {
     "seed": Range(0, 2**32, high_open=True), "smooth": AT_LEAST_1,
     "top_bigrams": AT_LEAST_0, "top_trigrams": AT_LEAST_0, "max_items_in_memory": AT_LEAST_0,
     "min_count": AT_LEAST_1, "exit_threshold": AT_LEAST_0, "latency_samples": AT_LEAST_1, "limit": AT_LEAST_1,
+    "port": Range(1, 65535), "max_wait_ms": AT_LEAST_0, "max_request_sources": AT_LEAST_1,
 }
 
 
-def check_options(args: argparse.Namespace) -> None:
-    """Refuse a numeric option out of range before any work, naming the option as it was typed."""
+def check_options(args: argparse.Namespace, json_fields: bool = False) -> None:
+    """Refuse a numeric option out of range before any work, naming the option as it was typed: a flag, or
+    with ``json_fields`` the field of a JSON request (``erniegen serve``)."""
+    def name(dest: str) -> str:
+        return dest if json_fields else f"--{dest.replace('_', '-')}"
     for dest, value in vars(args).items():
         if dest in OPTION_RANGES and value is not None and value not in OPTION_RANGES[dest]:
-            raise ValueError(f"--{dest.replace('_', '-')} must be {OPTION_RANGES[dest]}, got {value}")
+            raise ValueError(f"{name(dest)} must be {OPTION_RANGES[dest]}, got {value}")
     low, high = getattr(args, "min_length", None), getattr(args, "max_length", None)
     if low is not None and high is not None and low > high:
-        raise ValueError(f"--min-length {low} exceeds --max-length {high}")
+        raise ValueError(f"{name('min_length')} {low} exceeds {name('max_length')} {high}")
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:
@@ -312,6 +316,27 @@ def cmd_tradeoff(args) -> None:
                  args.target_field, args.predictions)
 
 
+def cmd_serve(args) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise ValueError("erniegen serve needs FastAPI and uvicorn: pip install 'erniegen[serve]'") from None
+    from .registry import default_decoder
+    from .serve import create_app
+    from . import load
+    _check_runtime(args)
+    model = load(args.model, precision=args.precision, runtime=args.runtime)
+    decoder = args.decoder or default_decoder(model.settings.method)
+
+    def check(options: dict) -> None:
+        check_options(argparse.Namespace(**options), json_fields=True)
+
+    app = create_app(model, decoder, _decode_options(args), check, args.batch_size, args.max_wait_ms,
+                     args.max_request_sources)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def cmd_calibrate(args) -> None:
     from .data import read_examples
     from .finetune import write_int8_calibration
@@ -478,6 +503,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source-field", default="source")
     t.add_argument("--target-field", default="target")
     t.set_defaults(func=cmd_tradeoff)
+
+    sv = sub.add_parser(
+        "serve", help="serve a model over HTTP (POST /generate, GET /health), batching requests that arrive together",
+        description="One thread owns the model and decodes every waiting request with the same options as one "
+                    "batch of up to --batch-size sources; requests arriving while a batch decodes form the next. "
+                    "The decoding flags are the server's defaults; a request may override them (JSON fields of "
+                    "the same names: num_beams, max_length, ...). OpenAPI docs at /docs.")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-wait-ms", type=float, default=0.0,
+                    help="hold a request back this long for others to share its batch (0: batch only what is "
+                         "already waiting)")
+    sv.add_argument("--max-request-sources", type=int, default=256, help="the most sources one request may send")
+    _add_decoding(sv)
+    sv.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("calibrate", help="record activation maxima that int8 inference smooths with",
                        description="Decode NUM_SAMPLES sources (evenly spaced over INPUT; training sources are "

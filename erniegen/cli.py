@@ -6,7 +6,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 
@@ -334,7 +336,30 @@ def cmd_serve(args) -> None:
 
     app = create_app(model, decoder, _decode_options(args), check, args.batch_size, args.max_wait_ms,
                      args.max_request_sources)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    batcher = app.state.batcher
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                          timeout_graceful_shutdown=30))
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:  # the server stopped (or never bound its port): the main thread stops serving too
+            batcher.close()
+
+    http = threading.Thread(target=run_http, name="erniegen-http", daemon=True)
+    http.start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    try:
+        batcher.serve_forever()  # the model on the main thread (erniegen.serve.Batcher says why)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        batcher.close()
+        batcher.serve_forever()  # answer what was already taken in
+        http.join(timeout=60)  # open connections get 30 s (timeout_graceful_shutdown), then are dropped
+    if not server.started:
+        raise ValueError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above)")
 
 
 def cmd_calibrate(args) -> None:

@@ -57,7 +57,12 @@ class _Request:
 
 
 class Batcher:
-    """Decodes submitted requests in shared batches on one thread (the only one that touches the model)."""
+    """Decodes submitted requests in shared batches on the one thread that runs :meth:`serve_forever`.
+
+    That thread should be the process's main one: PyTorch's OpenMP pool belongs to the thread that first
+    ran a parallel operation, and a second thread that decodes gets a second pool, more threads than cores,
+    whose workers libgomp then puts to sleep between operations (decoding took 1.4-1.7x as long from another
+    thread here, BENCHMARKS.md section 3). ``erniegen serve`` runs the HTTP server on a thread of its own."""
 
     def __init__(self, decode: Callable[[list[str], dict], list[str]], batch_size: int = 32,
                  max_wait_ms: float = 0.0):
@@ -66,8 +71,13 @@ class Batcher:
         self._pending: list[_Request] = []
         self._cv = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="erniegen-batcher", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Batcher":
+        """Serve on a background thread instead (tests, or a caller whose main thread is taken)."""
+        self._thread = threading.Thread(target=self.serve_forever, name="erniegen-batcher", daemon=True)
         self._thread.start()
+        return self
 
     def submit(self, sources: Sequence[str], options: dict | None = None) -> list[str]:
         """The outputs for ``sources``, in order; blocks until the batch holding them is decoded."""
@@ -83,11 +93,33 @@ class Batcher:
         return request.result
 
     def close(self) -> None:
-        """Finish what was submitted, then stop the thread."""
+        """Take no more requests; :meth:`serve_forever` returns once those submitted are answered."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def serve_forever(self) -> None:
+        """Decode batches until :meth:`close`, then answer what is still waiting and return."""
+        while (batch := self._take()) is not None:
+            sources = [s for r in batch for s in r.sources]
+            try:
+                outputs = self.decode(sources, batch[0].options)
+            except BaseException as e:  # every waiting request hears of it; the server goes on unless stopped
+                stopped = not isinstance(e, Exception)  # Ctrl-C or SIGTERM during the decode
+                for r in batch:
+                    r.error = RuntimeError("the server is shutting down") if stopped else e
+                    r.done.set()
+                if stopped:
+                    raise
+                continue
+            self.batches += 1
+            self.requests += len(batch)
+            start = 0
+            for r in batch:
+                r.result, start = outputs[start:start + len(r.sources)], start + len(r.sources)
+                r.done.set()
 
     def _take(self) -> list[_Request] | None:
         """The next batch: the oldest request and, in arrival order, those with its options that fit."""
@@ -111,28 +143,12 @@ class Batcher:
             self._pending = [r for r in self._pending if all(r is not b for b in batch)]
             return batch
 
-    def _loop(self) -> None:
-        while (batch := self._take()) is not None:
-            sources = [s for r in batch for s in r.sources]
-            try:
-                outputs = self.decode(sources, batch[0].options)
-            except BaseException as e:  # noqa: BLE001 -- every waiting request hears of it, the server goes on
-                for r in batch:
-                    r.error = e
-                    r.done.set()
-                continue
-            self.batches += 1
-            self.requests += len(batch)
-            start = 0
-            for r in batch:
-                r.result, start = outputs[start:start + len(r.sources)], start + len(r.sources)
-                r.done.set()
-
 
 def create_app(model, decoder: str, defaults: dict, check: Callable[[dict], None], batch_size: int = 32,
                max_wait_ms: float = 0.0, max_request_sources: int = 256):
     """The FastAPI application: ``POST /generate`` and ``GET /health``. ``defaults`` are the server's
-    decoding options, which a request's own override; ``check`` refuses an option out of range (ValueError)."""
+    decoding options, which a request's own override; ``check`` refuses an option out of range (ValueError).
+    Its batcher (``app.state.batcher``) is not started: run its ``serve_forever`` on the main thread."""
     from fastapi import FastAPI, HTTPException
 
     from .decoding import generate_text
@@ -169,6 +185,8 @@ def create_app(model, decoder: str, defaults: dict, check: Callable[[dict], None
             predictions = batcher.submit(request.sources, options)
         except ValueError as e:  # options that pass one by one but not together, e.g. for this decoder
             raise HTTPException(status_code=422, detail=str(e)) from None
+        except RuntimeError as e:  # shutting down
+            raise HTTPException(status_code=503, detail=str(e)) from None
         return GenerateResponse(predictions=predictions, ms=(time.perf_counter() - start) * 1000)
 
     @app.get("/health")

@@ -55,7 +55,7 @@ def in_threads(batcher, requests):
 
 def test_requests_that_arrive_together_share_a_batch_and_get_what_they_get_alone(model):
     sizes = []
-    batcher = Batcher(recording_decoder(model, sizes), batch_size=32, max_wait_ms=500)
+    batcher = Batcher(recording_decoder(model, sizes), batch_size=32, max_wait_ms=500).start()
     requests = [([s], {"max_length": 6}) for s in SOURCES[:6]]
     got = in_threads(batcher, requests)
     batcher.close()
@@ -65,7 +65,7 @@ def test_requests_that_arrive_together_share_a_batch_and_get_what_they_get_alone
 
 def test_options_never_mix_and_the_batch_size_caps_a_batch(model):
     sizes = []
-    batcher = Batcher(recording_decoder(model, sizes), batch_size=4, max_wait_ms=500)
+    batcher = Batcher(recording_decoder(model, sizes), batch_size=4, max_wait_ms=500).start()
     requests = [(SOURCES[0:2], {"max_length": 6}), (SOURCES[2:4], {"max_length": 6}),
                 (SOURCES[4:6], {"max_length": 6}), (SOURCES[6:8], {"max_length": 6, "num_beams": 2})]
     got = in_threads(batcher, requests)
@@ -80,7 +80,7 @@ def test_a_failing_batch_fails_its_requests_and_the_server_goes_on(model):
         if "boom" in sources:
             raise ValueError("cannot decode 'boom'")
         return generate_text(model, sources, None, 32, **options)
-    batcher = Batcher(decode)
+    batcher = Batcher(decode).start()
     with pytest.raises(ValueError, match="cannot decode 'boom'"):
         batcher.submit(["boom"], {"max_length": 6})
     assert batcher.submit(SOURCES[:1], {"max_length": 6}) == generate_text(model, SOURCES[:1], None, 1, max_length=6)
@@ -146,7 +146,11 @@ def test_the_server_answers_as_generate_does(tiny_minilm_dir, model):  # noqa: F
         assert status == 422 and "sources" in json.dumps(body["detail"])
         status, body = call(f"{base}/generate", {"sources": SOURCES[:5]})
         assert status == 422 and body["detail"].startswith("sources: 5 in one request, at most 4")
+        # a second server on the same port cannot bind it: a clear error and status 2, not a silent exit
+        second = subprocess.run([sys.executable, "-m", "erniegen.cli", "serve", "--model", str(tiny_minilm_dir),
+                                 "--port", str(port)], env=ENV, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and f"could not serve on 127.0.0.1:{port}" in second.stderr
     finally:
-        server.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     assert server.returncode == 0, server.stdout.read()

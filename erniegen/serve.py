@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pydantic import BaseModel, Field
 from dataclasses import dataclass, field
 
+IDLE_WAKEUP_S = 0.25  # how long an idle server may go before it notices Ctrl-C or SIGTERM
 # the decoding options a request may set (erniegen.search.DecodeOptions fields that `generate` exposes)
 REQUEST_OPTIONS = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size",
                    "max_token_run", "iterations", "length_beam", "dedup", "exit_threshold")
@@ -127,7 +128,9 @@ class Batcher:
             while not self._pending:
                 if self._stopping:
                     return None
-                self._cv.wait()
+                # never block for good: a signal the kernel hands to another thread reaches Python's handler
+                # only when the main thread next runs bytecode
+                self._cv.wait(timeout=IDLE_WAKEUP_S)
             first = self._pending[0]
             while not self._stopping:
                 waiting = sum(len(r.sources) for r in self._pending if r.key == first.key)

@@ -154,3 +154,28 @@ def test_the_server_answers_as_generate_does(tiny_minilm_dir, model):  # noqa: F
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     assert server.returncode == 0, server.stdout.read()
+
+
+STOP_SCRIPT = """
+import signal, threading, time
+from erniegen.serve import Batcher
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+batcher = Batcher(lambda sources, options: sources)
+def stop_from_this_thread():
+    time.sleep(0.5)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # the signal lands on a thread that is not main
+threading.Thread(target=stop_from_this_thread).start()
+start = time.monotonic()
+try:
+    batcher.serve_forever()
+except KeyboardInterrupt:
+    print(f"stopped after {time.monotonic() - start:.1f} s")
+"""
+
+
+def test_an_idle_server_stops_on_a_signal_that_lands_on_another_thread():
+    """The kernel hands a process's signal to any of its threads; Python runs the handler on the main thread,
+    and only when that thread runs bytecode: an idle batcher must wake up now and then to let it."""
+    p = subprocess.run([sys.executable, "-c", STOP_SCRIPT], env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("stopped after"), p.stderr
+    assert float(p.stdout.split()[2]) < 2.0

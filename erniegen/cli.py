@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 
@@ -337,6 +338,12 @@ def cmd_serve(args) -> None:
     app = create_app(model, decoder, _decode_options(args), check, args.batch_size, args.max_wait_ms,
                      args.max_request_sources)
     batcher = app.state.batcher
+    # the first decodes are slow (allocation, packing; with --runtime compile the compilation, once for one
+    # row and once for more): pay them before the first request does
+    start = time.perf_counter()
+    for rows in (1, 2):
+        batcher.decode(["warm up [SEP] warm"] * rows, _decode_options(args))
+    print(f"warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                           timeout_graceful_shutdown=30))
 

@@ -121,6 +121,7 @@ def test_the_server_answers_as_generate_does(tiny_minilm_dir, model):  # noqa: F
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.1)
         assert status == 200 and health["status"] == "ok" and health["decoder"] == "infilling"
+        assert health["batches"] == 0  # the start-up warm-up decodes are not requests
         status, body = call(f"{base}/generate", {"sources": SOURCES[:3]})
         assert status == 200 and body["predictions"] == generate_text(model, SOURCES[:3], None, 1, max_length=6)
         status, body = call(f"{base}/generate", {"sources": SOURCES[:2], "num_beams": 2, "max_length": 4})

@@ -130,9 +130,8 @@ def _check_runtime(args) -> None:
 
 
 def _decode_options(args) -> dict:
-    keys = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "max_token_run",
-            "iterations", "length_beam", "dedup", "exit_threshold")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    from .search import DecodeOptions
+    return {k: getattr(args, k) for k in DecodeOptions.USER_SET if getattr(args, k, None) is not None}
 
 
 # sysexits.h EX_TEMPFAIL: the run stopped at --max-time with its work saved; the same command with

@@ -44,6 +44,10 @@ class DecodeOptions:
     dedup: bool = False
     exit_threshold: float = EXIT_THRESHOLD  # ELMER hard exit: a slot exits once its entropy is below this
 
+    # what a user sets (generate's flags, serve's request fields); banned_ids is the library's own
+    USER_SET = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "max_token_run",
+                "iterations", "length_beam", "dedup", "exit_threshold")
+
     def __post_init__(self) -> None:
         for name in ("num_beams", "iterations", "length_beam"):
             if getattr(self, name) < 1:

@@ -12,14 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
-
-from pydantic import BaseModel, Field
 from dataclasses import dataclass, field
 
+from pydantic import BaseModel, Field
+
+from .search import DecodeOptions
+
 IDLE_WAKEUP_S = 0.25  # how long an idle server may go before it notices Ctrl-C or SIGTERM
-# the decoding options a request may set (erniegen.search.DecodeOptions fields that `generate` exposes)
-REQUEST_OPTIONS = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size",
-                   "max_token_run", "iterations", "length_beam", "dedup", "exit_threshold")
 
 
 class GenerateRequest(BaseModel):
@@ -177,7 +176,7 @@ def create_app(model, decoder: str, defaults: dict, check: Callable[[dict], None
         if len(request.sources) > max_request_sources:
             raise HTTPException(status_code=422, detail=f"sources: {len(request.sources)} in one request, at most "
                                                         f"{max_request_sources} (erniegen serve --max-request-sources)")
-        asked = {k: v for k in REQUEST_OPTIONS if (v := getattr(request, k)) is not None}
+        asked = {k: v for k in DecodeOptions.USER_SET if (v := getattr(request, k)) is not None}
         options = defaults | asked
         try:
             check(options)

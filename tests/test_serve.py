@@ -31,6 +31,15 @@ def model(tiny_minilm_dir):  # noqa: F811
     return erniegen.load(str(tiny_minilm_dir))
 
 
+def test_a_request_sets_what_generate_sets():
+    from erniegen.cli import build_parser
+    from erniegen.search import DecodeOptions
+    from erniegen.serve import GenerateRequest
+    generate = next(a for a in build_parser()._actions if a.dest == "command").choices["generate"]
+    assert set(GenerateRequest.model_fields) == {"sources", *DecodeOptions.USER_SET}
+    assert set(DecodeOptions.USER_SET) <= set(DecodeOptions.__dataclass_fields__) & {a.dest for a in generate._actions}
+
+
 def recording_decoder(model, sizes):
     def decode(sources, options):
         sizes.append(len(sources))

@@ -6,10 +6,7 @@ import argparse
 import json
 import math
 import os
-import signal
 import sys
-import threading
-import time
 from dataclasses import dataclass
 
 
@@ -321,11 +318,11 @@ def cmd_tradeoff(args) -> None:
 def cmd_serve(args) -> None:
     try:
         import fastapi  # noqa: F401
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise ValueError("erniegen serve needs FastAPI and uvicorn: pip install 'erniegen[serve]'") from None
     from .registry import default_decoder
-    from .serve import create_app
+    from .serve import create_app, run_server
     from . import load
     _check_runtime(args)
     model = load(args.model, precision=args.precision, runtime=args.runtime)
@@ -336,36 +333,7 @@ def cmd_serve(args) -> None:
 
     app = create_app(model, decoder, _decode_options(args), check, args.batch_size, args.max_wait_ms,
                      args.max_request_sources)
-    batcher = app.state.batcher
-    # the first decodes are slow (allocation, packing; with --runtime compile the compilation, once for one
-    # row and once for more): pay them before the first request does
-    start = time.perf_counter()
-    for rows in (1, 2):
-        batcher.decode(["warm up [SEP] warm"] * rows, _decode_options(args))
-    print(f"warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                          timeout_graceful_shutdown=30))
-
-    def run_http() -> None:
-        try:
-            server.run()
-        finally:  # the server stopped (or never bound its port): the main thread stops serving too
-            batcher.close()
-
-    http = threading.Thread(target=run_http, name="erniegen-http", daemon=True)
-    http.start()
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
-    try:
-        batcher.serve_forever()  # the model on the main thread (erniegen.serve.Batcher says why)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.should_exit = True
-        batcher.close()
-        batcher.serve_forever()  # answer what was already taken in
-        http.join(timeout=60)  # open connections get 30 s (timeout_graceful_shutdown), then are dropped
-    if not server.started:
-        raise ValueError(f"could not serve on {args.host}:{args.port} (uvicorn's message is above)")
+    run_server(app, args.host, args.port)
 
 
 def cmd_calibrate(args) -> None:

@@ -8,6 +8,8 @@ while a batch decodes form the next one; ``max_wait_ms`` can hold a lone request
 """
 from __future__ import annotations
 
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -169,7 +171,7 @@ def create_app(model, decoder: str, defaults: dict, check: Callable[[dict], None
 
     app = FastAPI(title="erniegen", description=f"{name}: {model.settings.method} model, decoder {decoder}, "
                                                 f"{model.precision}", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.defaults = batcher, defaults
 
     @app.post("/generate", response_model=GenerateResponse)
     def generate(request: GenerateRequest) -> GenerateResponse:
@@ -198,3 +200,39 @@ def create_app(model, decoder: str, defaults: dict, check: Callable[[dict], None
                 "batches": batcher.batches, "requests": batcher.requests}
 
     return app
+
+
+def run_server(app, host: str, port: int) -> None:
+    """Serve ``app`` until Ctrl-C or SIGTERM: HTTP (uvicorn) on a thread of its own, the model's batcher on this
+    one, which should be the main thread (:class:`Batcher` says why). What was taken in is answered first."""
+    import uvicorn
+    batcher: Batcher = app.state.batcher
+    # the first decodes are slow (allocation, packing; with --runtime compile the compilation, once for one row
+    # and once for more): pay them before the first request does
+    start = time.perf_counter()
+    for rows in (1, 2):
+        batcher.decode(["warm up [SEP] warm"] * rows, app.state.defaults)
+    print(f"warmed up in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                          timeout_graceful_shutdown=30))
+
+    def run_http() -> None:
+        try:
+            server.run()
+        finally:  # the server stopped (or never bound its port): this thread stops serving too
+            batcher.close()
+
+    http = threading.Thread(target=run_http, name="erniegen-http", daemon=True)
+    http.start()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    try:
+        batcher.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        batcher.close()
+        batcher.serve_forever()  # answer what was already taken in
+        http.join(timeout=60)  # open connections get 30 s (timeout_graceful_shutdown), then are dropped
+    if not server.started:
+        raise ValueError(f"could not serve on {host}:{port} (uvicorn's message is above)")

@@ -68,7 +68,7 @@ def pareto_front(points: Sequence[tuple[float, float]], lower_x_is_better: bool 
     def beats(a: tuple[float, float], b: tuple[float, float]) -> bool:
         ax, bx = (a[0], b[0]) if lower_x_is_better else (-a[0], -b[0])
         return ax <= bx and a[1] >= b[1] and (ax < bx or a[1] > b[1])
-    return [not any(beats(q, p) for q in points if q is not p) for p in points]
+    return [not any(beats(q, p) for q in points) for p in points]  # no point beats itself: that needs a strict win
 
 
 def file_name(label: str) -> str:

@@ -17,6 +17,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -45,9 +46,10 @@ def start_server(model: str, batch_size: int, flags: list[str]) -> tuple[subproc
     port = free_port()
     cmd = [sys.executable, "-m", "erniegen.cli", "serve", "--model", model, "--port", str(port),
            "--batch-size", str(batch_size), *flags]
-    log = open(f"/tmp/serve_load-{port}.log", "w")
-    server = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=log,
-                              stderr=subprocess.STDOUT)
+    log = Path(tempfile.gettempdir()) / f"erniegen-serve-{port}.log"  # the server's own account, if it fails
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        server = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=out,
+                                  stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     for _ in range(1200):
         try:
@@ -55,10 +57,10 @@ def start_server(model: str, batch_size: int, flags: list[str]) -> tuple[subproc
                 return server, base
         except OSError:
             if server.poll() is not None:
-                raise SystemExit(f"the server stopped with status {server.returncode}: {' '.join(cmd)}")
+                raise SystemExit(f"the server stopped with status {server.returncode} (log: {log}): {' '.join(cmd)}")
             time.sleep(0.1)
     server.kill()
-    raise SystemExit("the server did not come up in 120 s")
+    raise SystemExit(f"the server did not come up in 120 s (log: {log})")
 
 
 def load(base: str, sources: list[str], clients: int, requests: int) -> dict:

@@ -197,7 +197,8 @@ def cmd_finetune(args) -> None:
                          max_source_len=args.max_source_len,
                          max_target_len=args.max_target_len, source_field=args.source_field,
                          target_field=args.target_field, eval_samples=args.eval_samples,
-                         max_train_examples=args.max_train_examples, trainer=trainer,
+                         max_train_examples=args.max_train_examples, skip_empty_rows=args.skip_empty_rows,
+                         trainer=trainer,
                          attention_dropout=args.attention_dropout, hidden_dropout=args.dropout,
                          freeze_embeddings=args.freeze_embeddings, ema_decay=args.ema_decay,
                          answer_marker=args.answer_marker, copy=args.copy,
@@ -414,14 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-target-len", type=int,
                    help="target tokens kept, end included (default: the task preset's; for --method elmer, "
                         "the slot count T, the longest training target)")
-    f.add_argument("--source-field")
-    f.add_argument("--target-field")
+    f.add_argument("--source-field", help="default: the task preset's (xsum: document), else source")
+    f.add_argument("--target-field", help="default: the task preset's (xsum: summary), else target")
     f.add_argument("--eval-every", type=int, help="optimizer steps between dev evaluations (default: each epoch)")
     f.add_argument("--eval-samples", type=int, default=300,
                    help="dev examples decoded per evaluation, evenly spaced over the dev file")
     f.add_argument("--save-every", type=int)
     f.add_argument("--log-every", type=int, default=10)
     f.add_argument("--max-train-examples", type=int)
+    f.add_argument("--skip-empty-rows", action="store_true",
+                   help="leave out training and dev rows whose source or target is empty or null (each named in "
+                        "a note) instead of stopping at the first; XSum has empty documents")
     f.add_argument("--attention-dropout", type=float,
                    help="attention-probability dropout (default: the checkpoint's on GPU, 0 on CPU, where it "
                         "doubles step time and memory)")
@@ -607,7 +611,10 @@ def main(argv: list[str] | None = None) -> None:
         check_options(args)
         args.func(args)
     except (OSError, ValueError) as e:  # DataError is a ValueError
-        print(f"erniegen {args.command}: error: {e}", file=sys.stderr)
+        from .data import EmptyField
+        hint = " (--skip-empty-rows leaves such rows out)" if isinstance(e, EmptyField) and args.command == "finetune" \
+            else ""
+        print(f"erniegen {args.command}: error: {e}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

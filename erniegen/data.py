@@ -32,6 +32,10 @@ class DataError(ValueError):
         super().__init__(f"{where}: {what}")
 
 
+class EmptyField(DataError):
+    """A required field that is present but empty or null: the one row problem a reader may skip."""
+
+
 @dataclass
 class Example:
     """One source/target pair; ``row`` is kept so predictions can be written back next to it."""
@@ -46,14 +50,22 @@ class Example:
 # Reading
 
 
+Fields = str | tuple[str, ...]  # a field's name, or names in order of preference (the first a row has is read)
+
+
 def read_examples(
     spec: str,
-    source_field: str = "source",
-    target_field: str = "target",
+    source_field: Fields = "source",
+    target_field: Fields = "target",
     require_target: bool = True,
     split: str = "train",
+    skipped: list[DataError] | None = None,
 ) -> list[Example]:
     """Read examples from a JSONL/JSON-lines, CSV or TSV file, or a ``datasets`` name.
+
+    With a ``skipped`` list, a row whose source or required target is empty or null is left out and its
+    error appended there instead of raised: real corpora have a few (XSum has empty documents), and a
+    user who asked to skip them should lose those rows, not the run. Other bad rows still raise.
 
     ``spec`` is a file path when such a file exists or when it looks like one
     (known suffix, or starts with ``/``, ``./``, ``../`` or ``~``); otherwise it
@@ -68,7 +80,14 @@ def read_examples(
         raise DataError(spec, "file not found")
     else:
         rows = _read_dataset_rows(spec, split)
-    examples = [_to_example(row, file, line, source_field, target_field, require_target) for row, file, line in rows]
+    examples = []
+    for row, file, line in rows:
+        try:
+            examples.append(_to_example(row, file, line, source_field, target_field, require_target))
+        except EmptyField as e:
+            if skipped is None:
+                raise
+            skipped.append(e)
     if not examples:  # nothing to train on, generate from or score: never a silent empty result
         raise DataError(spec if os.path.isfile(path) else f"{spec}[{split}]", "holds no rows")
     return examples
@@ -149,7 +168,7 @@ def _read_dataset_rows(spec: str, split: str) -> Iterator[tuple[Any, str, int]]:
 
 
 def _to_example(
-    row: Any, file: str, line: int, source_field: str, target_field: str, require_target: bool
+    row: Any, file: str, line: int, source_field: Fields, target_field: Fields, require_target: bool
 ) -> Example:
     if not isinstance(row, dict):
         raise DataError(file, f"row is a JSON {type(row).__name__}, not an object; expected one object per line", line)
@@ -158,19 +177,22 @@ def _to_example(
     return Example(source=source, target=target, row=row, where=f"{file}:{line}")
 
 
-def _field(row: dict, name: str, file: str, line: int, required: bool) -> str | None:
+def _field(row: dict, names: Fields, file: str, line: int, required: bool) -> str | None:
+    names = (names,) if isinstance(names, str) else names
+    name = next((n for n in names if n in row), names[0])
     value = row.get(name)
     if value is None:
+        if required and name in row:
+            raise EmptyField(file, "is null", line, name)
         if required:
             present = ", ".join(map(repr, row)) or "none"
-            problem = "is null" if name in row else f"is missing (fields present: {present})"
-            raise DataError(file, problem, line, name)
+            raise DataError(file, f"is missing (fields present: {present})", line, name)
         return None
     if not isinstance(value, str):
         raise DataError(file, f"must be a string, got {type(value).__name__}", line, name)
     if not value.strip():
         if required:
-            raise DataError(file, "is empty", line, name)
+            raise EmptyField(file, "is empty", line, name)
         return None
     return value
 
@@ -210,6 +232,11 @@ class TaskPreset:
     copy: bool = False                   # copy source words (ERNIE-GEN's method_options copy) where the method can
     max_token_run: int = 0               # decoding: no token more than this many times in a row (0: any)
     recipe_note: str = ""
+
+    def fields(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The source and target field names to read: the preset's, then the generic ``source``/``target``,
+        so a local file in the generic layout reads under any preset (xsum's are the Hub dataset's)."""
+        return tuple(dict.fromkeys((self.source_field, "source"))), tuple(dict.fromkeys((self.target_field, "target")))
 
 
 TASKS: dict[str, TaskPreset] = {

@@ -18,7 +18,7 @@ import torch
 
 from . import registry
 from .batch import collate_pairs
-from .data import TaskPreset, encode_examples, get_task, marker_id, read_examples
+from .data import DataError, TaskPreset, encode_examples, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
 from .head_warmup import prepare_checkpoint
 from .metrics import compute_metrics, qg_scores
@@ -57,6 +57,7 @@ class FinetuneConfig:
     answer_marker: str | None = None  # token around the answer in the passage; None: the preset's; "none": no marker
     copy: bool | None = None  # copy source words (method_options copy); None: the preset's, for methods that can
     max_train_examples: int | None = None
+    skip_empty_rows: bool = False  # leave out (and name) rows with an empty source or target instead of stopping
     trainer: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir=""))
     method_options: dict = field(default_factory=dict)
 
@@ -116,11 +117,17 @@ def fit_target_len(preset: TaskPreset, feats: Sequence) -> TaskPreset:
     return dataclasses.replace(preset, max_target_len=longest)
 
 
-def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None, spread: bool = False):
+def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None, spread: bool = False,
+               skip_empty: bool = False):
     """Read and encode ``path``; with ``limit``, its first ``limit`` rows, or with ``spread`` ``limit`` rows
     evenly spaced over the file: dev files are often grouped by article (squad_qg_sent's first 300 dev pairs
-    come from 2 of its 4 articles), and a checkpoint chosen on a subset should be chosen on the whole mix."""
-    examples = read_examples(path, preset.source_field, preset.target_field)
+    come from 2 of its 4 articles), and a checkpoint chosen on a subset should be chosen on the whole mix.
+    ``skip_empty`` leaves out rows with an empty source or target, named in a note."""
+    skipped: list[DataError] | None = [] if skip_empty else None
+    examples = read_examples(path, *preset.fields(), skipped=skipped)
+    if skipped and is_main_process():
+        shown = "; ".join(str(e) for e in skipped[:3]) + ("; …" if len(skipped) > 3 else "")
+        print(f"note: {path}: skipped {len(skipped)} row(s) with an empty field ({shown})", file=sys.stderr)
     if limit is not None and spread and limit < len(examples):
         examples = [examples[i * len(examples) // limit] for i in range(limit)]
     elif limit is not None:
@@ -235,7 +242,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         no_repeat_ngram_size=preset.no_repeat_ngram_size, max_token_run=preset.max_token_run,
         answer_marker=preset.answer_marker)
 
-    train_examples, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples)
+    train_examples, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples,
+                                             skip_empty=cfg.skip_empty_rows)
     if family.fixed_slots and cfg.max_target_len is None:
         preset = fit_target_len(preset, train_feats)
     model.settings.extra = model.settings.extra | {"max_target_len": preset.max_target_len}
@@ -247,7 +255,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
     evaluate = None
     if cfg.dev:
-        dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples, spread=True)
+        dev_examples, dev_feats = load_pairs(cfg.dev, preset, model.tokenizer, cfg.eval_samples, spread=True,
+                                             skip_empty=cfg.skip_empty_rows)
         # the dev loss runs the training objective, which needs what the method adds to features (static pseudo targets)
         dev_feats = family.prepare_features(cfg.method, dev_feats, cfg.method_options)
         # the decoding the model will keep (its settings, above), at the evaluation's beam width

@@ -76,7 +76,8 @@ def test_finetune_generate_evaluate_bench(finetuned, tmp_path):
 BAD = {
     "malformed.jsonl": ('{"source": "a", "target": "b"}\n{"source": "a", \n', "malformed.jsonl:2"),
     "missing.jsonl": ('{"source": "a", "target": "b"}\n{"source": "a"}\n', "missing.jsonl:2: field 'target'"),
-    "empty.jsonl": ('{"source": "a", "target": "  "}\n', "empty.jsonl:1: field 'target'"),
+    "empty.jsonl": ('{"source": "a", "target": "  "}\n',
+                    "empty.jsonl:1: field 'target' is empty (--skip-empty-rows leaves such rows out)"),
 }
 
 
@@ -88,6 +89,17 @@ def test_bad_training_input_stops_with_file_line_field(name, tmp_path, tiny_mini
             str(tmp_path / "out"), "--max-steps", "1", check=False)
     assert p.returncode == 2 and expected in p.stderr, p.stderr
     assert not (tmp_path / "out" / "best").exists()
+
+
+def test_skip_empty_rows_trains_on_the_rest_and_names_what_it_left(tmp_path, tiny_minilm_dir):
+    rows = [{"source": "the cat sat [SEP] cat", "target": "what sat?"}, {"source": "", "target": "orphan"},
+            {"source": "paris is in france [SEP] paris", "target": "what city?"}]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = run("finetune", "--model", str(tiny_minilm_dir), "--train", str(train), "--output", str(tmp_path / "out"),
+            "--max-steps", "1", "--skip-empty-rows")
+    assert f"skipped 1 row(s) with an empty field ({train}:2: field 'source' is empty)" in p.stderr
+    assert f"{train}: 2 examples" in p.stderr
 
 
 def test_unreadable_input_and_missing_prediction_field(tmp_path, tiny_minilm_dir):

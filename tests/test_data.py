@@ -85,6 +85,33 @@ def test_custom_field_names(tmp_path: Path) -> None:
     assert error_of(spec).startswith(f"{spec}:1: field 'source' is missing")
 
 
+def test_skipped_rows_are_named_and_the_rest_kept(tmp_path: Path) -> None:
+    rows = [ROWS[0], {"source": " ", "target": "t"}, {"source": "s", "target": None}, ROWS[1]]
+    spec = write_jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
+    skipped: list[DataError] = []
+    examples = read_examples(spec, skipped=skipped)
+    assert [e.where for e in examples] == [f"{spec}:1", f"{spec}:4"]
+    assert [str(e) for e in skipped] == [f"{spec}:2: field 'source' is empty", f"{spec}:3: field 'target' is null"]
+    # only empty and null fields are skippable: a missing field is a wrong layout, not a bad row
+    missing = write_jsonl(tmp_path / "m.jsonl", [json.dumps(ROWS[0]), json.dumps({"source": "s"})])
+    with pytest.raises(DataError, match="field 'target' is missing"):
+        read_examples(missing, skipped=[])
+
+
+def test_preset_fields_fall_back_to_the_generic_names(tmp_path: Path) -> None:
+    xsum = get_task("xsum")
+    assert xsum.fields() == (("document", "source"), ("summary", "target"))
+    assert get_task("squad_qg").fields() == (("source",), ("target",))
+    hub = write_jsonl(tmp_path / "hub.jsonl", [json.dumps({"document": "doc", "summary": "sum", "source": "x"})])
+    local = write_jsonl(tmp_path / "local.jsonl", [json.dumps({"source": "doc", "target": "sum"})])
+    for spec in (hub, local):  # the preset's own name wins where a row has it
+        [ex] = read_examples(spec, *xsum.fields())
+        assert (ex.source, ex.target) == ("doc", "sum")
+    neither = write_jsonl(tmp_path / "n.jsonl", [json.dumps({"text": "doc", "summary": "sum"})])
+    assert error_of(neither, source_field=xsum.fields()[0]) == (
+        f"{neither}:1: field 'document' is missing (fields present: 'text', 'summary')")
+
+
 def test_empty_target_is_an_error_when_required(tmp_path: Path) -> None:
     spec = write_jsonl(tmp_path / "train.jsonl", [json.dumps({"source": "s", "target": "  \t"})])
     assert error_of(spec) == f"{spec}:1: field 'target' is empty"

@@ -255,7 +255,8 @@ def score(e: Entry, trained: Entry, runs: Path, data: Path, results: Path) -> No
     subprocess.run([*EG, "generate", "--model", str(runs / trained.name / "best"), "--input",
                     dev_file(flags_of(trained, runs, data)), "--output", str(pred), *decoding, *resume],
                    check=True, cwd=ROOT)
-    out = subprocess.run([*EG, "evaluate", "--task", "squad_qg", "--predictions", str(pred)], check=True, cwd=ROOT,
+    task = last_value(flags_of(trained, runs, data), "--task")
+    out = subprocess.run([*EG, "evaluate", "--task", task, "--predictions", str(pred)], check=True, cwd=ROOT,
                          capture_output=True, text=True).stdout
     row = json.loads(out) | {"name": e.name, "label": label(e), "command": e.command, "flags": shlex.join(e.flags)}
     if e.command != "decode":

@@ -254,7 +254,8 @@ def cmd_evaluate(args) -> None:
     from .data import DataError, get_task, read_examples
     from .metrics import compute_metrics
     preset = get_task(args.task)
-    rows = read_examples(args.predictions, args.source_field or preset.source_field, "target")
+    sources, targets = preset.fields()
+    rows = read_examples(args.predictions, args.source_field or sources, targets)
     preds = []
     for e in rows:
         if "prediction" not in e.row or not isinstance(e.row["prediction"], str):

@@ -311,3 +311,19 @@ def test_campaign_waits_for_the_runs_an_entry_reads(tmp_path):
     (runs / "nat.done").write_text("{}")
     assert [campaign.waits_for(e, runs) for e in (static, again, kd)] == [[]] * 3
     assert campaign.waits_for(student, runs) == ["kd"]
+
+
+def test_evaluate_reads_a_local_summarization_file_under_the_xsum_preset(tmp_path, capsys):
+    """xsum's fields are the Hub dataset's (document, summary); `generate` writes a local source/target file back
+    as it read it, and `evaluate --task xsum` scores that file with ROUGE."""
+    from erniegen.cli import main
+    rows = [{"source": "the cat sat on the mat all day .", "target": "a cat sat on a mat .",
+             "prediction": "a cat sat on a mat ."},
+            {"source": "paris is the capital of france .", "target": "paris is in france .",
+             "prediction": "france has a capital ."}]
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["evaluate", "--task", "xsum", "--predictions", str(pred)])
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["task"] == "xsum" and scores["n"] == 2
+    assert 50 < scores["rougeL"] < 100  # one exact summary, one partial

@@ -304,7 +304,7 @@ TASKS: dict[str, TaskPreset] = {
         max_target_len=64,
         max_decode_len=64,
         min_decode_len=10,
-        noise_rate=0.5,
+        noise_rate=0.2,
         num_beams=5,
         length_penalty=1.0,
         no_repeat_ngram_size=3,
@@ -312,9 +312,25 @@ TASKS: dict[str, TaskPreset] = {
         metric="rouge",
         citation=(
             "XSum is not in ERNIE-GEN. Lengths follow common BART/MIST practice for BERT-size encoders "
-            "(source 512, target 64, decode up to 64, min 10, no-repeat trigram); noise 0.5 and label "
-            "smoothing 0.1 follow ERNIE-GEN's summarization configs. Fields match the Hugging Face "
-            "'EdinburghNLP/xsum' dataset (document, summary)."
+            "(source 512, target 64, decode up to 64, min 10, no-repeat trigram); label smoothing 0.1 follows "
+            "ERNIE-GEN's summarization configs (their noise 0.5 is --noise-rate 0.5). Fields match the Hugging "
+            "Face 'EdinburghNLP/xsum' dataset (document, summary); local source/target files read too."
+        ),
+        lr=4e-4,
+        epochs=20,
+        freeze_embeddings=True,
+        adapt_steps=600,
+        ema_decay=0.998,
+        copy=True,
+        recipe_note=(
+            "squad_qg's measured recipe, carried over and measured on XSum (BENCHMARKS.md, 'Summarization'): "
+            "899 training pairs of XSum's validation split with all-MiniLM-L6-v2 and sources cut to 96 tokens, "
+            "the preset as it stood (lr 1e-4, 3 epochs, noise 0.5, nothing else) wrote one sentence for every "
+            "document (Distinct-1 2.8; ROUGE-1/2/L 17.05 / 1.93 / 14.97), the recipe (lr 4e-4, frozen word "
+            "table, 600 task-adaptation steps, moving average 0.998, copying, noise 0.2, 20 epochs = 580 "
+            "steps) 24.17 / 4.33 / 18.91 at one seed. 20 epochs is for a small set: with the full 204k pairs "
+            "pass --epochs (1-3) or --max-steps. Sources: 512 here, for checkpoints trained on long inputs; "
+            "the runs above used --max-source-len 96 (all-MiniLM-L6-v2's positions past 128 look untrained)."
         ),
     ),
     "default": TaskPreset(

@@ -248,7 +248,8 @@ def test_xsum_and_default_presets() -> None:
     assert (x.noise_rate, x.num_beams, x.length_penalty) == (0.2, 5, 1.0)
     assert "not in ERNIE-GEN" in x.citation
     # squad_qg's recipe, measured on XSum too (BENCHMARKS.md, "Summarization")
-    assert (x.lr, x.epochs, x.freeze_embeddings, x.adapt_steps, x.ema_decay, x.copy) == (4e-4, 20, True, 600, 0.998, True)
+    recipe = (x.lr, x.epochs, x.freeze_embeddings, x.adapt_steps, x.ema_decay, x.copy, x.max_token_run)
+    assert recipe == (4e-4, 20, True, 600, 0.998, True, 0)
     d = get_task("default")
     assert (d.max_source_len, d.max_target_len, d.max_decode_len, d.metric) == (512, 64, 64, "rouge")
 

@@ -16,7 +16,7 @@ there is skipped.
 Queue lines (``benchmarks/campaign.txt``): ``NAME finetune|pretrain [FLAGS...]``; ``{data}`` in a flag is
 the ``--data`` folder (the shared benchmark data) and ``{runs}`` the ``--runs`` folder. A finetune run
 gets ``--model minilm --task squad_qg`` and squad_qg_sent's train and dev files first, so its own flags
-override them; it is scored on its own ``--dev`` file. ``NAME decode RUN [GENERATE FLAGS...]`` scores an
+override them; it is scored on its own ``--dev`` file with its own ``--task``'s metric. ``NAME decode RUN [GENERATE FLAGS...]`` scores an
 earlier finetune run's best model once more with other decoding (a decoder, its iterations), once RUN is
 trained (and at least ``--min-train`` minutes are left, for the decoding). ``NAME distill RUN [GENERATE
 FLAGS...]`` has RUN's best model write RUN's training questions (``erniegen distill``) into

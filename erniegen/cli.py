@@ -7,7 +7,12 @@ import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .data import Fields
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,32 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--source-field", default="source")
-    p.add_argument("--target-field", default="target")
+    _add_fields(p)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUTPUT.partial (same model, input and options)")
     _add_decoding(p)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_fields(p: argparse.ArgumentParser, target: bool = True) -> None:
+    p.add_argument("--source-field", help="default: the model's task preset's (xsum: document), else source")
+    if target:
+        p.add_argument("--target-field", help="default: the model's task preset's (xsum: summary), else target")
+
+
+def _fields(args: argparse.Namespace, models: Sequence[str]) -> tuple[Fields, Fields]:
+    """The fields to read: the flags, else the names of the task each model was fine-tuned for (then the
+    generic source/target), so a model trained with ``--task xsum`` on the Hub layout reads that layout."""
+    from .data import get_task
+    from .network import read_settings
+    presets = [get_task(read_settings(m).task) for m in models]
+    source = tuple(dict.fromkeys(n for p in presets for n in p.fields()[0]))
+    target = tuple(dict.fromkeys(n for p in presets for n in p.fields()[1]))
+    return args.source_field or source, getattr(args, "target_field", None) or target
+
+
+def _names(fields: Fields) -> str:
+    return " or ".join(f"'{n}'" for n in ((fields,) if isinstance(fields, str) else fields))
 
 
 def _add_decoding(p: argparse.ArgumentParser) -> None:
@@ -217,7 +242,8 @@ def cmd_generate(args) -> None:
     from . import load
     fmt = output_format(args.output)
     check_output_path(args.output, [args.input])
-    examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
+    source_field, target_field = _fields(args, [args.model])
+    examples = read_examples(args.input, source_field, target_field, require_target=False)
     model_dir = resolve_model_path(args.model).resolve()
     # what fixes the predictions: a resume with anything else would mix two runs in one file
     settings = {"input": file_stamps([args.input]), "rows": len(examples), "source_field": args.source_field,
@@ -235,18 +261,18 @@ def cmd_generate(args) -> None:
         partial.append(rows, preds)
     if args.command == "distill":
         blank = [e.where for i, e in enumerate(examples) if not partial.done[i].strip()]
-        partial.finish(args.output, fmt, examples, lambda e, text: distilled_row(e, text, args.target_field))
-        print(f"wrote {len(examples)} rows with the teacher's output as '{args.target_field}' to {args.output}",
+        partial.finish(args.output, fmt, examples, lambda e, text: distilled_row(e, text, target_field))
+        print(f"wrote {len(examples)} rows with the teacher's output as {_names(target_field)} to {args.output}",
               file=sys.stderr)
         if blank:
             print(f"note: the teacher wrote nothing for {len(blank)} rows (first: {blank[0]}); they keep their "
-                  f"reference as '{args.target_field}', or have none", file=sys.stderr)
+                  f"reference as the target, or have none", file=sys.stderr)
         return
     partial.finish(args.output, fmt, examples)
     print(f"wrote {len(examples)} predictions to {args.output}", file=sys.stderr)
     unscorable = sum(e.target is None for e in examples)
     if unscorable:
-        print(f"note: {unscorable} of {len(examples)} rows have no '{args.target_field}' field, so "
+        print(f"note: {unscorable} of {len(examples)} rows have no {_names(target_field)} field, so "
               f"`erniegen evaluate` cannot score {args.output}", file=sys.stderr)
 
 
@@ -277,7 +303,7 @@ def cmd_bench(args) -> None:
     _check_runtime(args)
     torch.manual_seed(0)
     model = load(args.model, precision=args.precision, runtime=args.runtime)
-    examples = read_examples(args.input, args.source_field, args.target_field, require_target=False)
+    examples = read_examples(args.input, *_fields(args, [args.model]), require_target=False)
     need = args.num_samples + 2 * args.batch_size
     sources = encode_sources(model, [e.source for e in examples][:need])
     opts = options_from_settings(model, **_decode_options(args))
@@ -313,8 +339,9 @@ def cmd_tradeoff(args) -> None:
         from .plots import check_image_path
         check_output_path(args.plot, [args.input, args.output], "--plot")
         check_image_path(args.plot)
-    run_tradeoff(choices, args.input, args.output, args.plot, args.latency_samples, args.limit, args.source_field,
-                 args.target_field, args.predictions)
+    source_field, target_field = _fields(args, [c.model for c in choices])
+    run_tradeoff(choices, args.input, args.output, args.plot, args.latency_samples, args.limit, source_field,
+                 target_field, args.predictions)
 
 
 def cmd_serve(args) -> None:
@@ -345,7 +372,7 @@ def cmd_calibrate(args) -> None:
     folder = resolve_model_path(args.model)
     if not os.access(folder, os.W_OK):
         sys.exit(f"error: {folder} is not writable; the calibration is saved beside the model's weights")
-    examples = read_examples(args.input, args.source_field, "target", require_target=False)
+    examples = read_examples(args.input, _fields(args, [args.model])[0], require_target=False)
     write_int8_calibration(str(folder), [e.source for e in examples], args.num_samples)
 
 
@@ -480,8 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-samples", type=int, default=64)
     b.add_argument("--fixed-length", type=int, help="force exactly this many generated tokens")
     b.add_argument("--hf-baseline", action="store_true", help="also time a same-size HF GPT-2 generate()")
-    b.add_argument("--source-field", default="source")
-    b.add_argument("--target-field", default="target")
+    _add_fields(b)
     _add_decoding(b)
     b.set_defaults(func=cmd_bench)
 
@@ -504,8 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'prediction' field)")
     t.add_argument("--latency-samples", type=int, default=20, help="rows timed one at a time, per choice")
     t.add_argument("--limit", type=int, help="only the first N rows (quick looks; scores then differ from the full set's)")
-    t.add_argument("--source-field", default="source")
-    t.add_argument("--target-field", default="target")
+    _add_fields(t)
     t.set_defaults(func=cmd_tradeoff)
 
     sv = sub.add_parser(
@@ -532,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", required=True, help="a model folder (written to)")
     c.add_argument("--input", required=True, help="jsonl with a source field")
     c.add_argument("--num-samples", type=int, default=64)
-    c.add_argument("--source-field", default="source")
+    _add_fields(c, target=False)
     c.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("span-vocab", help="T-test span vocabulary of bigrams/trigrams for the span flow")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from .data import DataError, Example
+from .data import DataError, Example, Fields
 
 # suffix -> format; .json is JSON lines, as erniegen reads it
 OUTPUT_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -171,15 +171,17 @@ class PartialPredictions:
         self.path.unlink()
 
 
-def distilled_row(example: Example, text: str, target_field: str) -> dict:
+def distilled_row(example: Example, text: str, target_field: Fields) -> dict:
     """A training row whose target is the teacher's output (sequence-level distillation); the reference moves
     to ``reference`` (null if the row had none; kept if already there: distilling a distilled file keeps the
-    human reference). A blank output keeps the reference as the target: training refuses blank targets, and
-    a row is never dropped."""
+    human reference). The target goes to the first of ``target_field``'s names the row has (else the first
+    name), so the file keeps its layout. A blank output keeps the reference as the target: training refuses
+    blank targets, and a row is never dropped."""
     row = dict(example.row)
     row.setdefault("reference", example.target)  # null for an unlabelled row, so a second pass cannot fill it
     if text.strip():
-        row[target_field] = text
+        names = (target_field,) if isinstance(target_field, str) else target_field
+        row[next((n for n in names if n in row), names[0])] = text
     return row
 
 

@@ -327,3 +327,32 @@ def test_evaluate_reads_a_local_summarization_file_under_the_xsum_preset(tmp_pat
     scores = json.loads(capsys.readouterr().out)
     assert scores["task"] == "xsum" and scores["n"] == 2
     assert 50 < scores["rougeL"] < 100  # one exact summary, one partial
+
+
+def test_generate_and_distill_read_the_fields_of_the_models_task(tmp_path, tiny_minilm_dir):
+    """A model fine-tuned with --task xsum reads the Hub layout (document/summary) without field flags, and
+    distill writes the teacher's output back under the target field each row has."""
+    import shutil
+    model = tmp_path / "xsum-model"
+    shutil.copytree(tiny_minilm_dir, model)
+    (model / "erniegen_config.json").write_text(json.dumps({"task": "xsum", "max_decode_len": 4}))
+    hub, local = tmp_path / "hub.jsonl", tmp_path / "local.jsonl"
+    hub.write_text(json.dumps({"id": "1", "document": "the cat sat on the mat .", "summary": "a cat sat ."}) + "\n")
+    local.write_text(json.dumps({"source": "paris is in france .", "target": "paris ."}) + "\n")
+    flags = ["--model", str(model), "--min-length", "2"]
+    run("generate", *flags, "--input", str(hub), "--output", str(tmp_path / "pred.jsonl"))
+    pred = json.loads((tmp_path / "pred.jsonl").read_text())
+    assert pred["document"] == "the cat sat on the mat ." and pred["prediction"].strip()
+    run("distill", *flags, "--input", str(hub), "--output", str(tmp_path / "kd-hub.jsonl"))
+    run("distill", *flags, "--input", str(local), "--output", str(tmp_path / "kd-local.jsonl"))
+    kd_hub = json.loads((tmp_path / "kd-hub.jsonl").read_text())
+    kd_local = json.loads((tmp_path / "kd-local.jsonl").read_text())
+    assert kd_hub["summary"] == pred["prediction"] and kd_hub["reference"] == "a cat sat ." and "target" not in kd_hub
+    assert kd_local["reference"] == "paris ." and kd_local["target"] != "paris ." and "summary" not in kd_local
+    # the flags still win: a model of any task reads the fields it is told to
+    p = run("generate", *flags, "--input", str(hub), "--output", str(tmp_path / "o.jsonl"), "--source-field",
+            "id", check=False)
+    assert p.returncode == 0 and json.loads((tmp_path / "o.jsonl").read_text())["id"] == "1"
+    p = run("generate", *flags, "--input", str(hub), "--output", str(tmp_path / "o2.jsonl"), "--source-field",
+            "text", check=False)
+    assert p.returncode == 2 and "hub.jsonl:1: field 'text' is missing" in p.stderr

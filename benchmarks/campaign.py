@@ -133,15 +133,22 @@ def last_step(run: Path) -> int | None:
     return max((s for s in steps if isinstance(s, int)), default=None)
 
 
+def stopped_at(run: Path) -> str:
+    step = last_step(run)
+    return "before fine-tuning (in its preparation)" if step is None else f"at step {step}"
+
+
 def hms(seconds: float) -> str:
     s = max(0, int(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def resumable(run: Path) -> bool:
-    """What erniegen would resume (its own test: a checkpoint-last, or one caught mid-swap by a kill)."""
+    """What erniegen would resume (its own test: a checkpoint-last, or one caught mid-swap by a kill; or the
+    saved state of a preparation before fine-tuning)."""
+    from erniegen.head_warmup import PREPARATION
     from erniegen.train import last_checkpoint
-    return run.is_dir() and last_checkpoint(run) is not None
+    return run.is_dir() and (last_checkpoint(run) is not None or (run / PREPARATION).is_file())
 
 
 def status(entries: list[Entry], runs: Path, results: dict[str, dict], machine: str | None = None) -> None:
@@ -157,7 +164,7 @@ def status(entries: list[Entry], runs: Path, results: dict[str, dict], machine: 
         elif (runs / f"{e.name}.done").exists():
             state = {"pretrain": "trained", "distill": "distilled"}.get(e.command, "trained, not scored")
         elif resumable(run):
-            state = f"stopped at step {last_step(run)} (resumable)"
+            state = f"stopped {stopped_at(run)} (resumable)"
         elif missing := waits_for(e, runs):
             state = f"waits for {', '.join(missing)}"
         elif run.exists():
@@ -343,7 +350,7 @@ def main() -> None:
                 continue
             rc = train(e, args.runs, args.data, left)
             if rc == EXIT_STOPPED:
-                print(f"{e.name}: stopped at the budget at step {last_step(args.runs / e.name)}; the next call resumes it")
+                print(f"{e.name}: stopped at the budget {stopped_at(args.runs / e.name)}; the next call resumes it")
                 break
             if rc != 0:
                 raise SystemExit(f"{e.name}: erniegen {e.command} failed with status {rc}; see "

@@ -175,7 +175,11 @@ def _report(summary: dict) -> None:
     if is_main_process():
         print(json.dumps(summary, default=str))
     if summary.get("stopped"):
-        if is_main_process():
+        if is_main_process() and "preparing" in summary:
+            print(f"stopped by --max-time during the {summary['preparing']} before fine-tuning, after step "
+                  f"{summary['step']} of {summary['steps']}: its state is saved in {summary['state']}; run the "
+                  "same command with --resume to go on", file=sys.stderr)
+        elif is_main_process():
             print(f"stopped by --max-time after step {summary['global_step']} of {summary['total_steps']}: "
                   "checkpoint-last is saved; run the same command with --resume to go on", file=sys.stderr)
         raise SystemExit(EXIT_STOPPED)

@@ -20,13 +20,14 @@ from . import registry
 from .batch import collate_pairs
 from .data import DataError, TaskPreset, encode_examples, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
-from .head_warmup import prepare_checkpoint
+from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint
 from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
 from .precision import calibrate, save_calibration
 from .search import DecodeOptions, default_banned_ids, options_from_settings
-from .train import BEST, TrainConfig, check_config, check_output_dir, is_main_process, time_left, train
+from .train import (BEST, TrainConfig, check_config, check_output_dir, is_main_process, last_checkpoint, now,
+                    time_left, train)
 
 
 @dataclass
@@ -178,9 +179,10 @@ def dev_evaluator(model: Transformer, preset: TaskPreset, examples, feats, decod
 
 
 def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, preset: TaskPreset, train_feats,
-                                 seed: int) -> None:
+                                 seed: int, resumable: Resumable | None = None) -> bool:
     """head_warmup.prepare_checkpoint over the training sources and questions, with the task preset's
-    adaptation steps for a checkpoint erniegen never trained. An explicit ``adapt_steps`` applies to any checkpoint."""
+    adaptation steps for a checkpoint erniegen never trained. An explicit ``adapt_steps`` applies to any checkpoint.
+    Returns whether any step ran."""
     fresh = not model.trained_by_erniegen
     adapt_steps = cfg.adapt_steps if cfg.adapt_steps is not None else preset.adapt_steps if fresh else 0
 
@@ -188,7 +190,8 @@ def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, preset
         return [f.source_ids for f in train_feats] + [[model.tokenizer.cls_token_id, *f.target_ids]
                                                        for f in train_feats]
 
-    prepare_checkpoint(model, texts, cfg.head_warmup_steps, adapt_steps, seed=seed, progress=is_main_process())
+    return prepare_checkpoint(model, texts, cfg.head_warmup_steps, adapt_steps, seed=seed,
+                              progress=is_main_process(), resumable=resumable)
 
 
 def resolve_attention_dropout(model: Transformer, requested: float | None) -> None:
@@ -211,7 +214,7 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    t_start = time.monotonic()  # trainer.max_time counts the loading and warm-ups too
+    t_start = now()  # trainer.max_time counts the loading and warm-ups too
     family = registry.family(cfg.method)
     cfg = dataclasses.replace(cfg, method_options=resolve_method_options(cfg))
     registry.check_options(cfg.method, cfg.method_options)
@@ -221,6 +224,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                epochs=recipe.epochs if cfg.trainer.epochs is None else cfg.trainer.epochs,
                                ema_decay=(recipe.ema_decay if cfg.ema_decay is None else cfg.ema_decay) or None)
     check_config(tcfg, has_evaluate=False)  # before the model loads and the data is tokenized
+    # a run stopped while preparing the checkpoint resumes its preparation, then trains from step 0
+    preparation = Path(cfg.output, PREPARATION)
+    if preparation.is_file() and not tcfg.resume:
+        raise ValueError(f"{preparation} holds the state of a run stopped while preparing its checkpoint: pass "
+                         "--resume (resume=True) to go on, or choose another output directory")
+    prepare_only = tcfg.resume and preparation.is_file() and last_checkpoint(cfg.output) is None
+    if prepare_only:
+        tcfg = dataclasses.replace(tcfg, resume=False)
     resume_from = check_output_dir(cfg.output, tcfg.resume)
     if not family.uses_noise and (cfg.noise_rate is not None or cfg.noise_ramp is not None) and is_main_process():
         print(f"note: --method {cfg.method} trains without target noise; the noise settings are ignored",
@@ -248,8 +259,15 @@ def finetune(cfg: FinetuneConfig) -> dict:
         preset = fit_target_len(preset, train_feats)
     model.settings.extra = model.settings.extra | {"max_target_len": preset.max_target_len}
     train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
+    prepared = False
     if not tcfg.resume:
-        prepare_untrained_checkpoint(model, cfg, preset, train_feats, tcfg.seed)
+        deadline = None if tcfg.max_time is None else t_start + tcfg.max_time
+        try:
+            prepared = prepare_untrained_checkpoint(model, cfg, preset, train_feats, tcfg.seed,
+                                                    Resumable(preparation, deadline, write=is_main_process()))
+        except PreparationStopped as stop:
+            return {"stopped": "max_time", "preparing": stop.phase, "step": stop.step, "steps": stop.steps,
+                    "state": str(stop.path)}
     objective = family.build_objective(cfg.method, model, preset, cfg.method_options)
     pad_id = model.config.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731
@@ -267,8 +285,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         tcfg = dataclasses.replace(tcfg, metric_for_best="bleu4,rougeL" if preset.metric == "qg" else "rougeL",
                                    greater_is_better=True)
     lengths = [len(f.source_ids) + len(f.target_ids) for f in train_feats]
-    summary = train(objective, train_feats, collate, time_left(tcfg, t_start),
-                    evaluate=evaluate, save_model=model.save_pretrained, lengths=lengths)
+    summary = train(objective, train_feats, collate, time_left(tcfg, t_start), evaluate=evaluate,
+                    save_model=model.save_pretrained, lengths=lengths, save_first=prepared)
+    if is_main_process():
+        preparation.unlink(missing_ok=True)  # checkpoint-last holds the prepared weights from step 0 on
     best = Path(cfg.output, BEST)
     if is_main_process() and (best / "model.safetensors").is_file():
         write_int8_calibration(str(best), [e.source for e in train_examples])

@@ -21,9 +21,13 @@ Three fixes, applied by the fine-tuning recipe before training:
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ from tqdm.auto import tqdm
 from .batch import pad
 from .network import Network
 from .passes import encode_context
-from .train import epoch_batches, lr_factor, resolve_precision
+from .train import epoch_batches, lr_factor, now, resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
 # squad_qg_sent (8,699 sources + 8,699 questions); its time per CPU is in BENCHMARKS.md section 2.
@@ -41,6 +45,68 @@ HEAD_WARMUP_LR = 1e-3
 MASK_PROB = 0.15
 # Task-adaptive pre-training: BERT's pre-training lr; the step count is the task preset's (adapt_steps).
 ADAPT_LR = 1e-4
+# An unfinished preparation's state, in the run's output folder. At 448-token sources the two phases take
+# 40-50 min here, so they save every SAVE_EVERY_S seconds and at --max-time, and a resume goes on from there.
+PREPARATION = "preparation.pt"
+SAVE_EVERY_S = 300.0
+PHASES = ("head warm-up", "task adaptation")
+
+
+@dataclass
+class Resumable:
+    """Where a preparation keeps its state and when it must stop: ``deadline`` is a ``train.now()`` reading;
+    ``write`` is False on every rank but 0 (all ranks run the same steps, one file holds them)."""
+
+    path: Path
+    deadline: float | None = None
+    write: bool = True
+    every: float = SAVE_EVERY_S
+
+
+class PreparationStopped(Exception):
+    """The deadline passed during a preparation phase; its state is saved for a resume."""
+
+    def __init__(self, phase: str, step: int, steps: int, path: Path):
+        super().__init__(f"stopped at the time limit during {phase} after step {step} of {steps}; "
+                         f"its state is saved in {path}")
+        self.phase, self.step, self.steps, self.path = phase, step, steps, path
+
+
+class _PhaseState:
+    """A preparation's saved state: which phase, how many of its steps, and all they changed (weights,
+    optimizer moments, the masking and dropout generators, the losses so far)."""
+
+    def __init__(self, where: Resumable, fingerprint: dict[str, Any]):
+        self.where, self.fingerprint = where, fingerprint
+        self.saved_at = now()
+        self.loaded: dict[str, Any] | None = None
+        if where.path.is_file():
+            state = torch.load(where.path, weights_only=True)
+            if state["fingerprint"] != fingerprint:
+                changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items()
+                           if state["fingerprint"].get(k) != v}
+                raise ValueError(f"{where.path}: cannot resume this preparation exactly, settings changed (saved, "
+                                 f"now): {changed}; run with the first settings, or delete the file to start over")
+            self.loaded = state
+
+    def resume_point(self, phase: int) -> dict[str, Any] | None:
+        """The saved state if it lies in ``phase`` (None: start the phase afresh)."""
+        return self.loaded if self.loaded is not None and self.loaded["phase"] == phase else None
+
+    def due(self) -> bool:
+        return now() - self.saved_at >= self.where.every
+
+    def out_of_time(self) -> bool:
+        return self.where.deadline is not None and now() >= self.where.deadline
+
+    def save(self, model: Network, phase: int, step: int, **inner: Any) -> None:
+        self.saved_at = now()
+        if not self.where.write:
+            return
+        state = {"fingerprint": self.fingerprint, "phase": phase, "step": step, "model": model.state_dict(), **inner}
+        tmp = self.where.path.with_name(f"{self.where.path.name}.tmp-{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, self.where.path)  # a kill mid-write leaves the last whole state
 
 
 def head_parameters(model: Network) -> list[torch.nn.Parameter]:
@@ -67,13 +133,17 @@ def init_attn_embedding(model: Network) -> bool:
 
 
 def prepare_checkpoint(model: Network, texts: Callable[[], Sequence[Sequence[int]]], head_steps: int | None,
-                       adapt_steps: int = 0, *, seed: int = 0, progress: bool = True) -> None:
+                       adapt_steps: int = 0, *, seed: int = 0, progress: bool = True,
+                       resumable: Resumable | None = None) -> bool:
     """Get a checkpoint erniegen never trained ready for fine-tuning or pre-training: [ATTN] from [MASK],
     ``head_steps`` masked-LM steps of the head (None: HEAD_WARMUP_STEPS when the checkpoint had no head, else
-    none), then ``adapt_steps`` of the whole model (:func:`adapt_to_task`, any checkpoint).
+    none), then ``adapt_steps`` of the whole model (:func:`adapt_to_task`, any checkpoint). Returns whether
+    any step ran.
 
     ``texts`` (token ids with [CLS]/[SEP]) is called only when a step runs: it may read a corpus. Every
     process runs this identically (same texts, same seed), so distributed training starts from equal weights.
+    With ``resumable`` the state is saved now and then and at the deadline (then :class:`PreparationStopped`
+    is raised), and a saved state is resumed exactly: the weights are those of an uninterrupted run.
     """
     fresh = not model.trained_by_erniegen
     if fresh and init_attn_embedding(model) and progress:
@@ -81,10 +151,24 @@ def prepare_checkpoint(model: Network, texts: Callable[[], Sequence[Sequence[int
     if head_steps is None or not fresh:
         head_steps = HEAD_WARMUP_STEPS if fresh and model.head_was_missing else 0
     if head_steps == 0 and adapt_steps == 0:
-        return
+        return False
     corpus = texts()
-    warm_up_head(model, corpus, head_steps, seed=seed, progress=progress)
-    adapt_to_task(model, corpus, adapt_steps, seed=seed + 1, progress=progress)
+    state = None
+    if resumable is not None:
+        fingerprint = {"head_steps": head_steps, "adapt_steps": adapt_steps, "seed": seed, "texts": len(corpus),
+                       "tokens": sum(map(len, corpus))}
+        state = _PhaseState(resumable, fingerprint)
+        if state.loaded is not None:
+            model.load_state_dict(state.loaded["model"])
+            if progress:
+                print(f"resuming the preparation from {resumable.path}: {PHASES[state.loaded['phase']]}, "
+                      f"step {state.loaded['step']}", file=sys.stderr)
+    first = 0 if state is None or state.loaded is None else state.loaded["phase"]
+    if first <= 0:
+        warm_up_head(model, corpus, head_steps, seed=seed, progress=progress, state=state)
+    if first <= 1:
+        adapt_to_task(model, corpus, adapt_steps, seed=seed + 1, progress=progress, state=state)
+    return True
 
 
 def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, mask_id: int, prob: float,
@@ -99,21 +183,23 @@ def mask_tokens(ids: torch.Tensor, valid: torch.Tensor, mask_id: int, prob: floa
 
 
 def warm_up_head(model: Network, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
-                 lr: float = HEAD_WARMUP_LR, seed: int = 0, progress: bool = True) -> dict[str, float]:
+                 lr: float = HEAD_WARMUP_LR, seed: int = 0, progress: bool = True,
+                 state: _PhaseState | None = None) -> dict[str, float]:
     """Train the head's transform and bias for ``steps`` masked-LM steps over ``texts`` (token ids
     with [CLS]/[SEP]); everything else is frozen. Returns the first and last losses and the time."""
     return masked_lm_steps(model, texts, steps, head_parameters(model), lr=lr, batch_size=batch_size,
-                           seed=seed, progress=progress, name="head warm-up")
+                           seed=seed, progress=progress, phase=0, state=state)
 
 
 def adapt_to_task(model: Network, texts: Sequence[Sequence[int]], steps: int, *, batch_size: int = 32,
-                  lr: float = ADAPT_LR, seed: int = 0, progress: bool = True) -> dict[str, float]:
+                  lr: float = ADAPT_LR, seed: int = 0, progress: bool = True,
+                  state: _PhaseState | None = None) -> dict[str, float]:
     """Task-adaptive pre-training (Gururangan et al. 2020): masked-LM steps over the task's own text that
     train every trainable parameter, encoder included (a frozen word table stays frozen), with a linear
     warm-up over the first tenth and a linear decay to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     return masked_lm_steps(model, texts, steps, params, lr=lr, batch_size=batch_size, seed=seed,
-                           progress=progress, name="task adaptation", schedule=True)
+                           progress=progress, phase=1, schedule=True, state=state)
 
 
 def masked_lm_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Iterator[list[int]]:
@@ -125,12 +211,15 @@ def masked_lm_batches(lengths: Sequence[int], batch_size: int, seed: int) -> Ite
 
 
 def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, params: list[torch.nn.Parameter],
-                    *, lr: float, batch_size: int, seed: int, progress: bool, name: str,
-                    schedule: bool = False) -> dict[str, float]:
+                    *, lr: float, batch_size: int, seed: int, progress: bool, phase: int,
+                    schedule: bool = False, state: _PhaseState | None = None) -> dict[str, float]:
     """``steps`` masked-LM steps over ``texts`` that train ``params`` alone; the rest stays frozen.
 
-    Runs on its own random streams (``seed``), so the caller's random state is left as it was.
+    Runs on its own random streams (``seed``), so the caller's random state is left as it was. With ``state``
+    it starts where a saved state of this phase left off, saves now and then, and at the deadline saves and
+    raises :class:`PreparationStopped`; its end is saved as the next phase's start.
     """
+    name = PHASES[phase]
     if steps <= 0 or not texts:
         return {}
     tok = model.tokenizer
@@ -146,6 +235,14 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
     losses: list[float] = []
     t0 = time.time()
     batches = masked_lm_batches([len(t) for t in texts], batch_size, seed)
+    saved = state.resume_point(phase) if state is not None else None
+    start = 0 if saved is None else saved["step"]
+    if start:
+        optimizer.load_state_dict(saved["optimizer"])
+        gen.set_state(saved["mask_rng"])
+        losses, t0 = list(saved["losses"]), t0 - saved["seconds"]
+        for _ in range(start):  # the batches are drawn from the seed alone: skip those already taken
+            next(batches)
     # every masked token weighs the same in every step, as in batches drawn at random: a bucketed batch of
     # questions holds a third of the masked tokens of a batch of sources, and a per-batch mean would weigh
     # each of its tokens three times as much. So the sum over a batch is divided by the mean count instead.
@@ -155,7 +252,10 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
             p.requires_grad_(False)
         with torch.random.fork_rng(devices=[]):  # dropout's draws leave the caller's stream alone
             torch.manual_seed(seed)
-            for step in tqdm(range(steps), desc=name, disable=not progress, dynamic_ncols=True):
+            if start:
+                torch.set_rng_state(saved["dropout_rng"])
+            for step in tqdm(range(start, steps), desc=name, disable=not progress, dynamic_ncols=True,
+                             initial=start, total=steps):
                 ids, lengths = pad([texts[i] for i in next(batches)], pad_id)
                 inner = torch.arange(ids.shape[1])[None, :]
                 valid = (inner > 0) & (inner < lengths[:, None] - 1)  # never [CLS] or the final [SEP]
@@ -171,6 +271,16 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
                 (token_losses.sum() / per_batch).backward()
                 optimizer.step()
                 losses.append(float(token_losses.detach().mean()))
+                if state is not None and step + 1 < steps:
+                    late = state.out_of_time()
+                    if late or state.due():
+                        state.save(model, phase, step + 1, optimizer=optimizer.state_dict(),
+                                   mask_rng=gen.get_state(), dropout_rng=torch.get_rng_state(), losses=losses,
+                                   seconds=time.time() - t0)
+                    if late:
+                        raise PreparationStopped(name, step + 1, steps, state.where.path)
+            if state is not None:
+                state.save(model, phase + 1, 0)  # the next phase starts from these weights
     finally:
         for p in frozen:
             p.requires_grad_(True)

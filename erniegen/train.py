@@ -72,6 +72,11 @@ _ORDER_KEYS = ("seed", "batch_size", "grad_accum")
 _clock = time.monotonic  # what max_time is measured with (a test steps it by hand)
 
 
+def now() -> float:
+    """A reading of the clock ``max_time`` is measured with, for work done before :func:`train` starts."""
+    return _clock()
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, logging and checkpoint settings (the same for every method)."""
@@ -208,7 +213,7 @@ def parse_duration(text: str) -> float:
 
 
 def time_left(cfg: TrainConfig, since: float) -> TrainConfig:
-    """``cfg`` with ``max_time`` reduced by the wall time since ``since`` (a ``time.monotonic()``): recipes
+    """``cfg`` with ``max_time`` reduced by the wall time since ``since`` (a :func:`now` reading): recipes
     that work before train() (loading, tokenizing, a head warm-up) pass their own start, so that the
     budget counts the whole command."""
     if cfg.max_time is None:
@@ -594,7 +599,7 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
           collate: Callable[[list], dict[str, torch.Tensor]], cfg: TrainConfig, *,
           evaluate: Callable[[], dict[str, float]] | None = None, save_model: Callable[[str], None],
           extra_state: dict | None = None, lengths: Sequence[int] | None = None,
-          fsdp_units: tuple[type[torch.nn.Module], ...] = ()) -> dict:
+          fsdp_units: tuple[type[torch.nn.Module], ...] = (), save_first: bool = False) -> dict:
     """Train ``objective`` on ``train_data``; write checkpoints and logs to ``cfg.output_dir``.
 
     ``train_data`` is a list of examples or a :class:`ResumableStream` (then ``cfg.max_steps`` is
@@ -609,7 +614,9 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
     ``extra_state`` is a dict of plain values/tensors saved with each checkpoint and updated in place
     from it on resume. With ``cfg.resume`` the caller must already have loaded the weights from
     :func:`last_checkpoint`. Under torchrun the process group is created (and destroyed) here unless
-    the caller already created it. Returns a summary (rank 0 holds the best metric).
+    the caller already created it. ``save_first`` saves checkpoint-last before the first step of a fresh run:
+    weights that took long to prepare are then never lost to a kill. Returns a summary (rank 0 holds the best
+    metric).
     """
     check_config(cfg, evaluate is not None)
     _check_data_and_sharding(cfg, train_data, lengths, evaluate is not None)
@@ -621,6 +628,9 @@ def train(objective: torch.nn.Module, train_data: Sequence | ResumableStream,
                    lengths, fsdp_units)
         if cfg.resume:
             run.resume()
+        elif save_first:
+            with _full_weights_on_rank0(run.model, device) if cfg.fsdp else nullcontext():
+                run.save(epoch=0, micro=-1)  # resumes at epoch 0, micro-batch 0
         summary = run.run()
         _barrier(world)        # every rank done with the group before any rank tears it down
         return summary

@@ -302,3 +302,109 @@ def test_copying_is_settled_by_the_flag_then_the_yaml_then_the_task_preset(monke
     with pytest.raises(ValueError, match="--no-copy contradicts method_options copy: True"):
         resolve_method_options(replace(base, copy=False, method_options={"copy": True}))
     assert base.method_options == {}  # the caller's dict is left as it was
+
+
+def _stepped_clock(monkeypatch):
+    """train.now() moves one second per reading, so a deadline falls after a known amount of work."""
+    import erniegen.train as train_module
+    ticks = iter(range(1_000_000))
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(ticks)))
+
+
+def test_preparation_stopped_twice_then_resumed_equals_an_uninterrupted_one(tmp_path, tiny_tokenizer, headless,
+                                                                            monkeypatch):
+    """Stopped at a deadline in the head warm-up, then again in the task adaptation, and resumed to the end,
+    the preparation leaves every weight as one uninterrupted preparation does; the caller's random stream is
+    left alone throughout."""
+    from erniegen.head_warmup import PreparationStopped, Resumable, prepare_checkpoint
+    from erniegen.train import now
+    texts = [[4, 10 + i % 20, 11 + i % 7, 30, 12, 5] for i in range(48)]
+
+    def fresh():
+        torch.manual_seed(0)  # the missing head's start, as finetune() seeds it
+        with pytest.warns(UserWarning, match="no masked-LM head"):
+            return Transformer.from_pretrained(str(tmp_path / "enc"))
+
+    def prepare(model, resumable=None):
+        return prepare_checkpoint(model, lambda: texts, 6, 8, seed=3, progress=False, resumable=resumable)
+
+    whole = fresh()
+    assert prepare(whole)
+    _stepped_clock(monkeypatch)
+    state = tmp_path / "run" / "preparation.pt"
+    state.parent.mkdir()
+    stops = []
+    for deadline_in in (8, 12):
+        with pytest.raises(PreparationStopped) as stop:
+            prepare(fresh(), Resumable(state, deadline=now() + deadline_in))
+        stops.append((stop.value.phase, stop.value.step))
+    assert stops[0][0] == "head warm-up" and 0 < stops[0][1] < 6
+    assert stops[1][0] == "task adaptation" and 0 < stops[1][1] < 8
+    assert torch.load(state, weights_only=True)["step"] == stops[1][1]
+    resumed = fresh()
+    rng = torch.get_rng_state()
+    assert prepare(resumed, Resumable(state))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # the saved state belongs to these settings: other steps or other texts cannot resume it
+    again = tmp_path / "again.pt"
+    with pytest.raises(PreparationStopped):
+        prepare(fresh(), Resumable(again, deadline=now() + 8))
+    with pytest.raises(ValueError, match=r"again.pt: cannot resume this preparation exactly.*'adapt_steps': \(8, 9\)"):
+        prepare_checkpoint(fresh(), lambda: texts, 6, 9, seed=3, progress=False, resumable=Resumable(again))
+
+
+def test_preparation_saves_now_and_then_for_a_kill(tmp_path, headless, monkeypatch):
+    """Between deadlines the state is saved every ``every`` seconds (a kill loses no more than that); each
+    phase's end is saved as the next phase's start."""
+    from erniegen.head_warmup import Resumable, prepare_checkpoint
+    texts = [[4, 10 + i % 20, 11 + i % 7, 30, 12, 5] for i in range(48)]
+    saved = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: (saved.append((obj["phase"], obj["step"])),
+                                                                 real_save(obj, f, *a, **k)))
+    _stepped_clock(monkeypatch)
+    prepare_checkpoint(headless, lambda: texts, 6, 8, seed=3, progress=False,
+                       resumable=Resumable(tmp_path / "p.pt", every=4))
+    assert (1, 0) in saved and (2, 0) == saved[-1]  # the end of each phase
+    assert any(phase == 0 and 0 < step < 6 for phase, step in saved)  # periodic, within a phase
+    assert any(phase == 1 and 0 < step < 8 for phase, step in saved)
+
+
+def test_finetune_stopped_in_its_preparation_resumes_to_the_uninterrupted_result(tmp_path, headless, monkeypatch,
+                                                                                  capsys):
+    """--max-time during the preparation: the summary says where it stopped and a fresh run over it is
+    refused; --resume prepares on from the saved state and trains; the trained weights equal an uninterrupted
+    run's, and the preparation's state is gone once checkpoint-last holds the prepared weights."""
+    from erniegen.finetune import FinetuneConfig, finetune
+    from erniegen.train import TrainConfig
+    words = ["the city", "river water", "steam engine", "the king"]
+    with open(tmp_path / "t.jsonl", "w") as f:
+        for i in range(16):
+            f.write(json.dumps({"source": f"{words[i % 4]} was built [SEP] {words[i % 4]}",
+                                "target": "what was built ?"}) + "\n")
+
+    def cfg(out, **trainer):
+        t = TrainConfig(output_dir="", max_steps=3, batch_size=8, lr=1e-2, precision="fp32", log_every=1, **trainer)
+        return FinetuneConfig(train=str(tmp_path / "t.jsonl"), output=str(tmp_path / out), model=str(tmp_path / "enc"),
+                              trainer=t, head_warmup_steps=4, adapt_steps=6)
+
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        finetune(cfg("whole"))
+    _stepped_clock(monkeypatch)
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        stopped = finetune(cfg("cut", max_time=10))
+    assert stopped["stopped"] == "max_time" and stopped["preparing"] in ("head warm-up", "task adaptation")
+    assert (tmp_path / "cut" / "preparation.pt").is_file() and not (tmp_path / "cut" / "checkpoint-last").exists()
+    with pytest.raises(ValueError, match="preparation.pt holds the state of a run stopped while preparing"):
+        finetune(cfg("cut"))
+    with pytest.warns(UserWarning, match="no masked-LM head"):
+        done = finetune(cfg("cut", resume=True))
+    assert done["stopped"] is None and done["global_step"] == 3
+    assert "resuming the preparation from" in capsys.readouterr().err
+    assert not (tmp_path / "cut" / "preparation.pt").exists()
+    whole = Transformer.from_pretrained(str(tmp_path / "whole" / "best"))
+    cut = Transformer.from_pretrained(str(tmp_path / "cut" / "best"))
+    for (name, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -479,3 +479,27 @@ def test_parse_duration_refuses_what_is_not_a_duration(text):
     from erniegen.train import parse_duration
     with pytest.raises(ValueError, match="is not a duration"):
         parse_duration(text)
+
+
+def test_save_first_then_a_kill_before_step_one_resumes_to_the_uninterrupted_run(tmp_path):
+    """save_first writes checkpoint-last at step 0 (a prepared model's weights); a run killed right after
+    resumes from it to exactly the weights of a run never saved or stopped."""
+    data = make_data()
+    kw = dict(max_steps=6, save_every=3, log_every=2)
+    model_a = make_model()
+    train(model_a, data, noisy_collate, cfg_for(tmp_path / "a", **kw), save_model=saver(model_a))
+
+    def killed_collate(examples):
+        raise KeyboardInterrupt  # the first batch never trains: the kill lands right after the step-0 save
+
+    model_b, out_b = make_model(), tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train(model_b, data, killed_collate, cfg_for(out_b, **kw), save_model=saver(model_b), save_first=True)
+    state = torch.load(out_b / "checkpoint-last" / "trainer_state.pt", weights_only=True)
+    assert (state["global_step"], state["epoch"], state["micro_step"]) == (0, 0, 0)
+    model_c = make_model(seed=123)
+    model_c.load_state_dict(torch.load(out_b / "checkpoint-last" / "model.pt", weights_only=True))
+    done = train(model_c, data, noisy_collate, cfg_for(out_b, resume=True, **kw), save_model=saver(model_c))
+    assert done["global_step"] == 6
+    for (name, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc), name

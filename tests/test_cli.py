@@ -356,3 +356,16 @@ def test_generate_and_distill_read_the_fields_of_the_models_task(tmp_path, tiny_
     p = run("generate", *flags, "--input", str(hub), "--output", str(tmp_path / "o2.jsonl"), "--source-field",
             "text", check=False)
     assert p.returncode == 2 and "hub.jsonl:1: field 'text' is missing" in p.stderr
+
+
+def test_campaign_resumes_a_run_stopped_in_its_preparation(tmp_path):
+    """A run stopped before fine-tuning holds only preparation.pt: the campaign resumes it (erniegen would
+    refuse to start over it), and says where it stopped."""
+    campaign = import_campaign()
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    assert not campaign.resumable(run_dir)
+    (run_dir / "preparation.pt").write_bytes(b"")
+    assert campaign.resumable(run_dir) and campaign.stopped_at(run_dir) == "before fine-tuning (in its preparation)"
+    (run_dir / "log.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
+    assert campaign.stopped_at(run_dir) == "at step 4"

@@ -15,18 +15,19 @@ from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from . import registry
 from .batch import collate_pairs
 from .data import DataError, TaskPreset, encode_examples, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
-from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint
+from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint, resumes_preparation
 from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
 from .precision import calibrate, save_calibration
 from .search import DecodeOptions, default_banned_ids, options_from_settings
-from .train import (BEST, TrainConfig, check_config, check_output_dir, is_main_process, last_checkpoint, now,
+from .train import (BEST, TrainConfig, check_config, check_output_dir, is_main_process, now, setup_distributed,
                     time_left, train)
 
 
@@ -214,6 +215,18 @@ def resolve_attention_dropout(model: Transformer, requested: float | None) -> No
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune ``cfg.model`` on ``cfg.train``; the best model lands in OUTPUT/best. Under torchrun the
+    process group is joined first: the preparation before training stops at rank 0's deadline on every rank."""
+    owns_group = not (dist.is_available() and dist.is_initialized())
+    setup_distributed()
+    try:
+        return _finetune(cfg)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _finetune(cfg: FinetuneConfig) -> dict:
     t_start = now()  # trainer.max_time counts the loading and warm-ups too
     family = registry.family(cfg.method)
     cfg = dataclasses.replace(cfg, method_options=resolve_method_options(cfg))
@@ -224,13 +237,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                                epochs=recipe.epochs if cfg.trainer.epochs is None else cfg.trainer.epochs,
                                ema_decay=(recipe.ema_decay if cfg.ema_decay is None else cfg.ema_decay) or None)
     check_config(tcfg, has_evaluate=False)  # before the model loads and the data is tokenized
-    # a run stopped while preparing the checkpoint resumes its preparation, then trains from step 0
-    preparation = Path(cfg.output, PREPARATION)
-    if preparation.is_file() and not tcfg.resume:
-        raise ValueError(f"{preparation} holds the state of a run stopped while preparing its checkpoint: pass "
-                         "--resume (resume=True) to go on, or choose another output directory")
-    prepare_only = tcfg.resume and preparation.is_file() and last_checkpoint(cfg.output) is None
-    if prepare_only:
+    if resumes_preparation(cfg.output, tcfg.resume):  # then training starts at step 0
         tcfg = dataclasses.replace(tcfg, resume=False)
     resume_from = check_output_dir(cfg.output, tcfg.resume)
     if not family.uses_noise and (cfg.noise_rate is not None or cfg.noise_ramp is not None) and is_main_process():
@@ -259,15 +266,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
         preset = fit_target_len(preset, train_feats)
     model.settings.extra = model.settings.extra | {"max_target_len": preset.max_target_len}
     train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
-    prepared = False
+    prepared, preparation = False, Path(cfg.output, PREPARATION)
     if not tcfg.resume:
         deadline = None if tcfg.max_time is None else t_start + tcfg.max_time
         try:
             prepared = prepare_untrained_checkpoint(model, cfg, preset, train_feats, tcfg.seed,
                                                     Resumable(preparation, deadline, write=is_main_process()))
         except PreparationStopped as stop:
-            return {"stopped": "max_time", "preparing": stop.phase, "step": stop.step, "steps": stop.steps,
-                    "state": str(stop.path)}
+            return stop.summary()
     objective = family.build_objective(cfg.method, model, preset, cfg.method_options)
     pad_id = model.config.pad_token_id
     collate = lambda items: collate_pairs(items, pad_id)  # noqa: E731

@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batch import pad
 from .network import Network
 from .passes import encode_context
-from .train import epoch_batches, lr_factor, now, resolve_precision
+from .train import epoch_batches, last_checkpoint, lr_factor, now, resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
 # squad_qg_sent (8,699 sources + 8,699 questions); its time per CPU is in BENCHMARKS.md section 2.
@@ -71,6 +72,21 @@ class PreparationStopped(Exception):
                          f"its state is saved in {path}")
         self.phase, self.step, self.steps, self.path = phase, step, steps, path
 
+    def summary(self) -> dict[str, Any]:
+        """What a training command returns for it (``cli._report`` prints it and exits EXIT_STOPPED)."""
+        return {"stopped": "max_time", "preparing": self.phase, "step": self.step, "steps": self.steps,
+                "state": str(self.path)}
+
+
+def resumes_preparation(output: str | os.PathLike, resume: bool) -> bool:
+    """Whether this run goes on with a preparation stopped in ``output`` (its training then starts at step 0);
+    a fresh run over one is refused, as over a checkpoint."""
+    path = Path(output, PREPARATION)
+    if path.is_file() and not resume:
+        raise ValueError(f"{path} holds the state of a run stopped while preparing its checkpoint: pass "
+                         "--resume (resume=True) to go on, or choose another output directory")
+    return resume and path.is_file() and last_checkpoint(output) is None
+
 
 class _PhaseState:
     """A preparation's saved state: which phase, how many of its steps, and all they changed (weights,
@@ -97,7 +113,13 @@ class _PhaseState:
         return now() - self.saved_at >= self.where.every
 
     def out_of_time(self) -> bool:
-        return self.where.deadline is not None and now() >= self.where.deadline
+        """Past the deadline? Every rank takes rank 0's answer, so all stop after the same step."""
+        if self.where.deadline is None:
+            return False
+        flag = torch.tensor([float(now() >= self.where.deadline)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def save(self, model: Network, phase: int, step: int, **inner: Any) -> None:
         self.saved_at = now()

@@ -31,7 +31,6 @@ import itertools
 import os
 import random
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +43,7 @@ from .batch import collate_pairs
 from .corpus import CorpusSpec, SequenceStream, StreamState
 from .elmer import LABEL_SMOOTHING, LPLM_EXITS, LplmObjective, lplm_features
 from .ernie_gen import ErnieGenConfig, ErnieGenObjective, pretrain_word_weight, replacement_vocab
-from .head_warmup import prepare_checkpoint
+from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint, resumes_preparation
 from .model import Transformer
 from .network import Layer
 from .pretrain_data import FragmentConfig, iter_pretrain_examples
@@ -55,6 +54,7 @@ from .train import (
     check_config,
     check_output_dir,
     is_main_process,
+    now,
     setup_distributed,
     time_left,
     train,
@@ -271,7 +271,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     OUTPUT/best (the model after the last step) and OUTPUT/checkpoint-last (the latest resumable
     checkpoint) are Hugging Face model folders that ``erniegen finetune --model`` loads directly.
     """
-    t_start = time.monotonic()  # trainer.max_time counts the span vocabulary build and loading too
+    t_start = now()  # trainer.max_time counts the span vocabulary build and loading too
     word_weight = cfg.resolved_word_weight()
     tcfg = fit_warmup(dataclasses.replace(cfg.trainer, output_dir=cfg.output))
     check_config(tcfg, has_evaluate=False)  # before the span vocabulary build and the model load
@@ -282,6 +282,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     rank, world, _ = setup_distributed()     # the span-vocabulary build needs the group's barrier
     try:
         # checked here too, before a span vocabulary build could overwrite another run's file
+        if resumes_preparation(cfg.output, tcfg.resume):  # then training starts at step 0
+            tcfg = dataclasses.replace(tcfg, resume=False)
         resume_from = check_output_dir(cfg.output, tcfg.resume)
         torch.manual_seed(tcfg.seed)  # parameters a checkpoint lacks (e.g. a masked-LM head) start from the seed
         model = Transformer.from_pretrained(resume_from or cfg.model)
@@ -291,8 +293,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
         spec = CorpusSpec.from_arg(cfg.corpus, text_field=cfg.text_field, paragraphs=cfg.paragraphs)
         # a checkpoint erniegen never trained (all-MiniLM-L6-v2: no masked-LM head) gets fine-tuning's preparation:
         # without it the first hundreds of steps teach a random head to read the encoder (head_warmup.py)
-        prepare_checkpoint(model, lambda: head_warmup_texts(spec, model.tokenizer, min(HEAD_WARMUP_LEN, cfg.max_len)),
-                           cfg.head_warmup_steps, seed=tcfg.seed, progress=is_main_process())
+        preparation = Path(cfg.output, PREPARATION)
+        deadline = None if tcfg.max_time is None else t_start + tcfg.max_time
+        try:
+            prepared = prepare_checkpoint(
+                model, lambda: head_warmup_texts(spec, model.tokenizer, min(HEAD_WARMUP_LEN, cfg.max_len)),
+                cfg.head_warmup_steps, seed=tcfg.seed, progress=is_main_process(),
+                resumable=Resumable(preparation, deadline, write=rank == 0))
+        except PreparationStopped as stop:
+            return stop.summary()
         if cfg.objective == "lplm":
             model.settings = dataclasses.replace(
                 model.settings, method="elmer", extra=model.settings.extra | {
@@ -318,7 +327,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
                   f"(<= {nominal} tokens; the paper used {PAPER_BATCH_TOKENS})", file=sys.stderr)
         pad_id = model.config.pad_token_id
         summary = train(objective, data, lambda items: collate_pairs(items, pad_id), time_left(tcfg, t_start),
-                        save_model=model.save_pretrained, fsdp_units=(Layer,))
+                        save_model=model.save_pretrained, fsdp_units=(Layer,), save_first=prepared)
+        if rank == 0:
+            preparation.unlink(missing_ok=True)  # checkpoint-last holds the prepared weights from step 0 on
         return summary | {"model_dir": str(Path(cfg.output) / "best")}
     finally:
         if owns_group and dist.is_initialized():

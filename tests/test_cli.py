@@ -369,3 +369,44 @@ def test_campaign_resumes_a_run_stopped_in_its_preparation(tmp_path):
     assert campaign.resumable(run_dir) and campaign.stopped_at(run_dir) == "before fine-tuning (in its preparation)"
     (run_dir / "log.jsonl").write_text('{"step": 4, "loss": 1.0}\n')
     assert campaign.stopped_at(run_dir) == "at step 4"
+
+
+STEPPED_CLOCK = """
+import itertools, os, sys
+import erniegen.train as t
+from erniegen.cli import main
+ticks = itertools.count(0, 1 + 2 * int(os.environ["RANK"]))  # rank 1's clock runs 3x: alone it would stop first
+t._clock = lambda: float(next(ticks))
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_finetune_stopped_in_its_preparation_resumes_exactly(tmp_path, tiny_minilm_dir):
+    """Under torchrun the ranks' clocks disagree, yet every rank stops the task adaptation after rank 0's step
+    (a rank left behind would wait for the others forever); --resume then ends where an uninterrupted run ends."""
+    rows = [{"source": f"word{i % 5} city river {i} [SEP] city", "target": f"what city {i % 3} ?"} for i in range(16)]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = ["finetune", "--model", str(tiny_minilm_dir), "--train", str(data), "--max-steps", "2", "--batch-size",
+             "4", "--adapt-steps", "12", "--max-source-len", "32"]
+    (tmp_path / "clock.py").write_text(STEPPED_CLOCK)
+
+    def launch(*args, script=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               *([str(script)] if script else ["-m", "erniegen.cli"]), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600, cwd=ROOT)
+
+    whole = launch(*flags, "--output", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    cut = launch(*flags, "--output", str(tmp_path / "cut"), "--max-time", "0:00:16", script=tmp_path / "clock.py")
+    assert cut.returncode != 0 and "stopped by --max-time during the task adaptation" in cut.stderr, cut.stderr[-3000:]
+    state = torch.load(tmp_path / "cut" / "preparation.pt", weights_only=True)
+    assert 0 < state["step"] < 12 and not (tmp_path / "cut" / "checkpoint-last").exists()
+    done = launch(*flags, "--output", str(tmp_path / "cut"), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming the preparation from {tmp_path / 'cut' / 'preparation.pt'}: task adaptation" in done.stderr
+    assert not (tmp_path / "cut" / "preparation.pt").exists()
+    from safetensors.torch import load_file
+    a, b = (load_file(tmp_path / run / "best" / "model.safetensors") for run in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

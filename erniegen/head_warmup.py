@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .batch import pad
 from .network import Network
 from .passes import encode_context
-from .train import epoch_batches, last_checkpoint, lr_factor, now, resolve_precision
+from .train import epoch_batches, last_checkpoint, load_checkpoint_file, lr_factor, now, resolve_precision
 
 # Masked-LM warm-up defaults: BERT's 15% masking; 300 steps of 32 texts is ~1.1 passes over
 # squad_qg_sent (8,699 sources + 8,699 questions); its time per CPU is in BENCHMARKS.md section 2.
@@ -97,7 +97,7 @@ class _PhaseState:
         self.saved_at = now()
         self.loaded: dict[str, Any] | None = None
         if where.path.is_file():
-            state = torch.load(where.path, weights_only=True)
+            state = load_checkpoint_file(where.path)
             if state["fingerprint"] != fingerprint:
                 changed = {k: (state["fingerprint"].get(k), v) for k, v in fingerprint.items()
                            if state["fingerprint"].get(k) != v}

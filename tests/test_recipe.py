@@ -353,6 +353,9 @@ def test_preparation_stopped_twice_then_resumed_equals_an_uninterrupted_one(tmp_
         prepare(fresh(), Resumable(again, deadline=now() + 8))
     with pytest.raises(ValueError, match=r"again.pt: cannot resume this preparation exactly.*'adapt_steps': \(8, 9\)"):
         prepare_checkpoint(fresh(), lambda: texts, 6, 9, seed=3, progress=False, resumable=Resumable(again))
+    again.write_bytes(again.read_bytes()[:1000])  # cut short by a full disk
+    with pytest.raises(ValueError, match=r"again.pt: cannot be read, the checkpoint is damaged or incomplete"):
+        prepare(fresh(), Resumable(again))
 
 
 def test_preparation_saves_now_and_then_for_a_kill(tmp_path, headless, monkeypatch):

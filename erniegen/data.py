@@ -231,6 +231,7 @@ class TaskPreset:
     answer_marker: str | None = None     # vocabulary token put around the answer in the passage (mark_answer)
     copy: bool = False                   # copy source words (ERNIE-GEN's method_options copy) where the method can
     max_token_run: int = 0               # decoding: no token more than this many times in a row (0: any)
+    recipe_pairs: int | None = None      # training pairs the recipe's epochs were measured on
     recipe_note: str = ""
 
     def fields(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -268,6 +269,7 @@ TASKS: dict[str, TaskPreset] = {
         ema_decay=0.998,
         copy=True,
         max_token_run=2,
+        recipe_pairs=8699,
         recipe_note=(
             "Measured on squad_qg_sent with all-MiniLM-L6-v2 (BENCHMARKS.md section 1): lr 4e-4 as in the "
             "best earlier probe (not yet isolated against other rates); "
@@ -322,6 +324,7 @@ TASKS: dict[str, TaskPreset] = {
         adapt_steps=600,
         ema_decay=0.998,
         copy=True,
+        recipe_pairs=899,
         recipe_note=(
             "squad_qg's measured recipe, carried over and measured on XSum (BENCHMARKS.md, 'Summarization'): "
             "899 training pairs of XSum's validation split with all-MiniLM-L6-v2 and sources cut to 96 tokens, "

@@ -8,6 +8,7 @@ its family's record in :mod:`erniegen.registry`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -195,6 +196,17 @@ def prepare_untrained_checkpoint(model: Transformer, cfg: FinetuneConfig, preset
                               progress=is_main_process(), resumable=resumable)
 
 
+def note_recipe_epochs(preset: TaskPreset, pairs: int, tcfg: TrainConfig) -> None:
+    """Say so when the preset's epochs were measured on far fewer pairs than this run has: xsum's 20 epochs
+    suit its 899 measured pairs, and on the full 204k they would be ~127k steps."""
+    if preset.recipe_pairs is None or pairs <= 4 * preset.recipe_pairs:
+        return
+    steps = tcfg.epochs * math.ceil(pairs / (tcfg.batch_size * tcfg.grad_accum))
+    print(f"note: the {preset.name} preset's {tcfg.epochs} epochs were measured on {preset.recipe_pairs:,} training "
+          f"pairs; over these {pairs:,} they are about {steps:,} optimizer steps (one process): pass --epochs or "
+          "--max-steps to train for less", file=sys.stderr)
+
+
 def resolve_attention_dropout(model: Transformer, requested: float | None) -> None:
     """On CPU, attention-probability dropout forces PyTorch's unfused attention, which keeps every
     (B, heads, T, T) probability matrix for backward: measured here it doubled step time and memory
@@ -266,6 +278,8 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         preset = fit_target_len(preset, train_feats)
     model.settings.extra = model.settings.extra | {"max_target_len": preset.max_target_len}
     train_feats = family.prepare_features(cfg.method, train_feats, cfg.method_options)
+    if cfg.trainer.epochs is None and tcfg.max_steps is None and is_main_process():
+        note_recipe_epochs(preset, len(train_feats), tcfg)
     prepared, preparation = False, Path(cfg.output, PREPARATION)
     if not tcfg.resume:
         deadline = None if tcfg.max_time is None else t_start + tcfg.max_time

@@ -411,3 +411,16 @@ def test_finetune_stopped_in_its_preparation_resumes_to_the_uninterrupted_result
     cut = Transformer.from_pretrained(str(tmp_path / "cut" / "best"))
     for (name, a), b in zip(whole.state_dict().items(), cut.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_preset_says_when_its_epochs_meet_far_more_data_than_measured(capsys):
+    from erniegen.finetune import note_recipe_epochs
+    from erniegen.train import TrainConfig
+    tcfg = TrainConfig(output_dir="", epochs=20, batch_size=32)
+    note_recipe_epochs(get_task("xsum"), 899 * 4, tcfg)  # within reach of the measured set: nothing to say
+    assert capsys.readouterr().err == ""
+    note_recipe_epochs(get_task("xsum"), 204_045, tcfg)
+    assert ("the xsum preset's 20 epochs were measured on 899 training pairs; over these 204,045 they are about "
+            "127,540 optimizer steps") in capsys.readouterr().err
+    note_recipe_epochs(get_task("default"), 204_045, tcfg)  # no measured recipe, no claim
+    assert capsys.readouterr().err == ""

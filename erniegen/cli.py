@@ -95,8 +95,14 @@ def _fields(args: argparse.Namespace, models: Sequence[str]) -> tuple[Fields, Fi
     """The fields to read: the flags, else the names of the task each model was fine-tuned for (then the
     generic source/target), so a model trained with ``--task xsum`` on the Hub layout reads that layout."""
     from .data import get_task
-    from .network import read_settings
-    presets = [get_task(read_settings(m).task) for m in models]
+    from .network import GenerationSettings, read_settings
+
+    def settings(model: str) -> GenerationSettings:
+        try:
+            return read_settings(model)
+        except (FileNotFoundError, OSError):  # loading the model says what is wrong, after the input is checked
+            return GenerationSettings()
+    presets = [get_task(settings(m).task) for m in models]
     source = tuple(dict.fromkeys(n for p in presets for n in p.fields()[0]))
     target = tuple(dict.fromkeys(n for p in presets for n in p.fields()[1]))
     return args.source_field or source, getattr(args, "target_field", None) or target

@@ -3,6 +3,7 @@ streamed run, two-process DDP and FSDP under torchrun, and the output loading in
 from __future__ import annotations
 
 import dataclasses
+import time
 import json
 import os
 import random
@@ -392,3 +393,37 @@ def test_two_process_fsdp_matches_ddp_and_resumes_exactly(tiny_dir, tmp_path):
     assert result["ddp_max_diff"] < 1e-6 < result["moved"]      # same training, up to float summation order
     assert {"optimizer_0.pt", "optimizer_1.pt", "rng_state_0.pt", "rng_state_1.pt",
             "trainer_state.pt", "model.safetensors"} <= set(result["files"])
+
+
+def test_pretraining_stopped_in_its_head_warm_up_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """--max-time during the head warm-up of a headless checkpoint: the state is saved, --resume warms on and
+    pre-trains from the step-0 checkpoint, and the model equals an uninterrupted run's."""
+    import itertools
+    import transformers
+    from safetensors.torch import load_file
+    import erniegen.train as train_module
+    from erniegen.model import resolve_model_path
+    torch.manual_seed(0)
+    enc = transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                         intermediate_size=64, max_position_embeddings=128))
+    enc.save_pretrained(tmp_path / "enc")
+    transformers.AutoTokenizer.from_pretrained(str(resolve_model_path("minilm"))).save_pretrained(tmp_path / "enc")
+    corpus = write_corpus(tmp_path / "c.jsonl", 12)
+
+    def run(out, **trainer):
+        cfg = dataclasses.replace(config(tmp_path / "enc", corpus, tmp_path / out, max_steps=4, **trainer),
+                                  head_warmup_steps=6)
+        with pytest.warns(UserWarning, match="no masked-LM head"):
+            return pt.pretrain(cfg)
+
+    run("whole")
+    ticks = itertools.count()
+    monkeypatch.setattr(train_module, "_clock", lambda: float(next(ticks)))
+    stopped = run("cut", max_time=6)
+    assert (stopped["stopped"], stopped["preparing"]) == ("max_time", "head warm-up") and 0 < stopped["step"] < 6
+    monkeypatch.setattr(train_module, "_clock", time.monotonic)
+    done = run("cut", resume=True)
+    assert done["stopped"] is None and done["global_step"] == 4
+    assert not (tmp_path / "cut" / "preparation.pt").exists()
+    a, b = (load_file(tmp_path / out / "best" / "model.safetensors") for out in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -100,7 +100,7 @@ def _fields(args: argparse.Namespace, models: Sequence[str]) -> tuple[Fields, Fi
     def settings(model: str) -> GenerationSettings:
         try:
             return read_settings(model)
-        except (FileNotFoundError, OSError):  # loading the model says what is wrong, after the input is checked
+        except OSError:  # loading the model says what is wrong, after the input is checked
             return GenerationSettings()
     presets = [get_task(settings(m).task) for m in models]
     source = tuple(dict.fromkeys(n for p in presets for n in p.fields()[0]))

@@ -96,6 +96,9 @@ class _PhaseState:
         self.where, self.fingerprint = where, fingerprint
         self.saved_at = now()
         self.loaded: dict[str, Any] | None = None
+        if where.write:  # a save cut short by a kill leaves its temporary file; the state before it is whole
+            for leftover in where.path.parent.glob(f"{where.path.name}.tmp-*"):
+                leftover.unlink(missing_ok=True)
         if where.path.is_file():
             state = load_checkpoint_file(where.path)
             if state["fingerprint"] != fingerprint:

@@ -333,6 +333,7 @@ def test_preparation_stopped_twice_then_resumed_equals_an_uninterrupted_one(tmp_
     _stepped_clock(monkeypatch)
     state = tmp_path / "run" / "preparation.pt"
     state.parent.mkdir()
+    (state.parent / "preparation.pt.tmp-4242").write_bytes(b"half a state")  # a save killed mid-write
     stops = []
     for deadline_in in (8, 12):
         with pytest.raises(PreparationStopped) as stop:
@@ -341,6 +342,7 @@ def test_preparation_stopped_twice_then_resumed_equals_an_uninterrupted_one(tmp_
     assert stops[0][0] == "head warm-up" and 0 < stops[0][1] < 6
     assert stops[1][0] == "task adaptation" and 0 < stops[1][1] < 8
     assert torch.load(state, weights_only=True)["step"] == stops[1][1]
+    assert [p.name for p in state.parent.iterdir()] == ["preparation.pt"]  # the leftover is gone
     resumed = fresh()
     rng = torch.get_rng_state()
     assert prepare(resumed, Resumable(state))

@@ -255,6 +255,7 @@ def test_xsum_and_default_presets() -> None:
     # the same recipe, measured on a third task (BENCHMARKS.md, "The default preset")
     recipe = (d.lr, d.epochs, d.noise_rate, d.freeze_embeddings, d.adapt_steps, d.ema_decay, d.copy)
     assert recipe == (4e-4, 6, 0.2, True, 600, 0.998, True)
+    assert (d.num_beams, d.length_penalty, d.no_repeat_ngram_size, d.max_token_run) == (5, 1.0, 3, 2)
 
 
 def test_presets_are_overridable_without_changing_the_registry() -> None:

@@ -240,8 +240,9 @@ class TaskPreset:
         return tuple(dict.fromkeys((self.source_field, "source"))), tuple(dict.fromkeys((self.target_field, "target")))
 
 
-# The training recipe measured on squad_qg_sent (BENCHMARKS.md section 1) and carried to XSum (section 5) unchanged;
-# each preset adds its epochs (and its noise rate, 0.2 in both, beside the paper's value in the citation).
+# The training recipe measured on squad_qg_sent (BENCHMARKS.md section 1) and carried unchanged to XSum (section 5)
+# and to the default preset (section 6); each preset adds its epochs (and its noise rate, 0.2 in all three, beside
+# the paper's value in the citation).
 MEASURED_RECIPE: dict[str, Any] = dict(lr=4e-4, freeze_embeddings=True, adapt_steps=600, ema_decay=0.998, copy=True)
 
 TASKS: dict[str, TaskPreset] = {

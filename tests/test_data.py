@@ -252,7 +252,7 @@ def test_xsum_and_default_presets() -> None:
     assert recipe == (4e-4, 20, True, 600, 0.998, True, 0)
     d = get_task("default")
     assert (d.max_source_len, d.max_target_len, d.max_decode_len, d.metric) == (512, 64, 64, "rouge")
-    # the same recipe, measured on a third task (BENCHMARKS.md, "The default preset")
+    # the same recipe, measured on a third task (BENCHMARKS.md section 6)
     recipe = (d.lr, d.epochs, d.noise_rate, d.freeze_embeddings, d.adapt_steps, d.ema_decay, d.copy)
     assert recipe == (4e-4, 6, 0.2, True, 600, 0.998, True)
     assert (d.num_beams, d.length_penalty, d.no_repeat_ngram_size, d.max_token_run) == (5, 1.0, 3, 2)

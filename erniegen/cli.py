@@ -289,7 +289,11 @@ def cmd_generate(args) -> None:
 def cmd_evaluate(args) -> None:
     from .data import DataError, get_task, read_examples
     from .metrics import compute_metrics
-    preset = get_task(args.task)
+    from .network import read_settings
+    if args.task is None and args.model is None:
+        print("note: scored with the squad_qg preset's metric (BLEU-4 / METEOR / ROUGE-L); pass --model or --task "
+              "for another task's", file=sys.stderr)
+    preset = get_task(args.task or (read_settings(args.model).task if args.model else "squad_qg"))
     sources, targets = preset.fields()
     rows = read_examples(args.predictions, args.source_field or sources, targets)
     preds = []
@@ -506,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(d)
 
     e = sub.add_parser("evaluate", help="score a predictions file against its 'target' field")
-    e.add_argument("--task", default="squad_qg")
+    e.add_argument("--task", help="the preset whose metric scores the file (default: --model's task, else squad_qg)")
+    e.add_argument("--model", help="the model that wrote the predictions: score with its task's metric")
     e.add_argument("--predictions", required=True)
     e.add_argument("--source-field")
     e.set_defaults(func=cmd_evaluate)

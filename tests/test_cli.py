@@ -327,6 +327,17 @@ def test_evaluate_reads_a_local_summarization_file_under_the_xsum_preset(tmp_pat
     scores = json.loads(capsys.readouterr().out)
     assert scores["task"] == "xsum" and scores["n"] == 2
     assert 50 < scores["rougeL"] < 100  # one exact summary, one partial
+    # the model that wrote them names the task; without either, squad_qg's metric, and a note says so
+    model = tmp_path / "xsum-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "bert"}))  # evaluate reads no weights
+    (model / "erniegen_config.json").write_text(json.dumps({"task": "xsum"}))
+    main(["evaluate", "--model", str(model), "--predictions", str(pred)])
+    assert json.loads(capsys.readouterr().out) == scores
+    main(["evaluate", "--predictions", str(pred)])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["task"] == "squad_qg" and "bleu4" in json.loads(out)
+    assert "note: scored with the squad_qg preset's metric" in err
 
 
 def test_generate_and_distill_read_the_fields_of_the_models_task(tmp_path, tiny_minilm_dir):

@@ -3,13 +3,13 @@ streamed run, two-process DDP and FSDP under torchrun, and the output loading in
 from __future__ import annotations
 
 import dataclasses
-import time
 import json
 import os
 import random
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest

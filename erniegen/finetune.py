@@ -270,7 +270,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         max_decode_len=preset.max_decode_len, min_decode_len=max(preset.min_decode_len, 1),
         num_beams=preset.num_beams, length_penalty=preset.length_penalty,
         no_repeat_ngram_size=preset.no_repeat_ngram_size, max_token_run=preset.max_token_run,
-        answer_marker=preset.answer_marker)
+        block_repeated_words=preset.block_repeated_words, answer_marker=preset.answer_marker)
 
     train_examples, train_feats = load_pairs(cfg.train, preset, model.tokenizer, cfg.max_train_examples,
                                              skip_empty=cfg.skip_empty_rows)

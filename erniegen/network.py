@@ -95,6 +95,7 @@ class GenerationSettings:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     max_token_run: int = 0
+    block_repeated_words: bool = False
     answer_marker: str | None = None  # token put around the answer in the passage (data.mark_answer)
     extra: dict = field(default_factory=dict)
 

@@ -37,16 +37,20 @@ class DecodeOptions:
     # the longest run of one token an output may hold (0: any): 2 stops `##od ##od ##od`, which no
     # squad_qg question has outside punctuation (4 of 8,699 references, all "...", "____")
     max_token_run: int = 0
+    # no word said twice in a row (`when did there there a …`), which max_token_run 2 allows and a run of
+    # punctuation (`` ` ` `` is how SQuAD's quotes tokenize) must not be caught by: see word_start_ids
+    block_repeated_words: bool = False
     banned_ids: list[int] = field(default_factory=list)
+    word_ids: list[int] = field(default_factory=list)  # what block_repeated_words blocks (word_start_ids)
     # Non-autoregressive decoders
     iterations: int = 1
     length_beam: int = 1
     dedup: bool = False
     exit_threshold: float = EXIT_THRESHOLD  # ELMER hard exit: a slot exits once its entropy is below this
 
-    # what a user sets (generate's flags, serve's request fields); banned_ids is the library's own
+    # what a user sets (generate's flags, serve's request fields); banned_ids and word_ids are the library's own
     USER_SET = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "max_token_run",
-                "iterations", "length_beam", "dedup", "exit_threshold")
+                "block_repeated_words", "iterations", "length_beam", "dedup", "exit_threshold")
 
     def __post_init__(self) -> None:
         for name in ("num_beams", "iterations", "length_beam"):
@@ -97,17 +101,41 @@ def block_runs(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
     logp[rows, last[rows, 0]] = float("-inf")
 
 
-def _constrain(logp: torch.Tensor, tokens: torch.Tensor, step: int, eos: int, opts: DecodeOptions,
-               banned: torch.Tensor) -> torch.Tensor:
-    """``logp`` with banned ids, a too-early end and repeated n-grams at -inf; ``banned`` is
-    ``opts.banned_ids`` as a tensor, made once per search rather than from the list at every step."""
-    if len(banned):
-        logp.index_fill_(1, banned, float("-inf"))
-    if step + 1 < opts.min_length:
-        logp[:, eos] = float("-inf")
-    block_ngrams(logp, tokens, opts.no_repeat_ngram_size)
-    block_runs(logp, tokens, opts.max_token_run)
-    return logp
+def block_repeated_words(logp: torch.Tensor, tokens: torch.Tensor, words: torch.Tensor) -> None:
+    """Ban (in place, -inf) the last token of ``tokens`` where ``words`` (V,) bool marks it a word start: a
+    word-start token right after itself makes that word twice in a row (or starts a longer word with it)."""
+    if tokens.shape[1] == 0:
+        return
+    last = tokens[:, -1]
+    rows = words[last].nonzero(as_tuple=True)[0]
+    logp[rows, last[rows]] = float("-inf")
+
+
+class _Constraints:
+    """What ``opts`` forbids at a step; its id lists become tensors once per search, not at every step."""
+
+    def __init__(self, opts: DecodeOptions, eos: int, device: torch.device):
+        self.opts, self.eos = opts, eos
+        self.banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=device)
+        self.words: torch.Tensor | None = None
+
+    def __call__(self, logp: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """``logp`` with banned ids, a too-early end and the repeats the options forbid at -inf."""
+        opts = self.opts
+        if len(self.banned):
+            logp.index_fill_(1, self.banned, float("-inf"))
+        if step + 1 < opts.min_length:
+            logp[:, self.eos] = float("-inf")
+        block_ngrams(logp, tokens, opts.no_repeat_ngram_size)
+        block_runs(logp, tokens, opts.max_token_run)
+        if opts.block_repeated_words:
+            if self.words is None:
+                if not opts.word_ids:
+                    raise ValueError("block_repeated_words needs word_ids (erniegen.search.word_start_ids)")
+                self.words = torch.zeros(logp.shape[1], dtype=torch.bool, device=logp.device)
+                self.words[opts.word_ids] = True
+            block_repeated_words(logp, tokens, self.words)
+        return logp
 
 
 def gnmt_penalty(length: int, alpha: float) -> float:
@@ -117,12 +145,12 @@ def gnmt_penalty(length: int, alpha: float) -> float:
 
 def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
     dev = stepper.src_len.device
-    banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=dev)
+    constrain = _Constraints(opts, eos, dev)
     tokens = torch.full((n, opts.max_length), eos, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     prev = None
     for step in range(opts.max_length - 1):  # the last position is the end token, already in ``tokens``
-        logp = _constrain(stepper.step(prev), tokens[:, :step], step, eos, opts, banned)
+        logp = constrain(stepper.step(prev), tokens[:, :step], step)
         nxt = logp.argmax(-1).masked_fill_(done, eos)
         tokens[:, step] = nxt
         done |= nxt == eos
@@ -135,7 +163,7 @@ def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> li
 def beam_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
     """Batched beam search; a batch item stops once it holds ``num_beams`` finished hypotheses."""
     k, dev = opts.num_beams, stepper.src_len.device
-    banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=dev)
+    constrain = _Constraints(opts, eos, dev)
     stepper.expand(k)
     scores = torch.full((n, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0
@@ -144,7 +172,7 @@ def beam_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list
     active = [True] * n
     prev = None
     for step in range(opts.max_length):
-        logp = _constrain(stepper.step(prev), tokens, step, eos, opts, banned)
+        logp = constrain(stepper.step(prev), tokens, step)
         if step == opts.max_length - 1:  # out of room: every live beam must end here
             logp = torch.where(torch.arange(logp.shape[1], device=dev) == eos, logp[:, eos:eos + 1], float("-inf"))
         v = logp.shape[1]
@@ -223,16 +251,26 @@ def default_banned_ids(model: Network) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tok.sep_token_id)
 
 
+def word_start_ids(model: Network) -> list[int]:
+    """The vocabulary's word starts that block_repeated_words blocks after themselves: tokens of two or more
+    characters that begin with a letter; so not punctuation, digits, ``##`` word pieces or ``[special]``
+    tokens, and not single characters, as a CJK character is one token and may well come twice (谢谢)."""
+    return sorted(i for t, i in model.tokenizer.get_vocab().items() if len(t) > 1 and t[0].isalpha())
+
+
 def options_from_settings(model: Network, **overrides) -> DecodeOptions:
     """Decoding options: the model's saved task defaults, then the caller's overrides."""
     s = model.settings
     base = {"num_beams": s.num_beams, "max_length": s.max_decode_len, "min_length": s.min_decode_len,
             "length_penalty": s.length_penalty, "no_repeat_ngram_size": s.no_repeat_ngram_size,
-            "max_token_run": s.max_token_run}
+            "max_token_run": s.max_token_run, "block_repeated_words": s.block_repeated_words}
     unknown = set(overrides) - {f for f in DecodeOptions.__dataclass_fields__}
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}; known: {sorted(DecodeOptions.__dataclass_fields__)}")
-    return DecodeOptions(**(base | {k: v for k, v in overrides.items() if v is not None}))
+    opts = DecodeOptions(**(base | {k: v for k, v in overrides.items() if v is not None}))
+    if opts.block_repeated_words and not opts.word_ids:
+        opts.word_ids = word_start_ids(model)
+    return opts
 
 
 @torch.no_grad()
@@ -250,6 +288,8 @@ def decode_in_batches(model: Network, sources: Sequence[Sequence[int]], decoder:
     opts = opts or DecodeOptions()
     if not opts.banned_ids:
         opts.banned_ids = default_banned_ids(model)
+    if opts.block_repeated_words and not opts.word_ids:
+        opts.word_ids = word_start_ids(model)
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

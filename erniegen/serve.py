@@ -33,6 +33,7 @@ class GenerateRequest(BaseModel):
     length_penalty: float | None = None
     no_repeat_ngram_size: int | None = None
     max_token_run: int | None = None
+    block_repeated_words: bool | None = None
     iterations: int | None = None
     length_beam: int | None = None
     dedup: bool | None = None

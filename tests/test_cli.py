@@ -51,6 +51,12 @@ def test_finetune_generate_evaluate_bench(finetuned, tmp_path):
     assert maxima is not None and "head.dense" in maxima and "layers.0.ffn_in" in maxima
     log = [json.loads(x) for x in (finetuned / "log.jsonl").read_text().splitlines()]
     assert any("eval" in x for x in log) and any("loss" in x for x in log)
+    # the model keeps its task's decoding, which generate, serve and the API start from
+    from erniegen.data import get_task
+    saved, task = json.loads((best / "erniegen_config.json").read_text()), get_task("squad_qg")
+    decoding = ("num_beams", "length_penalty", "no_repeat_ngram_size", "max_token_run", "block_repeated_words")
+    assert {k: saved[k] for k in decoding} == {k: getattr(task, k) for k in decoding}
+    assert saved["block_repeated_words"] is True
     rows = [json.loads(x) for x in (data / "dev.jsonl").read_text().splitlines()[:5]]
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in rows))

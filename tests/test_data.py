@@ -239,6 +239,7 @@ def test_squad_qg_preset_follows_ernie_gen_where_measured() -> None:
     # the recipe departs from the paper where runs here said so (BENCHMARKS.md section 1)
     assert (t.lr, t.epochs, t.noise_rate, t.noise_ramp, t.no_repeat_ngram_size) == (4e-4, 6, 0.2, 0.0, 3)
     assert (t.length_penalty, t.adapt_steps, t.ema_decay, t.freeze_embeddings) == (2.0, 600, 0.998, True)
+    assert (t.max_token_run, t.block_repeated_words) == (2, True)
     assert "BENCHMARKS.md" in t.recipe_note
 
 
@@ -250,12 +251,14 @@ def test_xsum_and_default_presets() -> None:
     # squad_qg's recipe, measured on XSum too (BENCHMARKS.md, "Summarization")
     recipe = (x.lr, x.epochs, x.freeze_embeddings, x.adapt_steps, x.ema_decay, x.copy, x.max_token_run)
     assert recipe == (4e-4, 20, True, 600, 0.998, True, 0)
+    assert x.block_repeated_words  # BENCHMARKS.md section 7
     d = get_task("default")
     assert (d.max_source_len, d.max_target_len, d.max_decode_len, d.metric) == (512, 64, 64, "rouge")
     # the same recipe, measured on a third task (BENCHMARKS.md section 6)
     recipe = (d.lr, d.epochs, d.noise_rate, d.freeze_embeddings, d.adapt_steps, d.ema_decay, d.copy)
     assert recipe == (4e-4, 6, 0.2, True, 600, 0.998, True)
     assert (d.num_beams, d.length_penalty, d.no_repeat_ngram_size, d.max_token_run) == (5, 1.0, 3, 2)
+    assert d.block_repeated_words
 
 
 def test_presets_are_overridable_without_changing_the_registry() -> None:

@@ -111,7 +111,7 @@ def block_repeated_words(logp: torch.Tensor, tokens: torch.Tensor, words: torch.
     logp[rows, last[rows]] = float("-inf")
 
 
-class _Constraints:
+class Constraints:
     """What ``opts`` forbids at a step; its id lists become tensors once per search, not at every step."""
 
     def __init__(self, opts: DecodeOptions, eos: int, device: torch.device):
@@ -145,7 +145,7 @@ def gnmt_penalty(length: int, alpha: float) -> float:
 
 def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
     dev = stepper.src_len.device
-    constrain = _Constraints(opts, eos, dev)
+    constrain = Constraints(opts, eos, dev)
     tokens = torch.full((n, opts.max_length), eos, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     prev = None
@@ -163,7 +163,7 @@ def greedy_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> li
 def beam_search(stepper: Stepper, n: int, eos: int, opts: DecodeOptions) -> list[list[int]]:
     """Batched beam search; a batch item stops once it holds ``num_beams`` finished hypotheses."""
     k, dev = opts.num_beams, stepper.src_len.device
-    constrain = _Constraints(opts, eos, dev)
+    constrain = Constraints(opts, eos, dev)
     stepper.expand(k)
     scores = torch.full((n, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0

@@ -38,7 +38,7 @@ from erniegen import elmer, mist, nar, precision, registry
 from erniegen.decoding import DecodeOptions, generate_ids
 from erniegen.model import Transformer
 from erniegen.precision import PRECISIONS, Bf16Linear, Linear, apply_precision, native_bf16
-from erniegen.search import _constrain, gnmt_penalty
+from erniegen.search import Constraints, gnmt_penalty
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5], [4, 40, 41, 42, 43, 5],
            [4, 50, 51, 5], [4, 60, 61, 62, 63, 64, 65, 66, 5]]
@@ -253,11 +253,11 @@ def _fp32_logprobs(model: Transformer, decoder: str, src: list[int], prefix: lis
     """fp32's constrained log-probabilities at each step of ``prefix`` (teacher-forced) and the one after."""
     stepper = registry.decoder(decoder).stepper_cls(model, torch.tensor([src]), torch.tensor([len(src)]),
                                                     opts.max_length)
-    out, prev = [], None
+    out, prev, constrain = [], None, Constraints(opts, SEP, torch.device("cpu"))
     with torch.no_grad():
         for step in range(len(prefix) + 1):
             tokens = torch.tensor([prefix[:step]], dtype=torch.long)
-            out.append(_constrain(stepper.step(prev), tokens, step, SEP, opts, torch.tensor(opts.banned_ids))[0])
+            out.append(constrain(stepper.step(prev), tokens, step)[0])
             prev = torch.tensor(prefix[step:step + 1])
     return out
 

@@ -9,6 +9,7 @@ decoder over many sources; decoders are looked up by name in :mod:`erniegen.regi
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,17 +39,17 @@ class DecodeOptions:
     # squad_qg question has outside punctuation (4 of 8,699 references, all "...", "____")
     max_token_run: int = 0
     # no word said twice in a row (`when did there there a …`), which max_token_run 2 allows and a run of
-    # punctuation (`` ` ` `` is how SQuAD's quotes tokenize) must not be caught by: see word_start_ids
+    # punctuation (`` ` ` `` is how SQuAD's quotes tokenize) must not be caught by: see word_start_mask
     block_repeated_words: bool = False
     banned_ids: list[int] = field(default_factory=list)
-    word_ids: list[int] = field(default_factory=list)  # what block_repeated_words blocks (word_start_ids)
+    word_starts: torch.Tensor | None = None  # (V,) bool: what block_repeated_words blocks (word_start_mask)
     # Non-autoregressive decoders
     iterations: int = 1
     length_beam: int = 1
     dedup: bool = False
     exit_threshold: float = EXIT_THRESHOLD  # ELMER hard exit: a slot exits once its entropy is below this
 
-    # what a user sets (generate's flags, serve's request fields); banned_ids and word_ids are the library's own
+    # what a user sets (generate's flags, serve's request fields); banned_ids and word_starts are the library's own
     USER_SET = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "max_token_run",
                 "block_repeated_words", "iterations", "length_beam", "dedup", "exit_threshold")
 
@@ -117,7 +118,11 @@ class Constraints:
     def __init__(self, opts: DecodeOptions, eos: int, device: torch.device):
         self.opts, self.eos = opts, eos
         self.banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=device)
-        self.words: torch.Tensor | None = None
+        self.words = None
+        if opts.block_repeated_words:
+            if opts.word_starts is None:
+                raise ValueError("block_repeated_words needs word_starts (erniegen.search.word_start_mask)")
+            self.words = opts.word_starts.to(device)
 
     def __call__(self, logp: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """``logp`` with banned ids, a too-early end and the repeats the options forbid at -inf."""
@@ -128,12 +133,7 @@ class Constraints:
             logp[:, self.eos] = float("-inf")
         block_ngrams(logp, tokens, opts.no_repeat_ngram_size)
         block_runs(logp, tokens, opts.max_token_run)
-        if opts.block_repeated_words:
-            if self.words is None:
-                if not opts.word_ids:
-                    raise ValueError("block_repeated_words needs word_ids (erniegen.search.word_start_ids)")
-                self.words = torch.zeros(logp.shape[1], dtype=torch.bool, device=logp.device)
-                self.words[opts.word_ids] = True
+        if self.words is not None:
             block_repeated_words(logp, tokens, self.words)
         return logp
 
@@ -251,11 +251,20 @@ def default_banned_ids(model: Network) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tok.sep_token_id)
 
 
-def word_start_ids(model: Network) -> list[int]:
-    """The vocabulary's word starts that block_repeated_words blocks after themselves: tokens of two or more
-    characters that begin with a letter; so not punctuation, digits, ``##`` word pieces or ``[special]``
-    tokens, and not single characters, as a CJK character is one token and may well come twice (谢谢)."""
-    return sorted(i for t, i in model.tokenizer.get_vocab().items() if len(t) > 1 and t[0].isalpha())
+def word_start_mask(model: Network) -> torch.Tensor:
+    """(V,) bool, the vocabulary's word starts that block_repeated_words blocks after themselves: tokens of two
+    or more characters that begin with a letter; so not punctuation, digits, ``##`` word pieces or
+    ``[special]`` tokens, and not single characters, as a CJK character is one token and may well come twice
+    (谢谢). Made once per tokenizer: reading a fast tokenizer's vocabulary takes ~0.2 s."""
+    return _word_starts(model.tokenizer, model.config.vocab_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _word_starts(tokenizer, vocab_size: int) -> torch.Tensor:
+    ids = [i for t, i in tokenizer.get_vocab().items() if len(t) > 1 and t[0].isalpha() and i < vocab_size]
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[torch.tensor(ids, dtype=torch.long)] = True
+    return mask
 
 
 def options_from_settings(model: Network, **overrides) -> DecodeOptions:
@@ -268,8 +277,8 @@ def options_from_settings(model: Network, **overrides) -> DecodeOptions:
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}; known: {sorted(DecodeOptions.__dataclass_fields__)}")
     opts = DecodeOptions(**(base | {k: v for k, v in overrides.items() if v is not None}))
-    if opts.block_repeated_words and not opts.word_ids:
-        opts.word_ids = word_start_ids(model)
+    if opts.block_repeated_words and opts.word_starts is None:
+        opts.word_starts = word_start_mask(model)
     return opts
 
 
@@ -288,8 +297,8 @@ def decode_in_batches(model: Network, sources: Sequence[Sequence[int]], decoder:
     opts = opts or DecodeOptions()
     if not opts.banned_ids:
         opts.banned_ids = default_banned_ids(model)
-    if opts.block_repeated_words and not opts.word_ids:
-        opts.word_ids = word_start_ids(model)
+    if opts.block_repeated_words and opts.word_starts is None:
+        opts.word_starts = word_start_mask(model)
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

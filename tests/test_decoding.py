@@ -10,7 +10,7 @@ from erniegen.decoding import (DecodeOptions, InfillingStepper, TypicalStepper, 
 from conftest import copying
 from erniegen.ernie_gen import copy_source, encode_context, next_token_log_probs, placeholder_pass
 from erniegen.masks import WORD, target_roles
-from erniegen.search import block_repeated_words, block_runs, options_from_settings, word_start_ids
+from erniegen.search import block_repeated_words, block_runs, options_from_settings, word_start_mask
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 NO_EOS = DecodeOptions(max_length=8, min_length=8)  # fixed length: random weights would stop anywhere
@@ -171,17 +171,20 @@ def test_block_repeated_words_holds_in_greedy_and_beam(search):
     run = (lambda opts: greedy_search(RepeatingStepper(2), 2, 0, opts)) if search == "greedy" else (
         lambda opts: beam_search(RepeatingStepper(2), 2, 0, dataclasses.replace(opts, num_beams=3)))
     five = DecodeOptions(max_length=6, min_length=6, block_repeated_words=True)
+    words = lambda *ids: torch.tensor([i in ids for i in range(4)])  # noqa: E731
     # 1 is a word, so never twice in a row; 2 is not (punctuation, say), so it may run on
-    assert run(dataclasses.replace(five, word_ids=[1])) == [[1, 2, 2, 2, 2]] * 2
-    assert run(dataclasses.replace(five, word_ids=[1, 2, 3])) == [[1, 2, 1, 2, 1]] * 2
-    assert run(dataclasses.replace(five, word_ids=[1], block_repeated_words=False)) == [[1] * 5] * 2
-    with pytest.raises(ValueError, match="word_ids"):
+    assert run(dataclasses.replace(five, word_starts=words(1))) == [[1, 2, 2, 2, 2]] * 2
+    assert run(dataclasses.replace(five, word_starts=words(1, 2, 3))) == [[1, 2, 1, 2, 1]] * 2
+    assert run(dataclasses.replace(five, word_starts=words(1), block_repeated_words=False)) == [[1] * 5] * 2
+    with pytest.raises(ValueError, match="word_starts"):
         run(five)
 
 
-def test_word_start_ids_are_words_of_two_or_more_letters(tiny_model):
+def test_word_starts_are_words_of_two_or_more_letters(tiny_model):
     vocab = tiny_model.tokenizer.get_vocab()
-    ids = set(word_start_ids(tiny_model))
+    mask = word_start_mask(tiny_model)
+    assert mask.shape == (tiny_model.config.vocab_size,) and mask is word_start_mask(tiny_model)  # made once
+    ids = set(mask.nonzero().flatten().tolist())
     assert {vocab[w] for w in ("the", "steam", "an", "oxygen")} <= ids
     # single characters (a CJK character is one), punctuation, word pieces and special tokens are not words
     assert not ids & {vocab[t] for t in ("a", "s", "?", ",", "'", "##s", "##ing", "[CLS]", "[SEP]", "[unused0]")}
@@ -192,7 +195,7 @@ def test_options_from_settings_read_block_repeated_words(tiny_model):
     assert options_from_settings(tiny_model).block_repeated_words is False
     tiny_model.settings = dataclasses.replace(tiny_model.settings, block_repeated_words=True)
     opts = options_from_settings(tiny_model)
-    assert opts.block_repeated_words and opts.word_ids == word_start_ids(tiny_model)
+    assert opts.block_repeated_words and opts.word_starts is word_start_mask(tiny_model)
     assert options_from_settings(tiny_model, block_repeated_words=False).block_repeated_words is False
     # end to end on the tiny model, its head biased toward "steam": unblocked, it says "steam steam …"
     vocab = tiny_model.tokenizer.get_vocab()

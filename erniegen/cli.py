@@ -127,8 +127,9 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-token-run", type=int, default=None,
                    help="longest run of one token an output may hold (autoregressive decoders; 0: any)")
     g.add_argument("--block-repeated-words", action=argparse.BooleanOptionalAction, default=None,
-                   help="no word twice in a row, as in 'when did there there' (autoregressive decoders; a word: a "
-                        "token of two or more characters starting with a letter; default: the model's task's)")
+                   help="no word or word piece twice in a row, as in 'when did there there' or '##yna ##yna' "
+                        "(autoregressive decoders; a word or piece: a token whose letters, after a piece's ##, "
+                        "number two or more and start with a letter; default: the model's task's)")
     g.add_argument("--iterations", type=int, default=None, help="NAR refinement iterations")
     g.add_argument("--length-beam", type=int, default=None, help="NAR: candidate lengths decoded in parallel")
     g.add_argument("--dedup", action="store_true", default=None,

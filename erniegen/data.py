@@ -231,7 +231,7 @@ class TaskPreset:
     answer_marker: str | None = None     # vocabulary token put around the answer in the passage (mark_answer)
     copy: bool = False                   # copy source words (ERNIE-GEN's method_options copy) where the method can
     max_token_run: int = 0               # decoding: no token more than this many times in a row (0: any)
-    block_repeated_words: bool = False   # decoding: no word twice in a row (search.DecodeOptions)
+    block_repeated_words: bool = False   # decoding: no word or word piece twice in a row (search.DecodeOptions)
     recipe_pairs: int | None = None      # training pairs the recipe's epochs were measured on
     recipe_note: str = ""
 

@@ -1,6 +1,7 @@
 """Decoding: cache equals recomputation, beam 1 equals greedy, batch equals one-by-one, beam logic."""
 import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from erniegen.decoding import (DecodeOptions, InfillingStepper, TypicalStepper, 
 from conftest import copying
 from erniegen.ernie_gen import copy_source, encode_context, next_token_log_probs, placeholder_pass
 from erniegen.masks import WORD, target_roles
-from erniegen.search import block_repeated_words, block_runs, options_from_settings, word_start_mask
+from erniegen.search import block_repeated_words, block_runs, options_from_settings, word_token_mask
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 NO_EOS = DecodeOptions(max_length=8, min_length=8)  # fixed length: random weights would stop anywhere
@@ -173,29 +174,44 @@ def test_block_repeated_words_holds_in_greedy_and_beam(search):
     five = DecodeOptions(max_length=6, min_length=6, block_repeated_words=True)
     words = lambda *ids: torch.tensor([i in ids for i in range(4)])  # noqa: E731
     # 1 is a word, so never twice in a row; 2 is not (punctuation, say), so it may run on
-    assert run(dataclasses.replace(five, word_starts=words(1))) == [[1, 2, 2, 2, 2]] * 2
-    assert run(dataclasses.replace(five, word_starts=words(1, 2, 3))) == [[1, 2, 1, 2, 1]] * 2
-    assert run(dataclasses.replace(five, word_starts=words(1), block_repeated_words=False)) == [[1] * 5] * 2
-    with pytest.raises(ValueError, match="word_starts"):
+    assert run(dataclasses.replace(five, word_tokens=words(1))) == [[1, 2, 2, 2, 2]] * 2
+    assert run(dataclasses.replace(five, word_tokens=words(1, 2, 3))) == [[1, 2, 1, 2, 1]] * 2
+    assert run(dataclasses.replace(five, word_tokens=words(1), block_repeated_words=False)) == [[1] * 5] * 2
+    with pytest.raises(ValueError, match="word_tokens"):
         run(five)
 
 
-def test_word_starts_are_words_of_two_or_more_letters(tiny_model):
+def test_word_tokens_are_words_and_pieces_of_two_or_more_letters(tiny_model):
     vocab = tiny_model.tokenizer.get_vocab()
-    mask = word_start_mask(tiny_model)
-    assert mask.shape == (tiny_model.config.vocab_size,) and mask is word_start_mask(tiny_model)  # made once
+    mask = word_token_mask(tiny_model)
+    assert mask.shape == (tiny_model.config.vocab_size,) and mask is word_token_mask(tiny_model)  # made once
     ids = set(mask.nonzero().flatten().tolist())
-    assert {vocab[w] for w in ("the", "steam", "an", "oxygen")} <= ids
-    # single characters (a CJK character is one), punctuation, word pieces and special tokens are not words
-    assert not ids & {vocab[t] for t in ("a", "s", "?", ",", "'", "##s", "##ing", "[CLS]", "[SEP]", "[unused0]")}
-    assert len(ids) == sum(1 for t in vocab if len(t) > 1 and t[0].isalpha())
+    assert {vocab[w] for w in ("the", "steam", "an", "oxygen", "##ing", "##ed")} <= ids
+    # single characters (a CJK character is one), one-letter pieces, punctuation and special tokens are not
+    assert not ids & {vocab[t] for t in ("a", "s", "?", ",", "'", "##s", "[CLS]", "[SEP]", "[unused0]")}
+    assert len(ids) == sum(1 for t in vocab if len(t.removeprefix("##")) > 1 and t.removeprefix("##")[0].isalpha())
+
+
+def test_block_repeated_words_mends_a_word_broken_by_a_repeated_piece(tmp_path):
+    """`thermodynaynamic` (the ``make demo`` model's, BENCHMARKS.md) is `the ##rm ##od ##yna ##yna ##mic`."""
+    from transformers import BertTokenizerFast
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cycle",
+                                                   "##rm", "##od", "##yna", "##mic"]) + "\n")
+    tok = BertTokenizerFast.from_pretrained(str(tmp_path))
+    model = types.SimpleNamespace(tokenizer=tok, config=types.SimpleNamespace(vocab_size=len(tok)))
+    assert tok.tokenize("thermodynamic thermodynaynamic") == ["the", "##rm", "##od", "##yna", "##mic",
+                                                              "the", "##rm", "##od", "##yna", "##yna", "##mic"]
+    logp = torch.zeros(1, len(tok))
+    block_repeated_words(logp, torch.tensor([tok.convert_tokens_to_ids(["the", "##rm", "##od", "##yna"])]),
+                         word_token_mask(model))
+    assert (logp == float("-inf")).nonzero()[:, 1].tolist() == [tok.convert_tokens_to_ids("##yna")]
 
 
 def test_options_from_settings_read_block_repeated_words(tiny_model):
     assert options_from_settings(tiny_model).block_repeated_words is False
     tiny_model.settings = dataclasses.replace(tiny_model.settings, block_repeated_words=True)
     opts = options_from_settings(tiny_model)
-    assert opts.block_repeated_words and opts.word_starts is word_start_mask(tiny_model)
+    assert opts.block_repeated_words and opts.word_tokens is word_token_mask(tiny_model)
     assert options_from_settings(tiny_model, block_repeated_words=False).block_repeated_words is False
     # end to end on the tiny model, its head biased toward "steam": unblocked, it says "steam steam …"
     vocab = tiny_model.tokenizer.get_vocab()

@@ -132,32 +132,52 @@ def masked_slots(slot_len: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 def predict_slots(model: Network, hidden: torch.Tensor, slot_len: torch.Tensor, where: torch.Tensor,
-                  eos: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax ids and their log-probs at the slots ``where`` (zeros elsewhere), both (N,W).
+                  eos: int, banned: Sequence[int], words: torch.Tensor | None = None,
+                  kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax ids and their log-probs at the slots ``where`` (``kept`` ids, or zeros, elsewhere), both (N,W).
 
     Only those slots are projected to the vocabulary. The last slot of a row is its end [SEP]; the
-    others may be neither [SEP] nor a banned id.
+    others may be neither [SEP] nor a banned id. With ``words`` (the (V,) mask of
+    :func:`erniegen.search.word_token_mask`) a predicted slot whose argmax is a word token equal to its left
+    neighbour's (predicted in this pass, or kept) takes its second best instead: NAR slots predicted at once
+    say a word twice in a row far more often than a left-to-right search (section 7 of BENCHMARKS.md).
     """
     n, w = where.shape
-    last = (torch.arange(w, device=hidden.device)[None, :] == (slot_len - 1)[:, None])[where]
+    is_last = torch.arange(w, device=hidden.device)[None, :] == (slot_len - 1)[:, None]
+    last = is_last[where]
     logp = torch.log_softmax(model.logits(hidden[where]).float(), -1)
     if banned:
         logp[:, list(banned)] = float("-inf")
     end_lp = logp[:, eos].clone()
     logp[:, eos] = float("-inf")
     best_lp, best = logp.max(-1)
-    tokens = torch.zeros(n, w, dtype=torch.long, device=hidden.device)
+    tokens = torch.zeros(n, w, dtype=torch.long, device=hidden.device) if kept is None else kept.clone()
     scores = torch.zeros(n, w, device=hidden.device)
     tokens[where] = torch.where(last, eos, best)
     scores[where] = torch.where(last, end_lp, best_lp)
+    if words is not None:
+        second, second_lp = torch.zeros_like(tokens), torch.zeros_like(scores)
+        second_lp[where], second[where] = logp.scatter(1, best[:, None], float("-inf")).max(-1)
+        content = where & ~is_last
+        for t in range(1, w):  # left to right: a replaced slot is the next slot's left neighbour
+            prev = tokens[:, t - 1]
+            hit = content[:, t] & (tokens[:, t] == prev) & words[prev]
+            tokens[:, t] = torch.where(hit, second[:, t], tokens[:, t])
+            scores[:, t] = torch.where(hit, second_lp[:, t], scores[:, t])
     return tokens, scores
 
 
-def first_pass(model: Network, source: EncodedSource, lengths: torch.Tensor,
-               banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def slot_words(opts: DecodeOptions, source: EncodedSource) -> torch.Tensor | None:
+    """What :func:`predict_slots` needs of ``opts.block_repeated_words``, on the source's device."""
+    words = opts.repeat_blocked
+    return None if words is None else words.to(source.length.device)
+
+
+def first_pass(model: Network, source: EncodedSource, lengths: torch.Tensor, banned: Sequence[int],
+               words: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slot [MASK], every slot predicted: ids and log-probs (N,W) of one pass over the slots."""
     hidden = slot_pass(model, source, masked_slots(lengths, model.tokenizer.mask_token_id), lengths)
-    return predict_slots(model, hidden, lengths, slot_valid(lengths), model.tokenizer.sep_token_id, banned)
+    return predict_slots(model, hidden, lengths, slot_valid(lengths), model.tokenizer.sep_token_id, banned, words)
 
 
 def rows_of(ids: torch.Tensor, lengths: torch.Tensor, drop_last: int = 0) -> list[list[int]]:
@@ -285,9 +305,10 @@ class NarDecoder(Decoder):
 
     Only the source reaches a decoder; lengths come from the length head, never from a reference.
     Lengths are limited to ``[max(1, min_length), max_length]`` (end [SEP] included, as for the
-    autoregressive decoders) and to the position table; ``num_beams``, ``length_penalty`` and
-    ``no_repeat_ngram_size`` are autoregressive settings and are ignored. Iterative decoders
-    override :meth:`refine`.
+    autoregressive decoders) and to the position table; ``num_beams``, ``length_penalty``,
+    ``no_repeat_ngram_size`` and ``max_token_run`` are autoregressive settings and are ignored;
+    ``block_repeated_words`` holds at every pass (:func:`predict_slots`). Iterative decoders override
+    :meth:`refine`.
     """
 
     name = "nar"
@@ -313,4 +334,4 @@ class NarDecoder(Decoder):
     def refine(self, model: Network, source: EncodedSource, sources: list[list[int]], lengths: torch.Tensor,
                opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and their log-probs (N, W) for N = sources x candidate lengths."""
-        return first_pass(model, source, lengths, opts.banned_ids)
+        return first_pass(model, source, lengths, opts.banned_ids, slot_words(opts, source))

@@ -69,6 +69,15 @@ class DecodeOptions:
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 
+    @property
+    def repeat_blocked(self) -> torch.Tensor | None:
+        """The (V,) tokens no output may hold twice in a row, or None when block_repeated_words is off."""
+        if not self.block_repeated_words:
+            return None
+        if self.word_tokens is None:
+            raise ValueError("block_repeated_words needs word_tokens (erniegen.search.word_token_mask)")
+        return self.word_tokens
+
 
 class Stepper(Protocol):
     """What a search needs of an autoregressive method: one step's log-probabilities, and its
@@ -120,11 +129,8 @@ class Constraints:
     def __init__(self, opts: DecodeOptions, eos: int, device: torch.device):
         self.opts, self.eos = opts, eos
         self.banned = torch.tensor(opts.banned_ids, dtype=torch.long, device=device)
-        self.words = None
-        if opts.block_repeated_words:
-            if opts.word_tokens is None:
-                raise ValueError("block_repeated_words needs word_tokens (erniegen.search.word_token_mask)")
-            self.words = opts.word_tokens.to(device)
+        words = opts.repeat_blocked
+        self.words = None if words is None else words.to(device)
 
     def __call__(self, logp: torch.Tensor, tokens: torch.Tensor, step: int) -> torch.Tensor:
         """``logp`` with banned ids, a too-early end and the repeats the options forbid at -inf."""

@@ -1,6 +1,7 @@
 """MIST / NAT: masks, length head and beam, MIST inputs, decoders' equivalences, training steps."""
 import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from erniegen.mist import (MistConfig, add_static_pseudo_targets, build_mist_obj
                            length_head, make_static_pseudo_targets, masked_slots, mist_source, predict_slots,
                            remask_count, select_length_beam, slot_pass, slot_roles, slot_valid)
 from erniegen.model import Transformer
+from erniegen.search import word_token_mask
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
 ITEMS = [{"source_ids": [4, 10, 11, 12, 5], "target_ids": [20, 21, 22, 5]},
@@ -333,6 +335,43 @@ def test_dedup_is_post_processing(nat_model):
     plain = generate_ids(nat_model, SOURCES, "nar", opts=DecodeOptions(max_length=8))
     dedup = generate_ids(nat_model, SOURCES, "nar", opts=DecodeOptions(max_length=8, dedup=True))
     assert dedup == [dedup_consecutive(x) for x in plain]
+
+
+
+def test_predict_slots_takes_the_second_best_for_a_word_said_twice_by_hand():
+    """Slots predicted at once: a word token equal to its left neighbour's (predicted or kept) gives way to the
+    slot's second best; punctuation (4) may repeat; the last slot stays the end token."""
+    model = types.SimpleNamespace(logits=lambda h: h)  # the hidden states are the logits
+    best, second = [2, 2, 2, 4, 4, 1], [3, 3, 1, 1, 1, 0]  # per slot; slot 5 is the end (id 5 here)
+    logits = torch.full((1, 6, 6), -5.0)
+    for t, (b, s) in enumerate(zip(best, second)):
+        logits[0, t, b], logits[0, t, s] = 2.0, 1.0
+    length, everywhere = torch.tensor([6]), torch.ones(1, 6, dtype=torch.bool)
+    words = torch.tensor([False, False, True, True, False, False])
+    plain, _ = predict_slots(model, logits, length, everywhere, 5, [])
+    assert plain.tolist() == [[2, 2, 2, 4, 4, 5]]
+    tokens, scores = predict_slots(model, logits, length, everywhere, 5, [], words)
+    assert tokens.tolist() == [[2, 3, 2, 4, 4, 5]]  # slot 2's left neighbour is now 3, so it keeps its 2
+    logp = torch.log_softmax(logits[0], -1)
+    assert torch.allclose(scores[0, :5], torch.stack([logp[0, 2], logp[1, 3], logp[2, 2], logp[3, 4], logp[4, 4]]))
+    # mask-predict: slot 1 kept (its 2 from an earlier pass), slots 2-3 predicted again
+    kept = torch.tensor([[2, 2, 7, 7, 4, 5]])
+    where = torch.tensor([[False, False, True, True, False, False]])
+    tokens, _ = predict_slots(model, logits, length, where, 5, [], words, kept)
+    assert tokens.tolist() == [[2, 2, 1, 4, 4, 5]]  # kept slots untouched, slot 2 gives way to its kept neighbour
+
+
+@pytest.mark.parametrize("name", ["nar", "mist-iter", "mask-predict"])
+def test_block_repeated_words_holds_in_every_nar_decoder(nat_model, name):
+    steam = nat_model.tokenizer.convert_tokens_to_ids("steam")
+    force_length(nat_model, 8)
+    with torch.no_grad():
+        nat_model.head.bias[steam] = 50.0  # unblocked, every slot says "steam"
+    opts = DecodeOptions(max_length=8, iterations=3, word_tokens=word_token_mask(nat_model))
+    assert generate_ids(nat_model, SOURCES, name, opts=opts) == [[steam] * 7] * len(SOURCES)
+    out = generate_ids(nat_model, SOURCES, name, opts=dataclasses.replace(opts, block_repeated_words=True))
+    assert all(len(row) == 7 and all(a != b for a, b in zip(row, row[1:])) for row in out)
+    assert all(row[0] == steam for row in out)
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -305,7 +305,8 @@ def test_records_and_options():
         ElmerConfig(f_ratio=0.5)
     with pytest.raises(ValueError, match="mask_mode must be one of"):
         ElmerConfig(mask_mode="partial")
-    assert ElmerConfig(method="elmer-soft").gold_rate == 0.3
+    assert ElmerConfig(method="elmer-soft").gold_rate == 0.0  # the released code's 0.3 measured worse (BENCHMARKS.md)
+    assert ElmerConfig(method="elmer-soft", gold_rate=0.3).gold_rate == 0.3
     assert ElmerConfig(method="elmer").gold_rate is None
     with pytest.raises(ValueError, match="gold_rate is only used with --method elmer-soft"):
         ElmerConfig(method="elmer", gold_rate=0.5)

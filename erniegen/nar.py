@@ -155,15 +155,19 @@ def predict_slots(model: Network, hidden: torch.Tensor, slot_len: torch.Tensor, 
     scores = torch.zeros(n, w, device=hidden.device)
     tokens[where] = torch.where(last, eos, best)
     scores[where] = torch.where(last, end_lp, best_lp)
-    if words is not None:
-        second, second_lp = torch.zeros_like(tokens), torch.zeros_like(scores)
-        second_lp[where], second[where] = logp.scatter(1, best[:, None], float("-inf")).max(-1)
-        content = where & ~is_last
-        for t in range(1, w):  # left to right: a replaced slot is the next slot's left neighbour
-            prev = tokens[:, t - 1]
-            hit = content[:, t] & (tokens[:, t] == prev) & words[prev]
-            tokens[:, t] = torch.where(hit, second[:, t], tokens[:, t])
-            scores[:, t] = torch.where(hit, second_lp[:, t], scores[:, t])
+    if words is None:
+        return tokens, scores
+    content = where & ~is_last
+    repeats = content[:, 1:] & (tokens[:, 1:] == tokens[:, :-1]) & words[tokens[:, :-1]]
+    if not bool(repeats.any()):  # no slot gives way unless one repeats at first: skip the second-best pass
+        return tokens, scores
+    second, second_lp = torch.zeros_like(tokens), torch.zeros_like(scores)
+    second_lp[where], second[where] = logp.scatter(1, best[:, None], float("-inf")).max(-1)
+    for t in range(1 + int(repeats.any(0).nonzero()[0]), w):  # left to right: a replaced slot is the next's neighbour
+        prev = tokens[:, t - 1]
+        hit = content[:, t] & (tokens[:, t] == prev) & words[prev]
+        tokens[:, t] = torch.where(hit, second[:, t], tokens[:, t])
+        scores[:, t] = torch.where(hit, second_lp[:, t], scores[:, t])
     return tokens, scores
 
 

@@ -253,7 +253,7 @@ def cmd_generate(args) -> None:
     from .data import read_examples
     from .decoding import iter_generate_text
     from .model import resolve_model_path
-    from .outputs import PartialPredictions, check_output_path, distilled_row, file_stamps, output_format
+    from .outputs import PartialPredictions, check_output_path, distilled_row, file_digests, output_format
     from . import load
     fmt = output_format(args.output)
     check_output_path(args.output, [args.input])
@@ -261,8 +261,8 @@ def cmd_generate(args) -> None:
     examples = read_examples(args.input, source_field, target_field, require_target=False)
     model_dir = resolve_model_path(args.model).resolve()
     # what fixes the predictions: a resume with anything else would mix two runs in one file
-    settings = {"input": file_stamps([args.input]), "rows": len(examples), "source_field": args.source_field,
-                "model": str(model_dir), "model_files": file_stamps(sorted(model_dir.iterdir())),
+    settings = {"input": file_digests([args.input]), "rows": len(examples), "source_field": args.source_field,
+                "model_files": file_digests(sorted(model_dir.iterdir())),
                 "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args),
                 "precision": args.precision, "runtime": args.runtime}
     partial = PartialPredictions(args.output, settings, len(examples))

@@ -13,6 +13,7 @@ model, input or decoding option an error instead of a file that mixes two runs.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import tempfile
@@ -65,17 +66,22 @@ def output_format(output: str, option: str = "--output") -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def file_stamps(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
-    """Name -> [size, modification time in ns] of each file (folders and non-files skipped).
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    Cheap to take for a model of gigabytes, and any rewrite of a file changes its stamp.
+
+def file_digests(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """Name -> sha256 of each file (folders and non-files skipped).
+
+    By content, not size and modification time: the same data or model copied to another disk
+    (a new mtime) still resumes, and a rewrite that keeps the size does not.
     """
-    stamps = {}
-    for path in map(Path, paths):
-        if path.is_file():
-            st = path.stat()
-            stamps[path.name] = [st.st_size, st.st_mtime_ns]
-    return stamps
+    return {path.name: file_digest(path) for path in map(Path, paths) if path.is_file()}
 
 
 class PartialPredictions:

@@ -40,7 +40,6 @@ is not meant to run on one.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 import weakref
@@ -264,11 +263,8 @@ def calibrate(model, sources: Iterable[str], batch_size: int = 32, progress: boo
 
 def weights_digest(folder: Path) -> str:
     """sha256 of a checkpoint's weights file: statistics from other weights are stale."""
-    h = hashlib.sha256()
-    with open(folder / "model.safetensors", "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .outputs import file_digest
+    return file_digest(folder / "model.safetensors")
 
 
 def save_calibration(folder: str | os.PathLike, maxima: dict[str, torch.Tensor], num_sources: int) -> Path:

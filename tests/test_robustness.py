@@ -277,6 +277,25 @@ def test_killed_generate_keeps_its_rows_and_resume_equals_an_uninterrupted_run(t
     assert out.read_bytes() == full.read_bytes()
 
 
+def test_resume_follows_file_contents_not_their_modification_times(tmp_path):
+    """Data or a model copied to a new disk gets a new mtime and must still resume; a same-size rewrite must not."""
+    from erniegen.outputs import PartialPredictions, file_digests
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"source": "a b", "target": "c"}\n{"source": "d e", "target": "f"}\n')
+    out = str(tmp_path / "out.jsonl")
+    first = PartialPredictions(out, {"input": file_digests([inp])}, 2)
+    assert first.start(resume=False) == {}
+    first.open()
+    first.append([0], ["what?"])
+    first._file.close()
+
+    os.utime(inp, ns=(1, 1))
+    assert PartialPredictions(out, {"input": file_digests([inp])}, 2).start(resume=True) == {0: "what?"}
+    inp.write_text(inp.read_text().replace("d e", "d x"))
+    with pytest.raises(ValueError, match="was written with other settings"):
+        PartialPredictions(out, {"input": file_digests([inp])}, 2).start(resume=True)
+
+
 # ---- training output folders, damaged checkpoints, seeds --------------------------------------------
 
 

@@ -316,7 +316,7 @@ def cmd_bench(args) -> None:
     from .data import read_examples
     from .decoding import encode_sources
     from .registry import default_decoder
-    from .search import default_banned_ids, options_from_settings
+    from .search import options_from_settings
     from . import load
     import torch
     _check_runtime(args)
@@ -328,7 +328,6 @@ def cmd_bench(args) -> None:
     opts = options_from_settings(model, **_decode_options(args))
     if args.fixed_length:
         opts.max_length = opts.min_length = args.fixed_length
-    opts.banned_ids = default_banned_ids(model)
     decoder = args.decoder or default_decoder(model.settings.method)
     timed = sources[2 * args.batch_size:][: args.num_samples]
     warm = sources[: 2 * args.batch_size]

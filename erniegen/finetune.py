@@ -27,7 +27,7 @@ from .metrics import compute_metrics, qg_scores
 from .model import Transformer
 from .network import DEFAULT_MODEL
 from .precision import calibrate, save_calibration
-from .search import DecodeOptions, default_banned_ids, options_from_settings
+from .search import DecodeOptions, options_from_settings
 from .train import (BEST, TrainConfig, check_config, check_output_dir, is_main_process, now, setup_distributed,
                     time_left, train)
 
@@ -298,7 +298,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         # the dev loss runs the training objective, which needs what the method adds to features (static pseudo targets)
         dev_feats = family.prepare_features(cfg.method, dev_feats, cfg.method_options)
         # the decoding the model will keep (its settings, above), at the evaluation's beam width
-        opts = options_from_settings(model, num_beams=cfg.eval_beams, banned_ids=default_banned_ids(model))
+        opts = options_from_settings(model, num_beams=cfg.eval_beams)
         evaluate = dev_evaluator(model, preset, dev_examples, dev_feats, registry.default_decoder(cfg.method), opts,
                                  objective, collate)
         # at a small budget BLEU-4 is ~1e-9 everywhere: ROUGE-L then breaks the tie (train.selection_score)

@@ -287,7 +287,13 @@ def options_from_settings(model: Network, **overrides) -> DecodeOptions:
     unknown = set(overrides) - {f for f in DecodeOptions.__dataclass_fields__}
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}; known: {sorted(DecodeOptions.__dataclass_fields__)}")
-    opts = DecodeOptions(**(base | {k: v for k, v in overrides.items() if v is not None}))
+    return with_model_parts(model, DecodeOptions(**(base | {k: v for k, v in overrides.items() if v is not None})))
+
+
+def with_model_parts(model: Network, opts: DecodeOptions) -> DecodeOptions:
+    """``opts`` with the fields that come from the model's vocabulary (banned ids, the word mask) filled where unset."""
+    if not opts.banned_ids:
+        opts.banned_ids = default_banned_ids(model)
     if opts.block_repeated_words and opts.word_tokens is None:
         opts.word_tokens = word_token_mask(model)
     return opts
@@ -305,11 +311,7 @@ def decode_in_batches(model: Network, sources: Sequence[Sequence[int]], decoder:
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    opts = opts or DecodeOptions()
-    if not opts.banned_ids:
-        opts.banned_ids = default_banned_ids(model)
-    if opts.block_repeated_words and opts.word_tokens is None:
-        opts.word_tokens = word_token_mask(model)
+    opts = with_model_parts(model, opts or DecodeOptions())
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

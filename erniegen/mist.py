@@ -38,7 +38,7 @@ import torch
 from .batch import pad
 from .data import Features, TaskPreset
 from .nar import (NarDecoder, NarObjective, NarOptions, first_pass, length_head, masked_slots, position_limit,
-                  predict_slots, rows_of, slot_valid, slot_words)
+                  predict_slots, rows_of, slot_valid)
 from .network import Network
 from .passes import EncodedSource, encode_source, slot_pass
 from .search import DecodeOptions, Decoder, decode_in_batches, in_input_order, options_from_settings
@@ -236,12 +236,11 @@ class MistIterDecoder(NarDecoder):
 
     def refine(self, model: Network, source: EncodedSource, sources: list[list[int]], lengths: torch.Tensor,
                opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
-        words = slot_words(opts, source)
-        tokens, scores = first_pass(model, source, lengths, opts.banned_ids, words)
+        tokens, scores = first_pass(model, source, lengths, opts.banned_ids)
         for _ in range(1, opts.iterations):
             mixed_ids, mixed_len = mist_batch(model, rows_of(tokens, lengths, drop_last=1), sources, lengths)
             mixed, _ = encode_source(model, mixed_ids, mixed_len, hidden=False)
-            tokens, scores = first_pass(model, mixed, lengths, opts.banned_ids, words)
+            tokens, scores = first_pass(model, mixed, lengths, opts.banned_ids)
         return tokens, scores
 
 
@@ -262,14 +261,14 @@ class MaskPredictDecoder(NarDecoder):
         scores = torch.zeros(tokens.shape, device=tokens.device)
         remask = slot_valid(lengths)
         content = slot_valid(lengths - 1, tokens.shape[1])
-        words = slot_words(opts, source)
         for t in range(opts.iterations):
             if t > 0:
                 remask = lowest_confidence(scores, content, remask_count(lengths - 1, t, opts.iterations))
                 if not bool(remask.any()):
                     break
             hidden = slot_pass(model, source, tokens.masked_fill(remask, mask_id), lengths)
-            tokens, new_scores = predict_slots(model, hidden, lengths, remask, eos, opts.banned_ids, words, tokens)
+            new_tokens, new_scores = predict_slots(model, hidden, lengths, remask, eos, opts.banned_ids)
+            tokens = torch.where(remask, new_tokens, tokens)
             scores = torch.where(remask, new_scores, scores)
         return tokens, scores
 

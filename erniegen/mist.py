@@ -180,9 +180,10 @@ class MixedFeatures(Features):
 
 def make_static_pseudo_targets(model: Network, features: Sequence, batch_size: int = 32,
                                progress: bool = False) -> list[list[int]]:
-    """Single-pass NAR outputs (predicted lengths) of a trained model for each feature's source."""
+    """Single-pass NAR outputs (predicted lengths) of a trained model for each feature's source, as predicted (no
+    repeats dropped, so the length head's lengths)."""
     sources = [_field(f, "source_ids") for f in features]
-    opts = options_from_settings(model, length_beam=1, iterations=1, dedup=False)
+    opts = options_from_settings(model, length_beam=1, iterations=1, dedup=False, block_repeated_words=False)
     return in_input_order(decode_in_batches(model, sources, NarDecoder(), batch_size, opts, progress), len(sources))
 
 

@@ -300,15 +300,46 @@ def cmd_evaluate(args) -> None:
               "for another task's", file=sys.stderr)
     preset = get_task(args.task or (read_settings(args.model).task if args.model else "squad_qg"))
     sources, targets = preset.fields()
-    rows = read_examples(args.predictions, args.source_field or sources, targets)
-    preds = []
-    for e in rows:
-        if "prediction" not in e.row or not isinstance(e.row["prediction"], str):
-            file, _, line = e.where.rpartition(":")
-            raise DataError(file, "is missing or not a string", int(line) if line.isdigit() else None, "prediction")
-        preds.append(e.row["prediction"])
-    scores = compute_metrics(preset.metric, preds, [e.target for e in rows], [e.source for e in rows])
-    print(json.dumps({"task": preset.name, "n": len(rows)} | scores))
+
+    def predictions(path: str) -> tuple[list, list[str]]:
+        rows = read_examples(path, args.source_field or sources, targets)
+        for e in rows:
+            if not isinstance(e.row.get("prediction"), str):
+                file, _, line = e.where.rpartition(":")
+                raise DataError(file, "is missing or not a string", int(line) if line.isdigit() else None,
+                                "prediction")
+        return rows, [e.row["prediction"] for e in rows]
+
+    rows, preds = predictions(args.predictions)
+    refs, srcs = [e.target for e in rows], [e.source for e in rows]
+    scores = compute_metrics(preset.metric, preds, refs, srcs)
+    result = {"task": preset.name, "n": len(rows)} | scores
+    if args.baseline:
+        base_rows, base_preds = predictions(args.baseline)
+        _check_same_rows(args.baseline, base_rows, rows)
+        from .metrics import paired_bootstrap
+        compared = paired_bootstrap(preset.metric, base_preds, preds, refs, srcs, args.resamples, args.seed)
+        result |= {"baseline": compute_metrics(preset.metric, base_preds, refs, srcs),
+                   "paired_bootstrap": {"resamples": args.resamples, "seed": args.seed} | compared}
+        for key, c in compared.items():
+            print(f"{key}: {c['candidate']:.2f} against the baseline's {c['baseline']:.2f}: {c['delta']:+.2f} "
+                  f"(95% interval {c['low']:+.2f} to {c['high']:+.2f}; not better in {100 * c['not_better']:.1f}% "
+                  f"of {args.resamples} paired resamples)", file=sys.stderr)
+    print(json.dumps(result))
+
+
+def _check_same_rows(path: str, rows: list, reference_rows: list) -> None:
+    """A baseline file must hold the same sources and references, in the same order, as the file it is compared with."""
+    from .data import DataError
+    if len(rows) != len(reference_rows):
+        raise DataError(path, f"holds {len(rows)} rows, the predictions {len(reference_rows)}; a paired comparison "
+                              "needs the same rows")
+    for e, ref in zip(rows, reference_rows):
+        for field, mine, theirs in (("source", e.source, ref.source), ("target", e.target, ref.target)):
+            if mine != theirs:
+                file, _, line = e.where.rpartition(":")
+                raise DataError(file, f"differs from {ref.where}'s; a paired comparison needs the same rows in the "
+                                      "same order", int(line) if line.isdigit() else None, field)
 
 
 def cmd_bench(args) -> None:
@@ -518,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", help="the model that wrote the predictions: score with its task's metric")
     e.add_argument("--predictions", required=True)
     e.add_argument("--source-field")
+    e.add_argument("--baseline", metavar="PREDICTIONS",
+                   help="another predictions file of the same rows: also print its scores and the difference with "
+                        "a 95%% interval from paired bootstrap resampling (BLEU-4 and ROUGE; METEOR not resampled)")
+    e.add_argument("--resamples", type=int, default=1000, help="paired bootstrap resamples (with --baseline)")
+    e.add_argument("--seed", type=int, default=0, help="seed of the resampling (with --baseline)")
     e.set_defaults(func=cmd_evaluate)
 
     b = sub.add_parser("bench", help="decoding latency and throughput as one JSON object")

@@ -427,3 +427,29 @@ def test_torchrun_finetune_stopped_in_its_preparation_resumes_exactly(tmp_path, 
     from safetensors.torch import load_file
     a, b = (load_file(tmp_path / run / "best" / "model.safetensors") for run in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_against_a_baseline_prints_both_scores_and_refuses_other_rows(tmp_path, capsys):
+    from erniegen.cli import main
+    rows = [{"source": f"sentence {i} about the river [SEP] river", "target": "what is the river called ?",
+             "prediction": "what is the river ?" if i % 2 else "what is the river called ?"} for i in range(12)]
+    base = [r | {"prediction": "the the river"} for r in rows]
+    pred, baseline = tmp_path / "pred.jsonl", tmp_path / "base.jsonl"
+    pred.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    baseline.write_text("".join(json.dumps(r) + "\n" for r in base))
+    main(["evaluate", "--task", "squad_qg", "--predictions", str(baseline)])
+    alone = json.loads(capsys.readouterr().out)
+    main(["evaluate", "--task", "squad_qg", "--predictions", str(pred), "--baseline", str(baseline),
+          "--resamples", "300"])
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["baseline"] == {k: v for k, v in alone.items() if k not in ("task", "n")}
+    boot = result["paired_bootstrap"]
+    assert boot["resamples"] == 300 and boot["bleu4"]["delta"] == pytest.approx(result["bleu4"] - alone["bleu4"])
+    assert boot["rougeL"]["low"] > 0 and boot["rougeL"]["not_better"] == 0.0
+    assert "rougeL: " in err and "of 300 paired resamples" in err
+    base[7]["target"] = "who is the king ?"
+    baseline.write_text("".join(json.dumps(r) + "\n" for r in base))
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--task", "squad_qg", "--predictions", str(pred), "--baseline", str(baseline)])
+    assert f"{baseline}:8: field 'target' differs from {pred}:8's" in capsys.readouterr().err

@@ -130,3 +130,68 @@ def test_qg_meteor_identical_and_java_is_stopped(monkeypatch: pytest.MonkeyPatch
     assert set(scores) == {"bleu4", "meteor", "rougeL", "distinct1", "distinct2"}
     [scorer] = started
     assert scorer.meteor_p.poll() is not None  # the JVM has exited
+
+
+# ---- paired bootstrap -----------------------------------------------------------------------------------------
+
+
+def _texts(seed: int, n: int) -> tuple[list[str], list[str], list[str]]:
+    """Predictions, references and sources where some sources repeat (nqg groups), words from a small set."""
+    import random
+    rng = random.Random(seed)
+    words = "what who when is was the a of river city king built named first in".split()
+    sent = lambda k: " ".join(rng.choice(words) for _ in range(k)) + " ?"  # noqa: E731
+    sources = [f"source {i // 2 if i < 20 else i}" for i in range(n)]  # rows 0-19 in pairs: ten groups of two
+    return [sent(rng.randint(1, 9)) for _ in range(n)], [sent(rng.randint(3, 9)) for _ in range(n)], sources
+
+
+def test_item_statistics_give_back_the_scorers_corpus_scores() -> None:
+    """Summed per-item counts reproduce pycocoevalcap's corpus BLEU-4 (grouped items, closest reference length,
+    brevity penalty) and its ROUGE-L; per-example ROUGE reproduces rouge_scores."""
+    import numpy as np
+    preds, refs, sources = _texts(0, 60)
+    everything = np.arange(50)[None, :]  # 60 rows in 50 nqg items
+    stats = metrics.item_statistics("qg", preds, refs, sources)
+    assert len(stats["bleu4"]) == 50
+    got = {k: float(v[0]) for k, v in metrics.scores_of(stats, everything).items()}
+    want = qg_scores(preds, refs, sources, meteor=False)
+    assert got == pytest.approx({"bleu4": want["bleu4"], "rougeL": want["rougeL"]}, rel=1e-12, abs=1e-12)
+    short = [p.split()[0] for p in preds]  # brevity penalty applies
+    got = metrics.scores_of(metrics.item_statistics("qg", short, refs, sources), everything)["bleu4"][0]
+    assert got == pytest.approx(qg_scores(short, refs, sources, meteor=False)["bleu4"], rel=1e-12, abs=1e-12)
+    stats = metrics.item_statistics("rouge", preds, refs)
+    got = {k: float(v[0]) for k, v in metrics.scores_of(stats, np.arange(60)[None, :]).items()}
+    want = rouge_scores(preds, refs)
+    assert got == pytest.approx({k: want[k] for k in ("rouge1", "rouge2", "rougeL")}, rel=1e-12)
+
+
+def test_paired_bootstrap_of_a_file_against_itself_and_against_the_references() -> None:
+    preds, refs, sources = _texts(1, 40)
+    same = metrics.paired_bootstrap("qg", preds, preds, refs, sources, resamples=200)
+    for c in same.values():
+        assert c["delta"] == c["low"] == c["high"] == 0.0 and c["not_better"] == 1.0
+    perfect = metrics.paired_bootstrap("qg", preds, refs, refs, None, resamples=200)
+    assert perfect["bleu4"]["candidate"] == pytest.approx(100.0) and perfect["rougeL"]["candidate"] == pytest.approx(100.0)
+    for c in perfect.values():
+        assert 0 < c["low"] <= c["delta"] <= c["high"] and c["not_better"] == 0.0
+    again = metrics.paired_bootstrap("qg", preds, refs, refs, None, resamples=200)
+    other = metrics.paired_bootstrap("qg", preds, refs, refs, None, resamples=200, seed=1)
+    assert again == perfect and other["bleu4"]["low"] != perfect["bleu4"]["low"]
+    assert other["bleu4"]["delta"] == perfect["bleu4"]["delta"]  # the full-sample difference does not resample
+
+
+def test_paired_bootstrap_draws_the_same_items_for_both_files() -> None:
+    """Pairing: one resample (seed 0) scores both files on the same drawn items, so the difference equals the one
+    computed by hand from numpy's draw."""
+    import numpy as np
+    preds, refs, _ = _texts(2, 30)
+    other = preds[:15] + refs[15:]
+    out = metrics.paired_bootstrap("rouge", preds, other, refs, resamples=1, seed=0)
+    rows = np.random.default_rng(0).integers(0, 30, size=(1, 30))
+    a, b = metrics.item_statistics("rouge", preds, refs), metrics.item_statistics("rouge", other, refs)
+    delta = 100 * (b["rougeL"][rows].mean() - a["rougeL"][rows].mean())
+    assert out["rougeL"]["low"] == pytest.approx(delta) and out["rougeL"]["high"] == pytest.approx(delta)
+    with pytest.raises(ValueError, match="3 baseline predictions but 2 candidate"):
+        metrics.paired_bootstrap("qg", preds[:3], preds[:2], refs[:3])
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        metrics.paired_bootstrap("qg", preds, preds, refs, resamples=0)

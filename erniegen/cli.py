@@ -128,7 +128,7 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
                    help="longest run of one token an output may hold (autoregressive decoders; 0: any)")
     g.add_argument("--block-repeated-words", action=argparse.BooleanOptionalAction, default=None,
                    help="no word or word piece twice in a row, as in 'when did there there' or '##yna ##yna' "
-                        "(autoregressive, nar, mist-iter and mask-predict decoders, not ELMER's; a word or piece: "
+                        "(autoregressive decoders never choose it; NAR and ELMER decoders drop the second; a word or piece: "
                         "a token whose letters, after a piece's ##, number two or more and start with a letter; "
                         "default: the model's task's)")
     g.add_argument("--iterations", type=int, default=None, help="NAR refinement iterations")

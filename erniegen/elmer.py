@@ -64,7 +64,7 @@ from torch import nn
 
 from .data import TaskPreset
 from .masks import NAR, PAD, Roles, attention_mask
-from .nar import checked_f_ratio, dedup_consecutive, glancing_reveal, position_limit
+from .nar import checked_f_ratio, finish_row, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
 from .precision import Linear
@@ -227,9 +227,9 @@ def pick(logp: torch.Tensor, slot: torch.Tensor, eos: int, opts: DecodeOptions) 
 
 def outputs(tokens: torch.Tensor, eos: int, opts: DecodeOptions) -> list[list[int]]:
     """What precedes each row's first end token, at most ``max_length - 1`` ids (the end token counts);
-    with ``opts.dedup`` consecutive repeats dropped first (the released ELMER code scores so)."""
-    rows = [until_end(row, eos) for row in tokens.tolist()]
-    return [(dedup_consecutive(row) if opts.dedup else row)[: opts.max_length - 1] for row in rows]
+    with ``opts.dedup`` consecutive repeats dropped first (the released ELMER code scores so), else with
+    ``block_repeated_words`` repeated words (:func:`erniegen.nar.finish_row`)."""
+    return [finish_row(until_end(row, eos), opts)[: opts.max_length - 1] for row in tokens.tolist()]
 
 
 # ---- hard exit ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 from .batch import pad
 from .data import Features, TaskPreset
 from .nar import (NarDecoder, NarObjective, NarOptions, first_pass, length_head, masked_slots, position_limit,
-                  predict_slots, rows_of, slot_valid, slot_words)
+                  predict_slots, rows_of, slot_valid)
 from .network import Network
 from .passes import EncodedSource, encode_source, slot_pass
 from .search import DecodeOptions, Decoder, decode_in_batches, in_input_order, options_from_settings
@@ -180,9 +180,10 @@ class MixedFeatures(Features):
 
 def make_static_pseudo_targets(model: Network, features: Sequence, batch_size: int = 32,
                                progress: bool = False) -> list[list[int]]:
-    """Single-pass NAR outputs (predicted lengths) of a trained model for each feature's source."""
+    """Single-pass NAR outputs (predicted lengths) of a trained model for each feature's source, as predicted (no
+    repeats dropped, so the length head's lengths)."""
     sources = [_field(f, "source_ids") for f in features]
-    opts = options_from_settings(model, length_beam=1, iterations=1, dedup=False)
+    opts = options_from_settings(model, length_beam=1, iterations=1, dedup=False, block_repeated_words=False)
     return in_input_order(decode_in_batches(model, sources, NarDecoder(), batch_size, opts, progress), len(sources))
 
 
@@ -236,12 +237,11 @@ class MistIterDecoder(NarDecoder):
 
     def refine(self, model: Network, source: EncodedSource, sources: list[list[int]], lengths: torch.Tensor,
                opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
-        words = slot_words(opts, source)
-        tokens, scores = first_pass(model, source, lengths, opts.banned_ids, words)
+        tokens, scores = first_pass(model, source, lengths, opts.banned_ids)
         for _ in range(1, opts.iterations):
             mixed_ids, mixed_len = mist_batch(model, rows_of(tokens, lengths, drop_last=1), sources, lengths)
             mixed, _ = encode_source(model, mixed_ids, mixed_len, hidden=False)
-            tokens, scores = first_pass(model, mixed, lengths, opts.banned_ids, words)
+            tokens, scores = first_pass(model, mixed, lengths, opts.banned_ids)
         return tokens, scores
 
 
@@ -262,14 +262,14 @@ class MaskPredictDecoder(NarDecoder):
         scores = torch.zeros(tokens.shape, device=tokens.device)
         remask = slot_valid(lengths)
         content = slot_valid(lengths - 1, tokens.shape[1])
-        words = slot_words(opts, source)
         for t in range(opts.iterations):
             if t > 0:
                 remask = lowest_confidence(scores, content, remask_count(lengths - 1, t, opts.iterations))
                 if not bool(remask.any()):
                     break
             hidden = slot_pass(model, source, tokens.masked_fill(remask, mask_id), lengths)
-            tokens, new_scores = predict_slots(model, hidden, lengths, remask, eos, opts.banned_ids, words, tokens)
+            new_tokens, new_scores = predict_slots(model, hidden, lengths, remask, eos, opts.banned_ids)
+            tokens = torch.where(remask, new_tokens, tokens)
             scores = torch.where(remask, new_scores, scores)
         return tokens, scores
 

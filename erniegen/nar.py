@@ -132,56 +132,32 @@ def masked_slots(slot_len: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 def predict_slots(model: Network, hidden: torch.Tensor, slot_len: torch.Tensor, where: torch.Tensor,
-                  eos: int, banned: Sequence[int], words: torch.Tensor | None = None,
-                  kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Argmax ids and their log-probs at the slots ``where`` (``kept`` ids, or zeros, elsewhere), both (N,W).
+                  eos: int, banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Argmax ids and their log-probs at the slots ``where`` (zeros elsewhere), both (N,W).
 
     Only those slots are projected to the vocabulary. The last slot of a row is its end [SEP]; the
-    others may be neither [SEP] nor a banned id. With ``words`` (the (V,) mask of
-    :func:`erniegen.search.word_token_mask`) a predicted slot whose argmax is a word token equal to its left
-    neighbour's (predicted in this pass, or kept) takes its second best instead: NAR slots predicted at once
-    say a word twice in a row far more often than a left-to-right search (section 7 of BENCHMARKS.md).
+    others may be neither [SEP] nor a banned id.
     """
     n, w = where.shape
-    is_last = torch.arange(w, device=hidden.device)[None, :] == (slot_len - 1)[:, None]
-    last = is_last[where]
+    last = (torch.arange(w, device=hidden.device)[None, :] == (slot_len - 1)[:, None])[where]
     logp = torch.log_softmax(model.logits(hidden[where]).float(), -1)
     if banned:
         logp[:, list(banned)] = float("-inf")
     end_lp = logp[:, eos].clone()
     logp[:, eos] = float("-inf")
     best_lp, best = logp.max(-1)
-    tokens = torch.zeros(n, w, dtype=torch.long, device=hidden.device) if kept is None else kept.clone()
+    tokens = torch.zeros(n, w, dtype=torch.long, device=hidden.device)
     scores = torch.zeros(n, w, device=hidden.device)
     tokens[where] = torch.where(last, eos, best)
     scores[where] = torch.where(last, end_lp, best_lp)
-    if words is None:
-        return tokens, scores
-    content = where & ~is_last
-    repeats = content[:, 1:] & (tokens[:, 1:] == tokens[:, :-1]) & words[tokens[:, :-1]]
-    if not bool(repeats.any()):  # no slot gives way unless one repeats at first: skip the second-best pass
-        return tokens, scores
-    second, second_lp = torch.zeros_like(tokens), torch.zeros_like(scores)
-    second_lp[where], second[where] = logp.scatter(1, best[:, None], float("-inf")).max(-1)
-    for t in range(1 + int(repeats.any(0).nonzero()[0]), w):  # left to right: a replaced slot is the next's neighbour
-        prev = tokens[:, t - 1]
-        hit = content[:, t] & (tokens[:, t] == prev) & words[prev]
-        tokens[:, t] = torch.where(hit, second[:, t], tokens[:, t])
-        scores[:, t] = torch.where(hit, second_lp[:, t], scores[:, t])
     return tokens, scores
 
 
-def slot_words(opts: DecodeOptions, source: EncodedSource) -> torch.Tensor | None:
-    """What :func:`predict_slots` needs of ``opts.block_repeated_words``, on the source's device."""
-    words = opts.repeat_blocked
-    return None if words is None else words.to(source.length.device)
-
-
-def first_pass(model: Network, source: EncodedSource, lengths: torch.Tensor, banned: Sequence[int],
-               words: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def first_pass(model: Network, source: EncodedSource, lengths: torch.Tensor,
+               banned: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every slot [MASK], every slot predicted: ids and log-probs (N,W) of one pass over the slots."""
     hidden = slot_pass(model, source, masked_slots(lengths, model.tokenizer.mask_token_id), lengths)
-    return predict_slots(model, hidden, lengths, slot_valid(lengths), model.tokenizer.sep_token_id, banned, words)
+    return predict_slots(model, hidden, lengths, slot_valid(lengths), model.tokenizer.sep_token_id, banned)
 
 
 def rows_of(ids: torch.Tensor, lengths: torch.Tensor, drop_last: int = 0) -> list[list[int]]:
@@ -304,15 +280,39 @@ def dedup_consecutive(ids: Sequence[int]) -> list[int]:
     return [t for i, t in enumerate(ids) if i == 0 or t != ids[i - 1]]
 
 
+def drop_repeated_words(ids: Sequence[int], words: torch.Tensor) -> list[int]:
+    """Drop a token equal to its predecessor where ``words`` (the (V,) mask of
+    :func:`erniegen.search.word_token_mask`) marks it: a word said twice in a row is said once.
+
+    Slots predicted at once say a word twice in a row far more often than a left-to-right search (320 of 682
+    one-pass questions of qg-nat-kd-r), mostly where the length head gave a question more slots than its words.
+    Dropping the second beat giving it the slot's second-best word (BENCHMARKS.md section 7).
+    """
+    out: list[int] = []
+    for t in ids:
+        if not (out and t == out[-1] and bool(words[t])):
+            out.append(t)
+    return out
+
+
+def finish_row(ids: Sequence[int], opts: DecodeOptions) -> list[int]:
+    """A NAR output row as returned: consecutive repeats dropped with ``dedup``, else repeated words with
+    ``block_repeated_words``."""
+    if opts.dedup:
+        return dedup_consecutive(ids)
+    words = opts.repeat_blocked
+    return list(ids) if words is None else drop_repeated_words(ids, words)
+
+
 class NarDecoder(Decoder):
     """Single pass: length head -> all-[MASK] slots -> argmax, over ``opts.length_beam`` lengths.
 
     Only the source reaches a decoder; lengths come from the length head, never from a reference.
     Lengths are limited to ``[max(1, min_length), max_length]`` (end [SEP] included, as for the
-    autoregressive decoders) and to the position table; ``num_beams``, ``length_penalty``,
-    ``no_repeat_ngram_size`` and ``max_token_run`` are autoregressive settings and are ignored;
-    ``block_repeated_words`` holds at every pass (:func:`predict_slots`). Iterative decoders override
-    :meth:`refine`.
+    autoregressive decoders) and to the position table; ``num_beams``, ``length_penalty`` and
+    ``no_repeat_ngram_size`` are autoregressive settings and are ignored;
+    ``dedup`` and ``block_repeated_words`` act on the chosen output (:func:`finish_row`). Iterative decoders
+    override :meth:`refine`.
     """
 
     name = "nar"
@@ -333,9 +333,9 @@ class NarDecoder(Decoder):
         sources = [row for row in rows_of(src_ids, src_len) for _ in range(k)]
         tokens, scores = self.refine(model, source.repeat(k), sources, lengths, opts)
         out = select_length_beam(tokens, scores, lengths, k, model.tokenizer.sep_token_id)
-        return [dedup_consecutive(x) for x in out] if opts.dedup else out
+        return [finish_row(x, opts) for x in out]
 
     def refine(self, model: Network, source: EncodedSource, sources: list[list[int]], lengths: torch.Tensor,
                opts: DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and their log-probs (N, W) for N = sources x candidate lengths."""
-        return first_pass(model, source, lengths, opts.banned_ids, slot_words(opts, source))
+        return first_pass(model, source, lengths, opts.banned_ids)

@@ -27,6 +27,7 @@ from erniegen.masks import attention_mask
 from erniegen.model import Transformer
 from erniegen.nar import masked_slots
 from erniegen.passes import encode_source, slot_pass, slot_roles
+from erniegen.search import word_token_mask
 from erniegen.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -226,7 +227,7 @@ def test_length_diagnostic_own_length_is_the_decoders_and_oracle_length_is_the_r
 
 
 @torch.no_grad()
-def test_dedup_drops_consecutive_repeats_in_both_exits(elmer_model, soft_model):
+def test_dedup_and_block_repeated_words_drop_repeats_in_both_exits(elmer_model, soft_model):
     for model, name in [(elmer_model, "elmer-hard"), (soft_model, "elmer-soft")]:
         model.head.bias.zero_()
         model.head.bias[20] = 100.0  # every slot predicts word 20, none the end
@@ -234,6 +235,8 @@ def test_dedup_drops_consecutive_repeats_in_both_exits(elmer_model, soft_model):
         dedup = generate_ids(model, SOURCES, name, opts=dataclasses.replace(OPTS, dedup=True))
         assert plain == [[20] * (T - 1)] * 3, name
         assert dedup == [[20]] * 3, name
+        rule = dataclasses.replace(OPTS, block_repeated_words=True, word_tokens=word_token_mask(model))
+        assert generate_ids(model, SOURCES, name, opts=rule) == [[20]] * 3, name  # "how" is a word
 
 
 def test_soft_exit_fuses_the_predicted_embedding(soft_model):

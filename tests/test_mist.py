@@ -14,6 +14,7 @@ from erniegen.mist import (MistConfig, add_static_pseudo_targets, build_mist_obj
                            length_head, make_static_pseudo_targets, masked_slots, mist_source, predict_slots,
                            remask_count, select_length_beam, slot_pass, slot_roles, slot_valid)
 from erniegen.model import Transformer
+from erniegen.nar import drop_repeated_words, finish_row
 from erniegen.search import word_token_mask
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5]]
@@ -338,27 +339,18 @@ def test_dedup_is_post_processing(nat_model):
 
 
 
-def test_predict_slots_takes_the_second_best_for_a_word_said_twice_by_hand():
-    """Slots predicted at once: a word token equal to its left neighbour's (predicted or kept) gives way to the
-    slot's second best; punctuation (4) may repeat; the last slot stays the end token."""
-    model = types.SimpleNamespace(logits=lambda h: h)  # the hidden states are the logits
-    best, second = [2, 2, 2, 4, 4, 1], [3, 3, 1, 1, 1, 0]  # per slot; slot 5 is the end (id 5 here)
-    logits = torch.full((1, 6, 6), -5.0)
-    for t, (b, s) in enumerate(zip(best, second)):
-        logits[0, t, b], logits[0, t, s] = 2.0, 1.0
-    length, everywhere = torch.tensor([6]), torch.ones(1, 6, dtype=torch.bool)
+def test_block_repeated_words_drops_a_word_said_twice_by_hand():
+    """Words (2, 3) said again right away are dropped; punctuation (4) may repeat; dedup drops every repeat."""
     words = torch.tensor([False, False, True, True, False, False])
-    plain, _ = predict_slots(model, logits, length, everywhere, 5, [])
-    assert plain.tolist() == [[2, 2, 2, 4, 4, 5]]
-    tokens, scores = predict_slots(model, logits, length, everywhere, 5, [], words)
-    assert tokens.tolist() == [[2, 3, 2, 4, 4, 5]]  # slot 2's left neighbour is now 3, so it keeps its 2
-    logp = torch.log_softmax(logits[0], -1)
-    assert torch.allclose(scores[0, :5], torch.stack([logp[0, 2], logp[1, 3], logp[2, 2], logp[3, 4], logp[4, 4]]))
-    # mask-predict: slot 1 kept (its 2 from an earlier pass), slots 2-3 predicted again
-    kept = torch.tensor([[2, 2, 7, 7, 4, 5]])
-    where = torch.tensor([[False, False, True, True, False, False]])
-    tokens, _ = predict_slots(model, logits, length, where, 5, [], words, kept)
-    assert tokens.tolist() == [[2, 2, 1, 4, 4, 5]]  # kept slots untouched, slot 2 gives way to its kept neighbour
+    assert drop_repeated_words([2, 2, 2, 4, 4, 3, 3, 2, 5], words) == [2, 4, 4, 3, 2, 5]
+    assert drop_repeated_words([], words) == []
+    ids = [2, 2, 4, 4, 3]
+    rule = DecodeOptions(block_repeated_words=True, word_tokens=words)
+    assert finish_row(ids, rule) == [2, 4, 4, 3]
+    assert finish_row(ids, DecodeOptions()) == ids
+    assert finish_row(ids, dataclasses.replace(rule, dedup=True)) == [2, 4, 3]
+    with pytest.raises(ValueError, match="block_repeated_words needs word_tokens"):
+        finish_row(ids, DecodeOptions(block_repeated_words=True))
 
 
 @pytest.mark.parametrize("name", ["nar", "mist-iter", "mask-predict"])
@@ -370,8 +362,7 @@ def test_block_repeated_words_holds_in_every_nar_decoder(nat_model, name):
     opts = DecodeOptions(max_length=8, iterations=3, word_tokens=word_token_mask(nat_model))
     assert generate_ids(nat_model, SOURCES, name, opts=opts) == [[steam] * 7] * len(SOURCES)
     out = generate_ids(nat_model, SOURCES, name, opts=dataclasses.replace(opts, block_repeated_words=True))
-    assert all(len(row) == 7 and all(a != b for a, b in zip(row, row[1:])) for row in out)
-    assert all(row[0] == steam for row in out)
+    assert out == [[steam]] * len(SOURCES)
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -316,9 +316,8 @@ class Decisions:
         lowest_confidence, pick, layer_logits, fuse = (mist.lowest_confidence, elmer.pick, elmer.layer_logits,
                                                        elmer.fuse)
 
-        def slots(model, hidden, slot_len, where, eos, banned, words=None, kept=None):
-            assert words is None, "a recorded decision is an argmax"
-            tokens, scores = predict_slots(model, hidden, slot_len, where, eos, banned, words, kept)
+        def slots(model, hidden, slot_len, where, eos, banned):
+            tokens, scores = predict_slots(model, hidden, slot_len, where, eos, banned)
             w = where.shape[1]
             last = (torch.arange(w)[None, :] == (slot_len - 1)[:, None])[where]
             logp = torch.log_softmax(model.logits(hidden[where]).float(), -1)

@@ -57,6 +57,7 @@ OPTION_RANGES: dict[str, Range] = {
     "top_bigrams": AT_LEAST_0, "top_trigrams": AT_LEAST_0, "max_items_in_memory": AT_LEAST_0,
     "min_count": AT_LEAST_1, "exit_threshold": AT_LEAST_0, "latency_samples": AT_LEAST_1, "limit": AT_LEAST_1,
     "port": Range(1, 65535), "max_wait_ms": AT_LEAST_0, "max_request_sources": AT_LEAST_1,
+    "resamples": AT_LEAST_1,
 }
 
 

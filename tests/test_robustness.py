@@ -88,6 +88,7 @@ BAD_OPTIONS = [
     ("finetune", ["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1], got 1.5"),
     ("finetune", ["--seed", "-1"], "--seed must be in [0, 4294967296), got -1"),
     ("pretrain", ["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+    ("evaluate", ["--resamples", "0"], "--resamples must be >= 1, got 0"),
 ]
 
 
@@ -98,7 +99,8 @@ def test_bad_numeric_option_stops_before_any_work(command, options, message, tmp
     args = {"generate": ["--model", missing, "--input", rows, "--output", tmp_path / "o.jsonl"],
             "bench": ["--model", missing, "--input", rows],
             "finetune": ["--model", missing, "--train", rows, "--output", tmp_path / "run"],
-            "pretrain": ["--model", missing, "--corpus", rows, "--output", tmp_path / "run"]}[command]
+            "pretrain": ["--model", missing, "--corpus", rows, "--output", tmp_path / "run"],
+            "evaluate": ["--predictions", missing, "--baseline", missing]}[command]
     assert_refused(run(command, *args, *options), command, message)
     assert sorted(os.listdir(tmp_path)) == []
 

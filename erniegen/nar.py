@@ -309,8 +309,8 @@ class NarDecoder(Decoder):
 
     Only the source reaches a decoder; lengths come from the length head, never from a reference.
     Lengths are limited to ``[max(1, min_length), max_length]`` (end [SEP] included, as for the
-    autoregressive decoders) and to the position table; ``num_beams``, ``length_penalty`` and
-    ``no_repeat_ngram_size`` are autoregressive settings and are ignored;
+    autoregressive decoders) and to the position table; ``num_beams``, ``length_penalty``,
+    ``no_repeat_ngram_size`` and ``max_token_run`` are autoregressive settings and are ignored;
     ``dedup`` and ``block_repeated_words`` act on the chosen output (:func:`finish_row`). Iterative decoders
     override :meth:`refine`.
     """

@@ -33,7 +33,9 @@ chosen after training; training with exits drawn per token (as LPLM pre-training
 layer to the exit pattern of the draw.
 ``exits: drawn`` trains the other way instead, each slot's loss at one exit layer drawn uniformly
 (:func:`drawn_exit_loss`, LPLM's draw), for comparison (benchmarks/elmer_exit_training.py); there,
-as in the released code, copied states are detached. Soft-exit training can follow the released code
+as in the released code, copied states are detached. ``exits: last`` scores every slot at the last layer
+only: no off-ramp below it is trained (so nothing exits early), the control that tells what the early-exit
+objective costs the last layer. Soft-exit training can follow the released code
 in feeding the gold token's embedding instead of the predicted one (``gold_rate`` 0.3 there; 0 by
 default here, measured: GOLD_RATE); with ``exits: all`` no state is copied, so there is nothing to detach.
 ``mask_mode: glat`` adds glancing training (nar.py's GLAT, as NAT and MIST train by default): a no-grad
@@ -82,7 +84,7 @@ GOLD_RATE = 0.0
 HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
 IGNORE = -100
 SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
-EXIT_TRAINING = ("all", "drawn")
+EXIT_TRAINING = ("all", "drawn", "last")
 ELMER_MASK_MODES = ("all", "glat")
 
 
@@ -95,7 +97,8 @@ class ElmerConfig:
     layer_heads: bool = False  # one off-ramp transform per layer instead of the shared LM head (§3.2)
     gold_rate: float | None = None  # elmer-soft: probability of the gold embedding in training; None: GOLD_RATE
     # hard exit: all = a loss at every off-ramp for every slot (the released code; module docstring);
-    # drawn = each slot's loss at one exit layer drawn uniformly, as LPLM pre-trains (the ablation)
+    # drawn = each slot's loss at one exit layer drawn uniformly, as LPLM pre-trains (the ablation);
+    # last = every slot's loss at the last layer only (the control: no early-exit objective)
     exits: str = "all"
     mask_mode: str = "all"  # all: every slot [MASK]; glat: glancing training (module docstring)
     f_ratio: float | None = None  # glat: share of the first pass's wrong slots revealed; None: GLAT_F_RATIO
@@ -110,8 +113,9 @@ class ElmerConfig:
             self.gold_rate = GOLD_RATE
         if self.exits not in EXIT_TRAINING:
             raise ValueError(f"exits must be one of {EXIT_TRAINING}, got {self.exits!r}")
-        if self.exits == "drawn" and SOFT[self.method]:
-            raise ValueError("exits: drawn trains hard exits; --method elmer-soft runs every layer for every slot")
+        if self.exits != "all" and SOFT[self.method]:
+            raise ValueError(f"exits: {self.exits} trains hard exits; --method elmer-soft runs every layer for "
+                             f"every slot")
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
         self.f_ratio = checked_f_ratio(self.mask_mode, self.f_ratio, ELMER_MASK_MODES)
@@ -449,7 +453,8 @@ def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
 
 class ElmerObjective(nn.Module):
     """``forward(**batch)`` -> the mean over layers of each off-ramp's cross-entropy (``exits: all``), or
-    each slot's loss at an exit layer drawn as LPLM draws it (``exits: drawn``, hard exit only)."""
+    each slot's loss at an exit layer drawn as LPLM draws it (``exits: drawn``) or at the last layer
+    (``exits: last``), hard exit only."""
 
     def __init__(self, model: Network, cfg: ElmerConfig, width: int):
         super().__init__()
@@ -471,8 +476,9 @@ class ElmerObjective(nn.Module):
             labels = gold.masked_fill(revealed, IGNORE)  # a revealed slot shows its answer: no loss there
             n_tokens = n_tokens + len(src_len) * self.width  # the first pass's slots (the source is encoded once)
         where = labels != IGNORE
-        if self.cfg.exits == "drawn":
-            return {"loss": drawn_exit_loss(self.model, source, labels, self.cfg.label_smoothing, slot_ids),
+        if self.cfg.exits != "all":
+            return {"loss": drawn_exit_loss(self.model, source, labels, self.cfg.label_smoothing, slot_ids,
+                                            self.cfg.exits),
                     "num_tokens": n_tokens}
         if self.soft:
             gold_rate = self.cfg.gold_rate if self.training else 0.0

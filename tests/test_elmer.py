@@ -315,6 +315,8 @@ def test_records_and_options():
         ElmerConfig(method="elmer", gold_rate=0.5)
     with pytest.raises(ValueError, match="exits: drawn trains hard exits"):
         ElmerConfig(method="elmer-soft", exits="drawn")
+    with pytest.raises(ValueError, match="exits: last trains hard exits"):
+        ElmerConfig(method="elmer-soft", exits="last")
     with pytest.raises(ValueError, match="exits must be one of"):
         ElmerConfig(method="elmer", exits="entropy")
     assert DecodeOptions().exit_threshold == 0.5
@@ -341,6 +343,26 @@ def test_loss_is_the_mean_of_the_off_ramps(tiny_tokenizer):
     # fresh per-layer heads start as the shared head: the first layer's scores match the plain head's
     assert torch.allclose(layer_logits(model, 0, x), model.logits(x), atol=1e-5)
     assert len(model.extras[HEADS]) == 2  # the last layer reads the model's own head
+
+
+def test_last_exit_training_is_the_last_off_ramps_cross_entropy_alone(tiny_tokenizer):
+    model = _model(tiny_tokenizer)
+    obj = build_objective("elmer", model, PRESET, {"exits": "last"}).eval()
+    batch = collate_pairs(ITEMS)
+    out = obj(**batch)
+    with torch.no_grad():
+        source = encode_source(model, batch["src_ids"], batch["src_len"])[0]
+        labels = slot_labels(batch["tgt_ids"], batch["tgt_len"], T)
+        where = labels != IGNORE
+        slots = make_slots(model, source, T)
+        x = slots.x
+        for layer in range(3):
+            x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+        expected = torch.nn.functional.cross_entropy(layer_logits(model, 2, x[where]), labels[where])
+    assert torch.allclose(out["loss"], expected, atol=1e-5)
+    out["loss"].backward()  # every layer is trained through the last off-ramp; the head too
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers[0].parameters()
+               if p.requires_grad)
 
 
 @pytest.mark.parametrize("method", ["elmer", "elmer-soft"])
@@ -388,7 +410,8 @@ def test_glat_reveals_in_proportion_to_the_first_pass_distance_and_revealed_slot
 
 
 @pytest.mark.parametrize("method,options", [("elmer", {}), ("elmer", {"layer_heads": True}), ("elmer-soft", {}),
-                                            ("elmer", {"exits": "drawn"}), ("elmer", {"mask_mode": "glat"}),
+                                            ("elmer", {"exits": "drawn"}), ("elmer", {"exits": "last"}),
+                                            ("elmer", {"mask_mode": "glat"}),
                                             ("elmer-soft", {"mask_mode": "glat"})])
 def test_training_steps_reduce_the_loss(tiny_model, method, options):
     obj = build_objective(method, tiny_model, PRESET, options).train()

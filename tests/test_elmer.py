@@ -226,6 +226,40 @@ def test_length_diagnostic_own_length_is_the_decoders_and_oracle_length_is_the_r
                     "longer": round(1 / 3, 4)} == stats
 
 
+def test_slot_loss_diagnostic_reads_the_objectives_last_off_ramp(tiny_tokenizer):
+    """benchmarks/slot_loss.py: word and end slots together give the objective's last-layer loss; one row at a
+    time gives what a batch gives; the first layer's word loss is the first off-ramp's."""
+    spec = importlib.util.spec_from_file_location("slot_loss", ROOT / "benchmarks" / "slot_loss.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = _model(tiny_tokenizer)
+    obj = build_objective("elmer", model, PRESET, {}).eval()
+    src, tgt = [x["source_ids"] for x in ITEMS], [x["target_ids"] for x in ITEMS]
+    with torch.no_grad():
+        out = obj(**collate_pairs(ITEMS))
+    assert not script.is_nar(model)
+    row = script.measure(model, src, tgt, batch_size=2)
+    words, ends = 3 + 1, 2
+    last = (row["word_nll_by_layer"][-1] * words + row["end_nll"] * ends) / (words + ends)
+    assert last == pytest.approx(out["loss_last"].item(), abs=2e-3)
+    assert len(row["word_nll_by_layer"]) == 3
+    assert script.measure(model, src, tgt, batch_size=1) == row
+    logp = torch.log_softmax(layer_logits(model, 0, _first_layer_states(model, ITEMS)), -1)
+    word_labels = torch.tensor([20, 21, 22, 40])
+    assert row["word_nll_by_layer"][0] == pytest.approx(-logp.gather(1, word_labels[:, None]).mean().item(), abs=2e-3)
+
+
+def _first_layer_states(model, items) -> torch.Tensor:
+    """The first layer's states of the word slots of ``items`` (every slot [MASK])."""
+    batch = collate_pairs(items)
+    with torch.no_grad():
+        source = encode_source(model, batch["src_ids"], batch["src_len"])[0]
+        slots = make_slots(model, source, T)
+        x, _ = model.run_layer(0, slots.x, slots.mask, source.kv[0])
+    labels = slot_labels(batch["tgt_ids"], batch["tgt_len"], T)
+    return x[(labels != IGNORE) & (labels != SEP)]
+
+
 @torch.no_grad()
 def test_dedup_and_block_repeated_words_drop_repeats_in_both_exits(elmer_model, soft_model):
     for model, name in [(elmer_model, "elmer-hard"), (soft_model, "elmer-soft")]:

@@ -34,8 +34,8 @@ layer to the exit pattern of the draw.
 ``exits: drawn`` trains the other way instead, each slot's loss at one exit layer drawn uniformly
 (:func:`drawn_exit_loss`, LPLM's draw), for comparison (benchmarks/elmer_exit_training.py); there,
 as in the released code, copied states are detached. ``exits: last`` scores every slot at the last layer
-only: no off-ramp below it is trained (so nothing exits early), the control that tells what the early-exit
-objective costs the last layer. Soft-exit training can follow the released code
+only: no off-ramp below it is trained (they read the shared head, so a sure slot may still exit there), the
+control that tells what the early-exit objective costs the last layer. Soft-exit training can follow the released code
 in feeding the gold token's embedding instead of the predicted one (``gold_rate`` 0.3 there; 0 by
 default here, measured: GOLD_RATE); with ``exits: all`` no state is copied, so there is nothing to detach.
 ``mask_mode: glat`` adds glancing training (nar.py's GLAT, as NAT and MIST train by default): a no-grad

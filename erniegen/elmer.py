@@ -35,7 +35,9 @@ layer to the exit pattern of the draw.
 (:func:`drawn_exit_loss`, LPLM's draw), for comparison (benchmarks/elmer_exit_training.py); there,
 as in the released code, copied states are detached. ``exits: last`` scores every slot at the last layer
 only: no off-ramp below it is trained (they read the shared head, so a sure slot may still exit there), the
-control that tells what the early-exit objective costs the last layer. Soft-exit training can follow the released code
+control that tells what the early-exit objective costs the last layer; between the two, ``last_weight``
+keeps a loss at every off-ramp but gives the last one a chosen share of it (0.5: as much as all the others
+together, where the plain mean gives it 1/L). Soft-exit training can follow the released code
 in feeding the gold token's embedding instead of the predicted one (``gold_rate`` 0.3 there; 0 by
 default here, measured: GOLD_RATE); with ``exits: all`` no state is copied, so there is nothing to detach.
 ``mask_mode: glat`` adds glancing training (nar.py's GLAT, as NAT and MIST train by default): a no-grad
@@ -100,6 +102,10 @@ class ElmerConfig:
     # drawn = each slot's loss at one exit layer drawn uniformly, as LPLM pre-trains (the ablation);
     # last = every slot's loss at the last layer only (the control: no early-exit objective)
     exits: str = "all"
+    # exits: all (hard or soft): the share of the loss at the last off-ramp, the rest spread evenly over the
+    # others; None: 1/L, the released code's plain mean. Measured: what a last layer given more of the loss
+    # keeps of both the early exits and the quality (BENCHMARKS.md section 1)
+    last_weight: float | None = None
     mask_mode: str = "all"  # all: every slot [MASK]; glat: glancing training (module docstring)
     f_ratio: float | None = None  # glat: share of the first pass's wrong slots revealed; None: GLAT_F_RATIO
     label_smoothing: float = 0.1
@@ -116,6 +122,11 @@ class ElmerConfig:
         if self.exits != "all" and SOFT[self.method]:
             raise ValueError(f"exits: {self.exits} trains hard exits; --method elmer-soft runs every layer for "
                              f"every slot")
+        if self.last_weight is not None and self.exits != "all":
+            raise ValueError(f"last_weight weighs the off-ramps of exits: all; exits: {self.exits} has one loss "
+                             f"per slot")
+        if self.last_weight is not None and not 0.0 < self.last_weight <= 1.0:
+            raise ValueError(f"last_weight must be in (0, 1], got {self.last_weight}")
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
         self.f_ratio = checked_f_ratio(self.mask_mode, self.f_ratio, ELMER_MASK_MODES)
@@ -452,7 +463,8 @@ def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
 
 
 class ElmerObjective(nn.Module):
-    """``forward(**batch)`` -> the mean over layers of each off-ramp's cross-entropy (``exits: all``), or
+    """``forward(**batch)`` -> the mean over layers of each off-ramp's cross-entropy (``exits: all``; weighted
+    toward the last one by ``last_weight``), or
     each slot's loss at an exit layer drawn as LPLM draws it (``exits: drawn``) or at the last layer
     (``exits: last``), hard exit only."""
 
@@ -487,8 +499,15 @@ class ElmerObjective(nn.Module):
             logits = list(self._layer_logits(source, where, slot_ids))
         losses = torch.stack([F.cross_entropy(lg.float(), labels[where], label_smoothing=self.cfg.label_smoothing)
                               for lg in logits])
-        return {"loss": losses.mean(), "loss_first": losses[0].detach(), "loss_last": losses[-1].detach(),
-                "num_tokens": n_tokens}
+        return {"loss": self.weighted(losses), "loss_first": losses[0].detach(),
+                "loss_last": losses[-1].detach(), "num_tokens": n_tokens}
+
+    def weighted(self, losses: torch.Tensor) -> torch.Tensor:
+        """The mean of the off-ramps' losses, or ``last_weight`` of it at the last one and the rest spread evenly."""
+        w = self.cfg.last_weight
+        if w is None or len(losses) == 1:
+            return losses.mean()
+        return w * losses[-1] + (1 - w) * losses[:-1].mean()
 
     @torch.no_grad()
     def first_pass(self, source: EncodedSource) -> torch.Tensor:

@@ -336,7 +336,8 @@ def test_hard_and_soft_models_are_not_mixed_up(elmer_model, soft_model, tiny_mod
 def test_records_and_options():
     assert registry.default_decoder("elmer") == "elmer-hard"
     assert registry.default_decoder("elmer-soft") == "elmer-soft"
-    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits", "mask_mode", "f_ratio"]
+    assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits", "last_weight", "mask_mode",
+                                                "f_ratio"]
     assert ElmerConfig(mask_mode="glat").f_ratio == 0.5 and ElmerConfig().f_ratio is None
     with pytest.raises(ValueError, match="f_ratio is only used with mask_mode: glat"):
         ElmerConfig(f_ratio=0.5)
@@ -353,6 +354,10 @@ def test_records_and_options():
         ElmerConfig(method="elmer-soft", exits="last")
     with pytest.raises(ValueError, match="exits must be one of"):
         ElmerConfig(method="elmer", exits="entropy")
+    with pytest.raises(ValueError, match="last_weight weighs the off-ramps of exits: all"):
+        ElmerConfig(exits="last", last_weight=0.5)
+    with pytest.raises(ValueError, match=r"last_weight must be in \(0, 1\]"):
+        ElmerConfig(last_weight=0.0)
     assert DecodeOptions().exit_threshold == 0.5
     with pytest.raises(ValueError, match="exit_threshold"):
         DecodeOptions(exit_threshold=-1.0)
@@ -377,6 +382,20 @@ def test_loss_is_the_mean_of_the_off_ramps(tiny_tokenizer):
     # fresh per-layer heads start as the shared head: the first layer's scores match the plain head's
     assert torch.allclose(layer_logits(model, 0, x), model.logits(x), atol=1e-5)
     assert len(model.extras[HEADS]) == 2  # the last layer reads the model's own head
+
+
+@pytest.mark.parametrize("method", ["elmer", "elmer-soft"])
+def test_last_weight_shares_the_loss_between_the_last_off_ramp_and_the_others(tiny_tokenizer, method):
+    model = _model(tiny_tokenizer)
+    batch = collate_pairs(ITEMS)
+    plain = build_objective(method, model, PRESET, {}).eval()
+    with torch.no_grad():
+        mean, last = plain(**batch)["loss"], plain(**batch)["loss_last"]
+        others = (3 * mean - last) / 2  # three layers
+        for w, expected in [(None, mean), (1.0, last), (0.5, (last + others) / 2), (0.25, 0.25 * last + 0.75 * others)]:
+            obj = build_objective(method, model, PRESET, {"last_weight": w}).eval()
+            assert torch.allclose(obj(**batch)["loss"], expected, atol=1e-5), w
+    assert not torch.allclose(mean, last)  # the weights are told apart
 
 
 def test_last_exit_training_is_the_last_off_ramps_cross_entropy_alone(tiny_tokenizer):

@@ -261,18 +261,26 @@ def default_banned_ids(model: Network) -> list[int]:
 
 def word_token_mask(model: Network) -> torch.Tensor:
     """(V,) bool, the tokens block_repeated_words blocks right after themselves: words and ``##`` word pieces
-    whose letters (the piece's after ``##``) number two or more and begin with a letter; so not punctuation,
-    digits or ``[special]`` tokens, and not single characters, as a CJK character is one token and may well come
-    twice (谢谢). A piece twice in a row is rare in real words: in 3 of 18,599 training targets (squad_qg_sent's,
-    XSum's, squad_qg_sentence's first 9,000: `cytotoxins`, `alibaba`). Made once per tokenizer: reading a fast tokenizer's vocabulary takes
-    ~0.2 s."""
+    whose letters (the piece's after ``##``) number two or more and begin with a letter, and ``##`` pieces of one
+    ASCII letter (`planet ##s ##s ##s`, an ELMER output); so not punctuation (`_____` is said), digits,
+    ``[special]`` tokens or single-character words, as a CJK character is one token and may well come twice (谢谢).
+    A piece twice in a row is rare in real words: in 3 of 18,599 training targets (squad_qg_sent's, XSum's,
+    squad_qg_sentence's first 9,000: `cytotoxins`, `alibaba`), a one-letter piece in none of 27,298 (the three and
+    squad_qg's). Made once per tokenizer: reading a fast tokenizer's vocabulary takes ~0.2 s."""
     return _word_tokens(model.tokenizer, model.config.vocab_size)
+
+
+def is_word_token(token: str) -> bool:
+    """Whether ``block_repeated_words`` keeps ``token`` from following itself (:func:`word_token_mask`)."""
+    letters = token.removeprefix("##")
+    if len(letters) == 1:
+        return token.startswith("##") and letters.isascii() and letters.isalpha()
+    return bool(letters) and letters[0].isalpha()
 
 
 @functools.lru_cache(maxsize=8)
 def _word_tokens(tokenizer, vocab_size: int) -> torch.Tensor:
-    letters = ((t[2:] if t.startswith("##") else t, i) for t, i in tokenizer.get_vocab().items() if i < vocab_size)
-    ids = [i for t, i in letters if len(t) > 1 and t[0].isalpha()]
+    ids = [i for t, i in tokenizer.get_vocab().items() if i < vocab_size and is_word_token(t)]
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     mask[torch.tensor(ids, dtype=torch.long)] = True
     return mask

@@ -139,7 +139,8 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
                         "reported apart)")
     g.add_argument("--exit-threshold", type=float, default=None,
                    help="ELMER hard exit: a slot exits once its prediction entropy (nats) is below this "
-                        "(default 0.5, the paper's)")
+                        "(default: the model's, 0.5 (the paper's) or 0 (the plain pass) for a model trained "
+                        "with exits: last, whose lower off-ramps are untrained)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="inference weights: fp32, bf16, or int8 (dynamic quantization of every linear layer and "

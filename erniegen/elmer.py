@@ -72,7 +72,7 @@ from .nar import checked_f_ratio, finish_row, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
 from .passes import EncodedSource, encode_source, slot_roles, target_positions
 from .precision import Linear
-from .search import EXIT_THRESHOLD, DecodeOptions, Decoder, until_end
+from .search import EXIT_THRESHOLD, EXIT_THRESHOLD_KEY, DecodeOptions, Decoder, until_end
 
 # No label smoothing, as the released code trains (a plain cross-entropy): a model fitted to targets smoothed by ε
 # predicts with an entropy of at least entropy_floor(ε, V), 1.36 nats for ε = 0.1 over BERT's 30,522 words,
@@ -318,8 +318,8 @@ def _active_layer(model: Network, layer: int, x: torch.Tensor, active: torch.Ten
 
 class HardExitDecoder(Decoder):
     """``elmer-hard``: T = the model's ``max_target_len`` slots with hard early exit at
-    ``opts.exit_threshold`` (default search.EXIT_THRESHOLD, the paper's δ = 0.5). Only sources reach it; no
-    reference length exists to read."""
+    ``opts.exit_threshold`` (the model's default: search.EXIT_THRESHOLD, the paper's δ = 0.5, or 0 if it was
+    trained with ``exits: last``, see build_objective). Only sources reach it; no reference length exists to read."""
 
     name = "elmer-hard"
 
@@ -542,6 +542,8 @@ def build_objective(method: str, model: Network, preset: TaskPreset, options: di
               f"over the default exit threshold δ = {EXIT_THRESHOLD}: few slots will exit before the last layer "
               f"(ELMER trains with {LABEL_SMOOTHING})", file=sys.stderr)
     model.settings.extra = model.settings.extra | {"max_target_len": int(preset.max_target_len)}
+    if cfg.exits == "last":  # no off-ramp below the last was trained: decode with the plain pass unless told
+        model.settings.extra = model.settings.extra | {EXIT_THRESHOLD_KEY: 0.0}
     return ElmerObjective(model, cfg, int(preset.max_target_len))
 
 

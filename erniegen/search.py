@@ -24,6 +24,7 @@ from .network import Network
 # ELMER's hard-exit entropy threshold δ (nats): the paper tries {0, 0.25, 0.5, 0.75, 1.0} and picks
 # 0.5 on validation (Li et al., 2022, §4)
 EXIT_THRESHOLD = 0.5
+EXIT_THRESHOLD_KEY = "exit_threshold"  # settings.extra: a model's own default δ (elmer.build_objective)
 
 
 @dataclass
@@ -291,7 +292,8 @@ def options_from_settings(model: Network, **overrides) -> DecodeOptions:
     s = model.settings
     base = {"num_beams": s.num_beams, "max_length": s.max_decode_len, "min_length": s.min_decode_len,
             "length_penalty": s.length_penalty, "no_repeat_ngram_size": s.no_repeat_ngram_size,
-            "max_token_run": s.max_token_run, "block_repeated_words": s.block_repeated_words}
+            "max_token_run": s.max_token_run, "block_repeated_words": s.block_repeated_words,
+            "exit_threshold": s.extra.get(EXIT_THRESHOLD_KEY, EXIT_THRESHOLD)}
     unknown = set(overrides) - {f for f in DecodeOptions.__dataclass_fields__}
     if unknown:
         raise TypeError(f"unknown decoding options {sorted(unknown)}; known: {sorted(DecodeOptions.__dataclass_fields__)}")

@@ -27,7 +27,7 @@ from erniegen.masks import attention_mask
 from erniegen.model import Transformer
 from erniegen.nar import masked_slots
 from erniegen.passes import encode_source, slot_pass, slot_roles
-from erniegen.search import word_token_mask
+from erniegen.search import options_from_settings, word_token_mask
 from erniegen.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,7 +398,7 @@ def test_last_weight_shares_the_loss_between_the_last_off_ramp_and_the_others(ti
     assert not torch.allclose(mean, last)  # the weights are told apart
 
 
-def test_last_exit_training_is_the_last_off_ramps_cross_entropy_alone(tiny_tokenizer):
+def test_last_exit_training_is_the_last_off_ramps_cross_entropy_alone(tiny_tokenizer, tmp_path):
     model = _model(tiny_tokenizer)
     obj = build_objective("elmer", model, PRESET, {"exits": "last"}).eval()
     batch = collate_pairs(ITEMS)
@@ -413,6 +413,12 @@ def test_last_exit_training_is_the_last_off_ramps_cross_entropy_alone(tiny_token
             x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
         expected = torch.nn.functional.cross_entropy(layer_logits(model, 2, x[where]), labels[where])
     assert torch.allclose(out["loss"], expected, atol=1e-5)
+    # its lower off-ramps are untrained: the model decodes with the plain pass (δ 0) unless told otherwise
+    assert options_from_settings(model).exit_threshold == 0.0
+    assert options_from_settings(model, exit_threshold=0.5).exit_threshold == 0.5
+    assert options_from_settings(_model(tiny_tokenizer)).exit_threshold == 0.5
+    model.save_pretrained(tmp_path / "last")
+    assert options_from_settings(Transformer.from_pretrained(str(tmp_path / "last"))).exit_threshold == 0.0
     out["loss"].backward()  # every layer is trained through the last off-ramp; the head too
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.layers[0].parameters()
                if p.requires_grad)

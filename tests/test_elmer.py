@@ -390,7 +390,8 @@ def test_last_weight_shares_the_loss_between_the_last_off_ramp_and_the_others(ti
     batch = collate_pairs(ITEMS)
     plain = build_objective(method, model, PRESET, {}).eval()
     with torch.no_grad():
-        mean, last = plain(**batch)["loss"], plain(**batch)["loss_last"]
+        out = plain(**batch)
+        mean, last = out["loss"], out["loss_last"]
         others = (3 * mean - last) / 2  # three layers
         for w, expected in [(None, mean), (1.0, last), (0.5, (last + others) / 2), (0.25, 0.25 * last + 0.75 * others)]:
             obj = build_objective(method, model, PRESET, {"last_weight": w}).eval()

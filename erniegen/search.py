@@ -317,11 +317,12 @@ def decode_in_batches(model: Network, sources: Sequence[Sequence[int]], decoder:
 
     The batches depend only on the source lengths and ``batch_size``; a batch whose rows are all in
     ``skip`` (finished by an interrupted run) is left out, so every other batch is decoded exactly as
-    in an uninterrupted run.
+    in an uninterrupted run. Without ``opts`` the model's saved settings apply (:func:`options_from_settings`),
+    as they do for ``erniegen generate``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    opts = with_model_parts(model, opts or DecodeOptions())
+    opts = options_from_settings(model) if opts is None else with_model_parts(model, opts)
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: -len(sources[i]))
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

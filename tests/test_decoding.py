@@ -229,6 +229,18 @@ def test_options_from_settings_read_block_repeated_words(tiny_model):
         assert all(t != vocab["steam"] for seq in out for t in seq[1::2])
 
 
+def test_decoding_without_options_reads_the_saved_settings(tiny_model):
+    """A caller of the library who passes no options gets what ``erniegen generate`` gives: the saved settings."""
+    vocab = tiny_model.tokenizer.get_vocab()
+    with torch.no_grad():
+        tiny_model.head.bias[vocab["steam"]] = 50.0
+    assert generate_ids(tiny_model, SOURCES[:1]) == [[vocab["steam"]] * 63]  # defaults: 64 tokens, no rule
+    tiny_model.settings = dataclasses.replace(tiny_model.settings, max_decode_len=5, block_repeated_words=True)
+    out = generate_ids(tiny_model, SOURCES)
+    assert out == generate_ids(tiny_model, SOURCES, opts=options_from_settings(tiny_model))
+    assert all(len(seq) <= 4 and seq[0] == vocab["steam"] and vocab["steam"] not in seq[1:2] for seq in out)
+
+
 class ScriptedStepper:
     """A fake model whose next-token log-probs depend on the prefix, to check beam search by hand.
 

@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
 _ENCODE_CHUNK = 1000
@@ -51,6 +51,14 @@ class Example:
 
 
 Fields = str | tuple[str, ...]  # a field's name, or names in order of preference (the first a row has is read)
+
+
+T = TypeVar("T")
+
+
+def evenly_spaced(items: Sequence[T], n: int) -> list[T]:
+    """``n`` of ``items`` spread evenly over them (all if there are no more): files are often grouped by topic."""
+    return [items[i * len(items) // n] for i in range(n)] if n < len(items) else list(items)
 
 
 def read_examples(

@@ -55,6 +55,7 @@ Layer Permutation LM pre-training (§3.4): :func:`corrupt`, :class:`LplmObjectiv
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -84,6 +85,9 @@ LABEL_SMOOTHING = 0.0
 # section 1): a model trained on gold inputs is fed only its own predictions at test time.
 GOLD_RATE = 0.0
 HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
+GATE = "elmer_exit_gate"  # the exit gate, fitted after training and saved beside the weights (ExitGate)
+GATE_SOURCES = 2000  # training sources the gate is fitted on (~74k slots a layer at T = 37)
+GATE_L2 = 1e-4  # its weight decay: the states of neighbouring slots are alike, so the fit needs little
 IGNORE = -100
 SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
 EXIT_TRAINING = ("all", "drawn", "last")
@@ -160,6 +164,23 @@ class OffRamp(nn.Module):
         return project(self.norm(self.act(self.dense(h))), self.bias)
 
 
+class ExitGate(nn.Module):
+    """A cheaper exit test for the hard exit: for each layer below the last, a logistic regression on a slot's
+    hidden state for "this off-ramp's prediction is already the last layer's" (the early-exit classifier of
+    CALM, Schuster et al. 2022, fitted to ELMER's off-ramps). It costs H multiply-adds a slot where the entropy
+    rule's off-ramp costs H x V (a 30,522-word projection, about 6.6 layers of this model), so only a slot that
+    leaves is projected, once. Not in the ELMER paper; fitted to a trained model by :func:`fit_exit_gate`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.num_hidden_layers - 1, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(cfg.num_hidden_layers - 1))
+
+    def forward(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """The probability (...,) that off-ramp ``layer`` (0-based, below the last) already predicts the last's."""
+        return torch.sigmoid(hidden.float() @ self.weight[layer].float() + self.bias[layer].float())
+
+
 def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> None:
     """Attach the per-layer heads and the fusion layer that training asks for or the checkpoint holds.
 
@@ -174,6 +195,8 @@ def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> Non
         if fresh:
             for head in heads:
                 head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "word.weight"})
+    if model.has_saved_extra(GATE):
+        model.add_extra(GATE, ExitGate(cfg))
     if soft or model.has_saved_extra(FUSION):
         fresh = FUSION not in model.extras and not model.has_saved_extra(FUSION)
         fusion = model.add_extra(FUSION, Linear(2 * cfg.hidden_size, cfg.hidden_size))
@@ -261,7 +284,8 @@ class HardExit:
 
 def hard_exit(model: Network, source: EncodedSource, width: int, threshold: float, opts: DecodeOptions,
               active_only: bool = True) -> HardExit:
-    """Run T slots with hard early exit at entropy threshold ``threshold`` (nats).
+    """Run T slots with hard early exit at entropy threshold ``threshold`` (nats), or by the exit gate
+    when ``opts.exit_gate`` is set (:class:`ExitGate`; the threshold is then unused).
 
     ``active_only`` computes each layer for the active slots only, with the exited ones' keys/values
     as ``past`` (while every slot is active, the plain pass: packing them would compute their keys and
@@ -282,20 +306,34 @@ def hard_exit(model: Network, source: EncodedSource, width: int, threshold: floa
             out, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
             x = torch.where(active[:, :, None], out, x)
         states.append(x)
-        if layer < n_layers - 1 and threshold <= 0:
+        if layer < n_layers - 1 and opts.exit_gate is None and threshold <= 0:
             continue  # no entropy is below 0: skip the off-ramp (a vocabulary projection) nothing can leave by
         rows, cols = active.nonzero(as_tuple=True)
-        logp = torch.log_softmax(layer_logits(model, layer, x[rows, cols]).float(), -1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        leaving = entropy < threshold if layer < n_layers - 1 else torch.ones_like(entropy, dtype=torch.bool)
-        rows, cols = rows[leaving], cols[leaving]
-        tokens[rows, cols] = pick(logp[leaving], cols, eos, opts)
+        hidden, logp = x[rows, cols], None
+        if layer < n_layers - 1:
+            if opts.exit_gate is not None:
+                leaving = model.extras[GATE](layer, hidden) >= opts.exit_gate
+            else:
+                logp = log_probs(model, layer, hidden)
+                leaving = -(logp.exp() * logp).sum(-1) < threshold
+                logp = logp[leaving]
+            rows, cols, hidden = rows[leaving], cols[leaving], hidden[leaving]
+            if not len(rows):
+                continue
+        if logp is None:
+            logp = log_probs(model, layer, hidden)  # the gate's way: only the slots that leave are projected
+        tokens[rows, cols] = pick(logp, cols, eos, opts)
         exit_layer[rows, cols] = layer + 1
         active[rows, cols] = False
         if not bool(active.any()):
             break
     states += [x] * (n_layers - len(states))  # layers never run: every slot's state is copied up
     return HardExit(tokens, exit_layer, states)
+
+
+def log_probs(model: Network, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    """Off-ramp ``layer``'s log-probabilities (fp32) for ``hidden`` (M,H)."""
+    return torch.log_softmax(layer_logits(model, layer, hidden).float(), -1)
 
 
 def _active_layer(model: Network, layer: int, x: torch.Tensor, active: torch.Tensor, roles: Roles,
@@ -331,6 +369,9 @@ class HardExitDecoder(Decoder):
     def __call__(self, model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
                  opts: DecodeOptions) -> list[list[int]]:
         check_soft(model, soft=False)
+        if opts.exit_gate is not None and GATE not in model.extras:
+            raise ValueError("exit_gate needs the model's exit gate, and this model has none: fit one with "
+                             "`erniegen exit-gate --model MODEL --input TRAIN.jsonl`")
         source, _ = encode_source(model, src_ids, src_len, hidden=False)
         eos = model.tokenizer.sep_token_id
         out = hard_exit(model, source, slot_count(model), opts.exit_threshold, opts)
@@ -350,6 +391,89 @@ def exit_shares(counts: Counter[int], n_layers: int) -> list[float]:
     """The share of slots exiting at each layer 1..L (ELMER's Figure 2) from :class:`HardExitDecoder` counts."""
     total = sum(counts.values())
     return [counts.get(layer, 0) / total if total else 0.0 for layer in range(1, n_layers + 1)]
+
+
+# ---- the exit gate -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gate_examples(model: Network, src_ids: torch.Tensor, src_len: torch.Tensor,
+                  opts: DecodeOptions) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each layer below the last, every slot's state after it (M,H) and whether its off-ramp's pick is the
+    last layer's (M,): what the exit gate learns from. Every slot runs every layer (no early exit)."""
+    source, _ = encode_source(model, src_ids, src_len, hidden=False)
+    width, eos = slot_count(model), model.tokenizer.sep_token_id
+    out = hard_exit(model, source, width, 0.0, dataclasses.replace(opts, exit_gate=None), active_only=False)
+    slot = torch.arange(width, device=src_ids.device).repeat(len(src_len))
+    final = out.tokens.flatten()
+    examples = []
+    for layer, x in enumerate(out.states[:-1]):
+        hidden = x.flatten(0, 1).float()
+        examples.append((hidden, pick(log_probs(model, layer, hidden), slot, eos, opts) == final))
+    return examples
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = GATE_L2, steps: int = 200
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (H,) and bias () of an L2-regularised logistic regression of ``y`` (M,) bool on ``x`` (M,H),
+    by L-BFGS from the base rate."""
+    rate = y.float().mean().clamp(1e-4, 1 - 1e-4)
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    b = torch.log(rate / (1 - rate)).detach().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x @ w + b, y.float()) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def fit_exit_gate(model: Network, sources: Sequence[Sequence[int]], batch_size: int = 32,
+                  held_out: float = 0.1, progress: bool = False) -> list[dict[str, float]]:
+    """Fit the model's :class:`ExitGate` to token-id ``sources`` (training sources: the dev set stays for
+    choosing and scoring), after the model's own decoding settings. The last ``held_out`` share of them only
+    measures the fit: per layer, the share of slots whose prediction is already the last layer's, and at gate
+    0.5 and 0.9 the share that would leave and how many of those agree."""
+    from .batch import pad
+    from .search import options_from_settings
+    check_soft(model, soft=False)
+    model.eval()
+    opts, n_fit = options_from_settings(model), len(sources) - int(len(sources) * held_out)
+    data: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for part, chosen in {"fit": sources[:n_fit], "held_out": sources[n_fit:]}.items():
+        chosen = sorted(chosen, key=len)  # batches of like lengths pad little
+        starts = range(0, len(chosen), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+            starts = tqdm(starts, desc=f"exit gate ({part} sources)", unit="batch")
+        per_layer: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in model.layers[:-1]]
+        for i in starts:
+            src, src_len = pad(chosen[i:i + batch_size], model.config.pad_token_id)
+            for layer, pair in enumerate(gate_examples(model, src.to(model.device), src_len.to(model.device), opts)):
+                per_layer[layer].append(pair)
+        data[part] = [(torch.cat([x for x, _ in p]), torch.cat([y for _, y in p])) for p in per_layer] if chosen else []
+    stats = []
+    gate = model.add_extra(GATE, ExitGate(model.config))
+    for layer, (x, y) in enumerate(data["fit"]):
+        w, b = fit_logistic(x, y)
+        with torch.no_grad():
+            gate.weight[layer], gate.bias[layer] = w, b
+        row = {"layer": layer + 1, "agree": y.float().mean().item()}
+        if data["held_out"]:
+            hx, hy = data["held_out"][layer]
+            p = gate(layer, hx)
+            row["held_out_agree"] = hy.float().mean().item()
+            for level in (0.5, 0.9):
+                leaving = p >= level
+                row[f"leave@{level}"] = leaving.float().mean().item()
+                row[f"agree_when_leaving@{level}"] = hy[leaving].float().mean().item() if leaving.any() else 1.0
+        stats.append(row)
+    return stats
 
 
 # ---- soft exit ---------------------------------------------------------------------------------

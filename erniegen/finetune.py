@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from . import registry
 from .batch import collate_pairs
-from .data import DataError, TaskPreset, encode_examples, get_task, marker_id, read_examples
+from .data import DataError, TaskPreset, encode_examples, evenly_spaced, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
 from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint, resumes_preparation
 from .metrics import compute_metrics, qg_scores
@@ -132,7 +132,7 @@ def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = Non
         shown = "; ".join(str(e) for e in skipped[:3]) + ("; …" if len(skipped) > 3 else "")
         print(f"note: {path}: skipped {len(skipped)} row(s) with an empty field ({shown})", file=sys.stderr)
     if limit is not None and spread and limit < len(examples):
-        examples = [examples[i * len(examples) // limit] for i in range(limit)]
+        examples = evenly_spaced(examples, limit)
     elif limit is not None:
         examples = examples[:limit]
     feats, stats = encode_examples(examples, tokenizer, preset.max_source_len, preset.max_target_len,
@@ -322,7 +322,7 @@ def write_int8_calibration(folder: str, sources: Sequence[str], n: int = CALIBRA
     """Record the saved model's activation maxima on ``n`` of ``sources`` (evenly spaced) for int8 smoothing
     (:mod:`erniegen.precision`) into ``folder``; says what it did and what it cost."""
     t0 = time.monotonic()
-    picked = [sources[i * len(sources) // n] for i in range(n)] if n < len(sources) else list(sources)
+    picked = evenly_spaced(sources, n)
     model = Transformer.from_pretrained(folder).eval()
     file = save_calibration(folder, calibrate(model, picked), len(picked))
     print(f"int8 calibration: activation maxima over {len(picked)} training sources written to {file} "

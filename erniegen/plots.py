@@ -161,14 +161,16 @@ def _save(fig, plt, output: str) -> None:
 
 
 def plot_exit_shares(rows: list[dict], output: str) -> None:
-    """ELMER's Figure 2: for each threshold δ, the share of output slots exiting at each layer, one bar
-    group per layer; ``rows`` hold ``threshold``, ``shares`` (layer 1..L) and optionally ``bleu4``."""
+    """ELMER's Figure 2: for each threshold δ or exit-gate level, the share of output slots exiting at each
+    layer, one bar group per layer; ``rows`` hold ``threshold`` or ``gate``, ``shares`` (layer 1..L) and
+    optionally ``bleu4``."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(1, len(rows))
     for i, row in enumerate(rows):
         layers = range(1, len(row["shares"]) + 1)
-        label = f"δ = {row['threshold']:g}" + (f" (BLEU-4 {row['bleu4']:.2f})" if "bleu4" in row else "")
+        rule = f"gate ≥ {row['gate']:g}" if "gate" in row else f"δ = {row['threshold']:g}"
+        label = rule + (f" (BLEU-4 {row['bleu4']:.2f})" if "bleu4" in row else "")
         ax.bar([x + (i - (len(rows) - 1) / 2) * width for x in layers], [100 * v for v in row["shares"]],
                width, label=label)
     ax.set(xlabel="exit layer", ylabel="% of output slots", title="ELMER hard exit: where slots leave")

@@ -50,10 +50,13 @@ class DecodeOptions:
     length_beam: int = 1
     dedup: bool = False
     exit_threshold: float = EXIT_THRESHOLD  # ELMER hard exit: a slot exits once its entropy is below this
+    # ELMER hard exit by the model's fitted exit gate instead of the entropy rule (elmer.ExitGate): a slot exits
+    # once the gate's probability that its prediction is already the last layer's is at least this
+    exit_gate: float | None = None
 
     # what a user sets (generate's flags, serve's request fields); banned_ids and word_tokens are the library's own
     USER_SET = ("num_beams", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size", "max_token_run",
-                "block_repeated_words", "iterations", "length_beam", "dedup", "exit_threshold")
+                "block_repeated_words", "iterations", "length_beam", "dedup", "exit_threshold", "exit_gate")
 
     def __post_init__(self) -> None:
         for name in ("num_beams", "iterations", "length_beam"):
@@ -67,6 +70,8 @@ class DecodeOptions:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.exit_threshold >= 0:
             raise ValueError(f"exit_threshold must be >= 0, got {self.exit_threshold}")
+        if self.exit_gate is not None and not 0 < self.exit_gate <= 1:
+            raise ValueError(f"exit_gate must be in (0, 1], got {self.exit_gate}")
         if not math.isfinite(self.length_penalty):
             raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty}")
 

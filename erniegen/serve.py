@@ -38,6 +38,7 @@ class GenerateRequest(BaseModel):
     length_beam: int | None = None
     dedup: bool | None = None
     exit_threshold: float | None = None
+    exit_gate: float | None = None
 
 
 class GenerateResponse(BaseModel):

@@ -577,6 +577,134 @@ def test_finetune_generate_and_bench_from_the_command_line(tiny_tokenizer, tmp_p
     assert fitted.settings.extra["max_target_len"] == longest == 3
 
 
+# ---- the exit gate -----------------------------------------------------------------------------
+
+
+def _gated(model, weight_scale: float = 0.0, bias: float = 0.0) -> elmer.ExitGate:
+    gate = model.add_extra(elmer.GATE, elmer.ExitGate(model.config))
+    with torch.no_grad():
+        gate.weight.normal_(0, weight_scale) if weight_scale else gate.weight.zero_()
+        gate.bias.fill_(bias)
+    return gate
+
+
+@torch.no_grad()
+def test_the_gate_decides_the_exits_and_only_leaving_slots_are_projected(elmer_model, monkeypatch):
+    source = _source(elmer_model)
+    projected = []
+    real = elmer.layer_logits
+    monkeypatch.setattr(elmer, "layer_logits",
+                        lambda model, layer, x: projected.append((layer, len(x))) or real(model, layer, x))
+    gate = _gated(elmer_model, bias=20.0)  # sure of every slot: all leave at layer 1, as a huge δ makes them
+    out = hard_exit(elmer_model, source, T, 0.0, dataclasses.replace(OPTS, exit_gate=0.5))
+    assert (out.exit_layer == 1).all() and projected == [(0, 3 * T)]
+    assert torch.equal(out.tokens, hard_exit(elmer_model, source, T, 1e9, OPTS).tokens)
+    gate.bias.fill_(-20.0)  # sure of none: the plain pass, one projection at the last layer
+    projected.clear()
+    out = hard_exit(elmer_model, source, T, 1e9, dataclasses.replace(OPTS, exit_gate=0.5))  # δ unused
+    assert (out.exit_layer == 3).all() and projected == [(2, 3 * T)]
+    assert torch.equal(out.tokens, hard_exit(elmer_model, source, T, 0.0, OPTS).tokens)
+    gate.bias.fill_(0.0)  # p = 0.5 exactly: the level is inclusive
+    assert (hard_exit(elmer_model, source, T, 0.0, dataclasses.replace(OPTS, exit_gate=0.5)).exit_layer == 1).all()
+    assert (hard_exit(elmer_model, source, T, 0.0, dataclasses.replace(OPTS, exit_gate=0.6)).exit_layer == 3).all()
+
+
+@torch.no_grad()
+def test_gated_exits_freeze_slots_and_the_active_only_path_equals_computing_every_slot(tiny_tokenizer):
+    model = _model(tiny_tokenizer, layers=4)
+    torch.manual_seed(1)
+    gate = _gated(model, weight_scale=1.0)
+    source, opts = _source(model), dataclasses.replace(OPTS, exit_gate=0.5)
+    plain = hard_exit(model, source, T, 0.0, OPTS).states
+    for layer in range(3):  # the gate's median slot at each layer sits on the level: some leave, some stay
+        gate.bias[layer] = -(plain[layer].flatten(0, 1) @ gate.weight[layer]).median()
+    fast = hard_exit(model, source, T, 0.0, opts, active_only=True)
+    full = hard_exit(model, source, T, 0.0, opts, active_only=False)
+    assert len(set(fast.exit_layer.flatten().tolist())) >= 3, fast.exit_layer
+    assert torch.equal(fast.exit_layer, full.exit_layer) and torch.equal(fast.tokens, full.tokens)
+    for a, b in zip(fast.states, full.states):
+        assert torch.allclose(a, b, atol=1e-5)
+    for layer in range(4):  # a slot that left at layer e keeps its state, and says what off-ramp e said
+        left = fast.exit_layer == layer + 1
+        assert all(torch.equal(s[left], fast.states[layer][left]) for s in fast.states[layer:])
+        logp = torch.log_softmax(layer_logits(model, layer, fast.states[layer][left]).float(), -1)
+        assert torch.equal(fast.tokens[left], pick(logp, left.nonzero()[:, 1], SEP, opts))
+
+
+@torch.no_grad()
+def test_gate_examples_say_whether_each_off_ramp_already_picks_the_last_layers_word(tiny_tokenizer):
+    elmer_model = _model(tiny_tokenizer)
+    torch.manual_seed(2)
+    for p in elmer_model.layers[2].parameters():  # a last layer that changes some slots' words
+        p.add_(0.15 * torch.randn_like(p))
+    source = _source(elmer_model)
+    batch = collate_pairs([{"source_ids": s, "target_ids": [SEP]} for s in SOURCES])
+    examples = elmer.gate_examples(elmer_model, batch["src_ids"], batch["src_len"], OPTS)
+    slots = make_slots(elmer_model, source, T)
+    x, picks, slot = slots.x, [], torch.arange(T).repeat(3)
+    for layer in range(3):
+        x, _ = elmer_model.run_layer(layer, x, slots.mask, source.kv[layer])
+        logp = torch.log_softmax(layer_logits(elmer_model, layer, x).float(), -1).flatten(0, 1)
+        picks.append((x.flatten(0, 1), pick(logp, slot, SEP, OPTS)))
+    assert len(examples) == 2
+    for (hidden, agree), (state, ids) in zip(examples, picks):
+        assert torch.allclose(hidden, state, atol=1e-5)
+        assert torch.equal(agree, ids == picks[-1][1])
+    assert 0 < sum(int(a.sum()) for _, a in examples) < 2 * 3 * T  # some agree, some do not
+
+
+def test_fit_logistic_separates_what_a_direction_separates():
+    torch.manual_seed(0)
+    x = torch.randn(400, 8)
+    y = x[:, 2] - 0.5 * x[:, 5] > 0.3
+    w, b = elmer.fit_logistic(x, y, l2=1e-6)
+    assert torch.equal((x @ w + b > 0), y)
+    w, b = elmer.fit_logistic(torch.zeros(400, 8), y)  # nothing to read: the base rate
+    assert math.isclose(torch.sigmoid(b).item(), y.float().mean().item(), abs_tol=1e-4) and not w.any()
+
+
+def test_exit_gate_fitted_from_the_command_line_saved_beside_the_weights_and_restored(tiny_tokenizer, tmp_path,
+                                                                                     capsys):
+    model = _model(tiny_tokenizer)
+    folder = tmp_path / "elmer"
+    model.save_pretrained(folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    rows = [{"source": w} for w in ("the city river", "the king war", "a river city", "war and the king")] * 5
+    sources = tmp_path / "sources.jsonl"
+    sources.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["exit-gate", "--model", str(folder), "--input", str(sources), "--num-samples", "10", "--batch-size", "4"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("layer") and [line.split()[0] for line in printed[1:]] == ["1", "2"]
+    assert (folder / "model.safetensors").read_bytes() == weights  # the weights, and their int8 calibration, stay
+    saved = load_file(str(folder / "extras.safetensors"))
+    assert set(saved) == {f"erniegen.{elmer.GATE}.weight", f"erniegen.{elmer.GATE}.bias"}
+    loaded = Transformer.from_pretrained(str(folder)).eval()
+    gated = dataclasses.replace(OPTS, exit_gate=0.5)
+    out = generate_ids(loaded, SOURCES, "elmer-hard", opts=gated)
+    attach(model)
+    fitted = _gated(model)
+    with torch.no_grad():
+        fitted.weight.copy_(saved[f"erniegen.{elmer.GATE}.weight"])
+        fitted.bias.copy_(saved[f"erniegen.{elmer.GATE}.bias"])
+    assert out == generate_ids(model, SOURCES, "elmer-hard", opts=gated)
+    predictions = tmp_path / "pred.jsonl"
+    main(["generate", "--model", str(folder), "--input", str(sources), "--output", str(predictions),
+          "--exit-gate", "0.5"])
+    assert len(predictions.read_text().splitlines()) == len(rows)
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(folder), "--input", str(sources), "--output", str(predictions),
+              "--exit-gate", "0"])
+    # new weights make the gate stale: ignored with a warning, and a gated decode is refused with the way out
+    Transformer.from_pretrained(str(folder)).save_pretrained(tmp_path / "resaved")
+    (tmp_path / "resaved" / "model.safetensors").write_bytes(weights[:-8] + b"        ")
+    import shutil
+    shutil.copy(folder / "extras.safetensors", tmp_path / "resaved" / "extras.safetensors")
+    with pytest.warns(UserWarning, match="fitted to other weights"):
+        stale = Transformer.from_pretrained(str(tmp_path / "resaved")).eval()
+    with pytest.raises(ValueError, match="erniegen exit-gate"):
+        generate_ids(stale, SOURCES, "elmer-hard", opts=gated)
+
+
 # ---- LPLM pre-training -------------------------------------------------------------------------
 
 

@@ -79,7 +79,7 @@ def test_a_moving_average_run_draws_its_raw_weights_beside_it(tmp_path):
     assert metrics == {"bleu4": ([1], [2.0]), "bleu4 (raw weights)": ([1], [1.0])}
 
 
-def test_exit_share_plot_draws_one_bar_per_layer_and_threshold(tmp_path, monkeypatch):
+def test_exit_share_plot_draws_one_bar_per_layer_and_threshold_or_gate_level(tmp_path, monkeypatch):
     import matplotlib.axes
 
     from erniegen.plots import plot_exit_shares
@@ -88,12 +88,12 @@ def test_exit_share_plot_draws_one_bar_per_layer_and_threshold(tmp_path, monkeyp
     monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda ax, x, h, *a, **k: bars.append((list(x), list(h), k))
                         or real(ax, x, h, *a, **k))
     rows = [{"threshold": 0.25, "shares": [0.5, 0.25, 0.25], "bleu4": 3.0},
-            {"threshold": 1.0, "shares": [0.75, 0.25, 0.0]}]
+            {"gate": 0.9, "shares": [0.75, 0.25, 0.0]}]
     plot_exit_shares(rows, str(tmp_path / "exits.png"))
     assert (tmp_path / "exits.png").stat().st_size > 0 and not list(tmp_path.glob(".*tmp*"))
     assert [h for _, h, _ in bars] == [[50.0, 25.0, 25.0], [75.0, 25.0, 0.0]]  # percent of output slots
     assert bars[0][0] == pytest.approx([0.8, 1.8, 2.8]) and bars[1][0] == pytest.approx([1.2, 2.2, 3.2])
-    assert [k["label"] for _, _, k in bars] == ["δ = 0.25 (BLEU-4 3.00)", "δ = 1"]
+    assert [k["label"] for _, _, k in bars] == ["δ = 0.25 (BLEU-4 3.00)", "gate ≥ 0.9"]
 
 
 def test_series_keeps_only_the_named_curves_and_rejects_unlogged_names(tmp_path):

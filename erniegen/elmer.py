@@ -86,7 +86,7 @@ LABEL_SMOOTHING = 0.0
 GOLD_RATE = 0.0
 HEADS, FUSION = "elmer_heads", "elmer_fusion"  # extras, saved as erniegen.elmer_heads.* / erniegen.elmer_fusion.*
 GATE = "elmer_exit_gate"  # the exit gate, fitted after training and saved beside the weights (ExitGate)
-GATE_SOURCES = 2000  # training sources the gate is fitted on (~74k slots a layer at T = 37)
+GATE_SOURCES = 2000  # training sources the gate is fitted on (~67k slots a layer at T = 37, a tenth held out)
 GATE_L2 = 1e-4  # its weight decay: the states of neighbouring slots are alike, so the fit needs little
 IGNORE = -100
 SOFT = {"elmer": False, "elmer-soft": True}  # method -> trains the soft-exit fusion layer
@@ -181,8 +181,10 @@ class ExitGate(nn.Module):
         return torch.sigmoid(hidden.float() @ self.weight[layer].float() + self.bias[layer].float())
 
 
-def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> None:
-    """Attach the per-layer heads and the fusion layer that training asks for or the checkpoint holds.
+def attach(model: Network, layer_heads: bool = False, soft: bool = False, training: bool = False) -> None:
+    """Attach the per-layer heads and the fusion layer that training asks for or the checkpoint holds, and
+    the exit gate it holds, unless for ``training``: a gate fitted to the weights training will change is
+    dropped (fit it again on the trained model).
 
     Fresh per-layer heads start as copies of the shared head, and a fresh fusion layer passes the
     hidden state through (W = [0 I]), so training starts from the pre-trained network's own
@@ -195,7 +197,10 @@ def attach(model: Network, layer_heads: bool = False, soft: bool = False) -> Non
         if fresh:
             for head in heads:
                 head.load_state_dict({k: v for k, v in model.head.state_dict().items() if k != "word.weight"})
-    if model.has_saved_extra(GATE):
+    if training and model.drop_extra(GATE):
+        print("note: the exit gate of this checkpoint was fitted to its weights, which training changes; "
+              "dropped (fit one again with `erniegen exit-gate` after training)", file=sys.stderr)
+    elif model.has_saved_extra(GATE):
         model.add_extra(GATE, ExitGate(cfg))
     if soft or model.has_saved_extra(FUSION):
         fresh = FUSION not in model.extras and not model.has_saved_extra(FUSION)
@@ -257,7 +262,7 @@ def pick(scores: torch.Tensor, slot: torch.Tensor, eos: int, opts: DecodeOptions
     """Argmax ids of scores (M,V), logits or log-probs alike, at slot indices ``slot`` (M,): banned ids never,
     the end token not before ``opts.min_length`` (which counts the end token, as the autoregressive decoders do).
     Only the rows whose plain argmax is refused are masked and searched again: a masked copy of all M x V
-    scores costs as much as a log-softmax, a tenth of the projection that made them."""
+    scores costs about as much as a log-softmax, a sixth of the projection that made them."""
     ids = scores.argmax(-1)
     refused = (ids == eos) & (slot + 1 < opts.min_length)
     if opts.banned_ids:
@@ -445,6 +450,8 @@ def fit_exit_gate(model: Network, sources: Sequence[Sequence[int]], batch_size: 
     0.5 and 0.9 the share that would leave and how many of those agree."""
     from .batch import pad
     from .search import options_from_settings
+    if not sources:
+        raise ValueError("fitting an exit gate needs at least one source")
     check_soft(model, soft=False)
     model.eval()
     opts, n_fit = options_from_settings(model), len(sources) - int(len(sources) * held_out)
@@ -602,7 +609,7 @@ class ElmerObjective(nn.Module):
             raise ValueError("ELMER training needs the model's tokenizer (for [MASK] and [SEP])")
         self.model, self.cfg, self.width = model, cfg, width
         self.soft = SOFT[cfg.method]
-        attach(model, cfg.layer_heads, self.soft)
+        attach(model, cfg.layer_heads, self.soft, training=True)
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:
@@ -769,7 +776,7 @@ class LplmObjective(nn.Module):
         if exits not in LPLM_EXITS:
             raise ValueError(f"LPLM exits={exits!r} must be one of {list(LPLM_EXITS)}")
         self.model, self.width, self.label_smoothing, self.exits = model, width, label_smoothing, exits
-        attach(model, layer_heads)
+        attach(model, layer_heads, training=True)
 
     def forward(self, src_ids: torch.Tensor, src_len: torch.Tensor, tgt_ids: torch.Tensor, tgt_len: torch.Tensor,
                 **ignored) -> dict[str, torch.Tensor]:

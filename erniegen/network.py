@@ -397,6 +397,17 @@ class Network(nn.Module):
             self.extras[name].load_state_dict(saved)
         return self.extras[name]
 
+    def drop_extra(self, name: str) -> bool:
+        """Forget method head ``name``, attached or saved; whether there was one."""
+        prefix = f"extras.{name}."
+        pending = [k for k in self._pending_extras if k.startswith(prefix)]
+        for k in pending:
+            del self._pending_extras[k]
+        had = name in self.extras or bool(pending)
+        if name in self.extras:
+            del self.extras[name]
+        return had
+
     def has_saved_extra(self, name: str) -> bool:
         """Whether the loaded checkpoint holds weights of method head ``name`` that ``add_extra`` will restore."""
         return bool(self.saved_extra(name))

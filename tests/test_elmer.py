@@ -705,6 +705,21 @@ def test_exit_gate_fitted_from_the_command_line_saved_beside_the_weights_and_res
         generate_ids(stale, SOURCES, "elmer-hard", opts=gated)
 
 
+def test_training_drops_an_exit_gate_fitted_to_the_weights_it_changes(tiny_tokenizer, tmp_path, capsys):
+    model = _model(tiny_tokenizer)
+    _gated(model, bias=1.0)
+    model.save_pretrained(tmp_path / "gated")
+    for build in (lambda m: build_objective("elmer", m, PRESET, {}), lambda m: elmer.LplmObjective(m, T)):
+        loaded = Transformer.from_pretrained(str(tmp_path / "gated"))
+        assert loaded.has_saved_extra(elmer.GATE)
+        build(loaded)
+        assert elmer.GATE not in loaded.extras and not loaded.has_saved_extra(elmer.GATE)
+        assert "exit gate" in capsys.readouterr().err
+    decoding = Transformer.from_pretrained(str(tmp_path / "gated")).eval()
+    generate_ids(decoding, SOURCES, "elmer-hard", opts=OPTS)  # decoders keep it
+    assert decoding.extras[elmer.GATE].bias[0].item() == 1.0
+
+
 # ---- LPLM pre-training -------------------------------------------------------------------------
 
 

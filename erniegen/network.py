@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import (Linear, convert_module, packed_linear, packs, read_calibration, values_key,
-                        weights_digest)
+from .precision import (Linear, convert_module, packed_linear, packs, read_beside_weights, read_calibration,
+                        save_beside_weights, values_key)
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -559,16 +559,11 @@ class Network(nn.Module):
         """Write method head ``name`` beside the weights saved in ``directory``, without rewriting them: a head
         fitted to a trained model (ELMER's exit gate) leaves the int8 calibration, tied to the weights, valid.
         Tied to those weights in turn (stale after a new save_pretrained, which folds it into the weights);
-        heads already in the file are kept; temporary name, then rename."""
-        from safetensors.torch import save_file
-        final = Path(directory) / SIDE_EXTRAS_FILE
-        kept = {k: v for k, v in _read_side_file(final).items() if not k.startswith(f"erniegen.{name}.")}
-        tensors = kept | {f"erniegen.{name}.{k}": v.detach().float().contiguous().cpu()
-                          for k, v in self.extras[name].state_dict().items()}
-        tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata={"weights_sha256": weights_digest(Path(directory))})
-        os.replace(tmp, final)
-        return final
+        heads already in the file are kept."""
+        kept = {k: v for k, v in (_read_side_file(Path(directory)) or {}).items()
+                if not k.startswith(f"erniegen.{name}.")}
+        return save_beside_weights(directory, SIDE_EXTRAS_FILE, kept | {
+            f"erniegen.{name}.{k}": v.detach().float() for k, v in self.extras[name].state_dict().items()})
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """Our parameters under Hugging Face ``*ForMaskedLM`` names (output layer left tied)."""
@@ -751,24 +746,13 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _read_side_file(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a side-extras file, or none if it is absent or belongs to other weights."""
-    from safetensors import safe_open
-    if not file.exists():
-        return {}
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("weights_sha256") != weights_digest(file.parent):
-        warnings.warn(f"{file}: fitted to other weights than {file.parent / 'model.safetensors'}; ignored",
-                      stacklevel=3)
-        return {}
-    return tensors
+def _read_side_file(folder: Path) -> dict[str, torch.Tensor] | None:
+    return read_beside_weights(folder, SIDE_EXTRAS_FILE, "fitted to")
 
 
 def read_side_extras(folder: Path) -> dict[str, torch.Tensor]:
     """Method heads saved beside a checkpoint's weights (:meth:`Network.save_side_extra`), by state-dict name."""
-    return {"extras." + k[len("erniegen."):]: v for k, v in _read_side_file(Path(folder) / SIDE_EXTRAS_FILE).items()}
+    return {"extras." + k[len("erniegen."):]: v for k, v in (_read_side_file(Path(folder)) or {}).items()}
 
 
 def _swap_in(tmp: Path, final: Path) -> None:

@@ -267,32 +267,47 @@ def weights_digest(folder: Path) -> str:
     return file_digest(folder / "model.safetensors")
 
 
-def save_calibration(folder: str | os.PathLike, maxima: dict[str, torch.Tensor], num_sources: int) -> Path:
-    """Write ``maxima`` beside the checkpoint in ``folder`` (temporary name, then rename), tied to its weights."""
+def save_beside_weights(folder: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor],
+                        **meta: str) -> Path:
+    """Write ``tensors`` as ``folder/name`` beside a checkpoint's weights, tied to them by digest (temporary name,
+    then rename): statistics or heads computed from a trained model that must not rewrite its weights."""
     from safetensors.torch import save_file
     folder = Path(folder)
-    final = folder / CALIBRATION_FILE
+    final = folder / name
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in maxima.items()}, str(tmp),
-              metadata={"weights_sha256": weights_digest(folder), "num_sources": str(num_sources)})
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata={"weights_sha256": weights_digest(folder)} | meta)
     os.replace(tmp, final)
     return final
 
 
-def read_calibration(folder: Path) -> dict[str, torch.Tensor] | None:
-    """The statistics saved in ``folder``, or None if there are none or they belong to other weights."""
+def read_beside_weights(folder: str | os.PathLike, name: str, made: str, hint: str = ""
+                        ) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``folder/name`` (:func:`save_beside_weights`), or None if there are none or they were
+    ``made`` ("computed for", "fitted to") other weights, said in a warning."""
     from safetensors import safe_open
-    file = Path(folder) / CALIBRATION_FILE
+    folder = Path(folder)
+    file = folder / name
     if not file.exists():
         return None
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
-        maxima = {k: f.get_tensor(k) for k in f.keys()}
-    if meta.get("weights_sha256") != weights_digest(Path(folder)):
-        warnings.warn(f"{file}: computed for other weights than {Path(folder) / 'model.safetensors'}; ignored "
-                      f"(run `erniegen calibrate` again)", stacklevel=2)
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta.get("weights_sha256") != weights_digest(folder):
+        warnings.warn(f"{file}: {made} other weights than {folder / 'model.safetensors'}; ignored{hint}",
+                      stacklevel=3)
         return None
-    return maxima
+    return tensors
+
+
+def save_calibration(folder: str | os.PathLike, maxima: dict[str, torch.Tensor], num_sources: int) -> Path:
+    """Write ``maxima`` beside the checkpoint in ``folder``, tied to its weights."""
+    return save_beside_weights(folder, CALIBRATION_FILE, maxima, num_sources=str(num_sources))
+
+
+def read_calibration(folder: Path) -> dict[str, torch.Tensor] | None:
+    """The statistics saved in ``folder``, or None if there are none or they belong to other weights."""
+    return read_beside_weights(folder, CALIBRATION_FILE, "computed for", " (run `erniegen calibrate` again)")
 
 
 def smooth_and_quantize(module: nn.Module, maxima: dict[str, torch.Tensor], alpha: float = SMOOTHING_ALPHA

@@ -43,7 +43,8 @@ default here, measured: GOLD_RATE); with ``exits: all`` no state is copied, so t
 ``mask_mode: glat`` adds glancing training (nar.py's GLAT, as NAT and MIST train by default): a no-grad
 first pass predicts every slot with the last off-ramp, ⌊f_ratio · d⌋ of the labelled slots (d = that
 prediction's Hamming distance from the labels) show their reference token instead of [MASK], and only
-the other labelled slots carry a loss.
+the other labelled slots carry a loss. ``glance_end: false`` never shows the end slot (NAT's GLAT has none:
+its slots are told the length, where ELMER's must place the end themselves).
 
 What comes from elsewhere: the slot roles and positions of passes.py (ELMER's slots are NAR slots
 that all count as real), masks from masks.attention_mask, the layers stepped through
@@ -112,6 +113,9 @@ class ElmerConfig:
     last_weight: float | None = None
     mask_mode: str = "all"  # all: every slot [MASK]; glat: glancing training (module docstring)
     f_ratio: float | None = None  # glat: share of the first pass's wrong slots revealed; None: GLAT_F_RATIO
+    # glat: whether the end slot may be revealed as any labelled slot is (NAT's GLAT has no end slot: its
+    # length is given); false: the end is never shown, so placing it always carries a loss (measured, section 1)
+    glance_end: bool = True
     label_smoothing: float = 0.1
 
     def __post_init__(self) -> None:
@@ -134,6 +138,8 @@ class ElmerConfig:
         if self.gold_rate is not None and not 0.0 <= self.gold_rate <= 1.0:
             raise ValueError(f"gold_rate must be in [0, 1], got {self.gold_rate}")
         self.f_ratio = checked_f_ratio(self.mask_mode, self.f_ratio, ELMER_MASK_MODES)
+        if not self.glance_end and self.mask_mode != "glat":
+            raise ValueError("glance_end is only used with mask_mode: glat")
 
 
 
@@ -618,7 +624,10 @@ class ElmerObjective(nn.Module):
         n_tokens = src_len.sum() + len(src_len) * self.width
         slot_ids, labels = None, gold
         if self.cfg.mask_mode == "glat" and self.training:
-            revealed = glancing_reveal(self.first_pass(source), gold, gold != IGNORE, self.cfg.f_ratio)
+            among = None
+            if not self.cfg.glance_end:
+                among = torch.arange(self.width, device=gold.device)[None, :] != (tgt_len - 1)[:, None]
+            revealed = glancing_reveal(self.first_pass(source), gold, gold != IGNORE, self.cfg.f_ratio, among)
             slot_ids = torch.where(revealed, gold, self.model.tokenizer.mask_token_id)
             labels = gold.masked_fill(revealed, IGNORE)  # a revealed slot shows its answer: no loss there
             n_tokens = n_tokens + len(src_len) * self.width  # the first pass's slots (the source is encoded once)

@@ -173,11 +173,16 @@ def random_slots(valid: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def glancing_reveal(predicted: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
-                    f_ratio: float) -> torch.Tensor:
+                    f_ratio: float, among: torch.Tensor | None = None) -> torch.Tensor:
     """GLAT: the slots that show their reference token, ⌊f_ratio · d⌋ per row drawn uniformly among
-    the valid slots, d = the Hamming distance between ``predicted`` and ``target`` on those slots."""
+    the valid slots (or only ``among`` them, at most all of those), d = the Hamming distance between
+    ``predicted`` and ``target`` on the valid slots."""
     distance = ((predicted != target) & valid).sum(1)
-    return random_slots(valid, (distance.double() * f_ratio).floor().long())
+    count = (distance.double() * f_ratio).floor().long()
+    if among is None:
+        return random_slots(valid, count)
+    among = among & valid
+    return random_slots(among, torch.minimum(count, among.sum(1)))
 
 
 # ---- training ----------------------------------------------------------------------------------

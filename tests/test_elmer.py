@@ -337,7 +337,9 @@ def test_records_and_options():
     assert registry.default_decoder("elmer") == "elmer-hard"
     assert registry.default_decoder("elmer-soft") == "elmer-soft"
     assert registry.option_keys("elmer") == ["layer_heads", "gold_rate", "exits", "last_weight", "mask_mode",
-                                                "f_ratio"]
+                                                "f_ratio", "glance_end"]
+    with pytest.raises(ValueError, match="glance_end is only used with mask_mode: glat"):
+        ElmerConfig(glance_end=False)
     assert ElmerConfig(mask_mode="glat").f_ratio == 0.5 and ElmerConfig().f_ratio is None
     with pytest.raises(ValueError, match="f_ratio is only used with mask_mode: glat"):
         ElmerConfig(f_ratio=0.5)
@@ -467,6 +469,35 @@ def test_glat_reveals_in_proportion_to_the_first_pass_distance_and_revealed_slot
     with torch.no_grad():
         assert torch.allclose(obj.eval()(**batch)["loss"], obj(**batch)["loss"])  # evaluation never glances
         seen.clear()
+
+
+def test_glat_without_the_end_never_reveals_the_end_slot_and_reveals_words_instead(tiny_tokenizer, monkeypatch):
+    """``glance_end: false``: the distance still counts a wrong end, but only word slots are drawn, at most all
+    of them; the end slot stays [MASK], so it is scored as every unrevealed labelled slot is."""
+    model = _model(tiny_tokenizer)
+    batch = collate_pairs(ITEMS)  # row 0: words 20 21 22 then the end; row 1: word 40 then the end
+    gold = slot_labels(batch["tgt_ids"], batch["tgt_len"], T)
+    scripted = torch.where(gold == IGNORE, 0, gold)
+    scripted[0, :4] = 99  # row 0: all 4 labelled slots wrong -> f_ratio 1: 4 drawn, at most its 3 word slots
+    scripted[1, 1] = 99  # row 1: only the end wrong -> 1 drawn, among its one word slot
+    for glance_end, expect in [(False, [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]),
+                               (True, [[1, 1, 1, 1, 0, 0], None])]:
+        obj = build_objective("elmer", model, PRESET, {"mask_mode": "glat", "f_ratio": 1.0,
+                                                       "glance_end": glance_end}).train()
+        monkeypatch.setattr(obj, "first_pass", lambda source: scripted)
+        for seed in range(5):
+            seen = []
+            monkeypatch.setattr(elmer, "make_slots",
+                                lambda m, src, w, ids=None, real=make_slots: seen.append(ids) or real(m, src, w, ids))
+            torch.manual_seed(seed)
+            obj(**batch)
+            monkeypatch.setattr(elmer, "make_slots", make_slots)
+            revealed = (seen[0] != MASK).long()
+            assert revealed[0].tolist() == expect[0]
+            if expect[1] is not None:
+                assert revealed[1].tolist() == expect[1]
+            else:
+                assert revealed[1].sum().item() == 1  # the word or the end, drawn alike
 
 
 @pytest.mark.parametrize("method,options", [("elmer", {}), ("elmer", {"layer_heads": True}), ("elmer-soft", {}),

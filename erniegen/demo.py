@@ -28,9 +28,9 @@ Point DATA at any of:
       make demo DATA=some_org/some_dataset"""
 
 # Optimizer steps (batch 32) that fit, with set-up, the head warm-up and scoring, in about ten minutes on two
-# CPU cores (BENCHMARKS.md section 1, "make demo"): ~1.5 epochs of squad_qg_sent where the CPU trains in bf16,
+# CPU cores (BENCHMARKS.md section 1, "make demo"): ~1.3 epochs of squad_qg_sent where the CPU trains in bf16,
 # fewer where it trains in fp32, ~3x slower a step (a CPU without AVX512-BF16 or AMX).
-DEMO_STEPS = {"bf16": 400, "fp32": 140}
+DEMO_STEPS = {"bf16": 360, "fp32": 140}
 
 
 def _split(data: str, workdir: Path) -> tuple[str, str]:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     trainer = TrainConfig(output_dir=args.output, max_steps=args.steps, log_every=10, eval_every=args.steps)
     # the full recipe's task adaptation (~7 min) would not fit the demo's ten minutes, a moving average
-    # with a ~500-step horizon would lag a 400-step run, and target noise, a regulariser against the
+    # with a ~500-step horizon would lag a run this short, and target noise, a regulariser against the
     # over-fitting of epochs 5-10, slows the first epochs (BENCHMARKS.md section 1): all three off here
     finetune(FinetuneConfig(train=train, dev=dev, output=args.output, task="squad_qg", max_source_len=256,
                             max_target_len=40, eval_samples=50, trainer=trainer, adapt_steps=0, ema_decay=0.0,

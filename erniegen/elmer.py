@@ -114,7 +114,8 @@ class ElmerConfig:
     mask_mode: str = "all"  # all: every slot [MASK]; glat: glancing training (module docstring)
     f_ratio: float | None = None  # glat: share of the first pass's wrong slots revealed; None: GLAT_F_RATIO
     # glat: whether the end slot may be revealed as any labelled slot is (NAT's GLAT has no end slot: its
-    # length is given); false: the end is never shown, so placing it always carries a loss (measured, section 1)
+    # length is given); false: the end is never shown, so placing it always carries a loss (measured worse:
+    # BENCHMARKS.md section 1, "Is it the length?")
     glance_end: bool = True
     label_smoothing: float = 0.1
 

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,16 +28,7 @@ from erniegen.bench import write_results  # noqa: E402
 from erniegen.decoding import encode_sources, options_from_settings  # noqa: E402
 from erniegen.elmer import _active_layer, hard_exit, layer_logits, make_slots, pick, slot_count  # noqa: E402
 from erniegen.passes import encode_source  # noqa: E402
-
-
-def median_ms(f: Callable[[], object], repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return round(1000 * statistics.median(times), 1)
+from inference_precision import median_ms  # noqa: E402
 
 
 @torch.no_grad()
@@ -79,7 +67,7 @@ def main() -> None:
         parts[f"slot layer, {share:.0%} of the slots"] = \
             lambda active=active: _active_layer(model, last, x, active, slots.roles, source)
     row = {"sources": len(batch), "source_tokens": int(src.shape[1]), "slots": width,
-           "ms": {name: median_ms(f, args.repeats) for name, f in parts.items()}}
+           "ms": {name: round(median_ms(f, args.repeats, warmup=1), 1) for name, f in parts.items()}}
     print(json.dumps(row, indent=1))
     write_results(args.output, [row], model=args.model, input=args.input, threads=torch.get_num_threads())
 

@@ -178,11 +178,8 @@ def glancing_reveal(predicted: torch.Tensor, target: torch.Tensor, valid: torch.
     the valid slots (or only ``among`` them, at most all of those), d = the Hamming distance between
     ``predicted`` and ``target`` on the valid slots."""
     distance = ((predicted != target) & valid).sum(1)
-    count = (distance.double() * f_ratio).floor().long()
-    if among is None:
-        return random_slots(valid, count)
-    among = among & valid
-    return random_slots(among, torch.minimum(count, among.sum(1)))
+    among = valid if among is None else among & valid
+    return random_slots(among, torch.minimum((distance.double() * f_ratio).floor().long(), among.sum(1)))
 
 
 # ---- training ----------------------------------------------------------------------------------

@@ -179,12 +179,16 @@ def _decode_options(args) -> dict:
 EXIT_STOPPED = 75
 
 
-def _max_time(args) -> float | None:
+def _wall_times(args) -> dict[str, float | None]:
+    """``--max-time`` and ``--time-budget`` in seconds, as TrainConfig's max_time and time_budget."""
     from .train import parse_duration
-    try:
-        return None if args.max_time is None else parse_duration(args.max_time)
-    except ValueError as e:
-        raise ValueError(f"--max-time: {e}") from None
+    times = {}
+    for dest in ("max_time", "time_budget"):
+        try:
+            times[dest] = None if getattr(args, dest) is None else parse_duration(getattr(args, dest))
+        except ValueError as e:
+            raise ValueError(f"--{dest.replace('_', '-')}: {e}") from None
+    return times
 
 
 def _report(summary: dict) -> None:
@@ -203,10 +207,14 @@ def _report(summary: dict) -> None:
         raise SystemExit(EXIT_STOPPED)
 
 
-def _add_max_time(p: argparse.ArgumentParser) -> None:
+def _add_wall_times(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-time", metavar="[[DD:]HH:]MM:SS",
-                   help="wall-time budget for the whole command: after the first optimizer step that ends past "
+                   help="wall-time limit for the whole command: after the first optimizer step that ends past "
                         f"it, save checkpoint-last and exit with status {EXIT_STOPPED}; --resume goes on")
+    p.add_argument("--time-budget", metavar="[[DD:]HH:]MM:SS",
+                   help="wall time the whole command should take: after 10 steps, and after each evaluation, fit "
+                        "the number of steps (at most the planned epochs/--max-steps) to the measured step and "
+                        "evaluation times, the lr schedule with it, so the run ends finished by then")
 
 
 def _method_option(text: str) -> str:
@@ -236,7 +244,7 @@ def cmd_finetune(args) -> None:
                           batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                           warmup_ratio=args.warmup_ratio, seed=args.seed, eval_every=args.eval_every,
                           save_every=args.save_every, log_every=args.log_every, precision=args.precision,
-                          resume=args.resume, eval_raw_weights=args.eval_raw_weights, max_time=_max_time(args))
+                          resume=args.resume, eval_raw_weights=args.eval_raw_weights, **_wall_times(args))
     cfg = FinetuneConfig(train=args.train, dev=args.dev, output=args.output, model=args.model, task=args.task,
                          method=args.method, noise_rate=args.noise_rate, noise_ramp=args.noise_ramp,
                          label_smoothing=args.label_smoothing,
@@ -471,7 +479,7 @@ def cmd_pretrain(args) -> None:
     trainer = dataclasses.replace(
         default_trainer(), max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         lr=args.lr, warmup_steps=args.warmup_steps, save_every=args.save_every, log_every=args.log_every,
-        precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed, max_time=_max_time(args))
+        precision=args.precision, fsdp=args.fsdp, resume=args.resume, seed=args.seed, **_wall_times(args))
     cfg = PretrainConfig(model=args.model, corpus=args.corpus, output=args.output, span_vocab=args.span_vocab,
                          objective=args.objective, lplm_exits=args.lplm_exits, method=args.method,
                          word_weight=args.word_weight,
@@ -562,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one method option (a YAML value), over --config's: e.g. --method-option mixing=static "
                         "--method-option pseudo_from=runs/qg-nat/best; repeat for more")
     f.add_argument("--resume", action="store_true", help="continue exactly from OUTPUT/checkpoint-last")
-    _add_max_time(f)
+    _add_wall_times(f)
     f.set_defaults(func=cmd_finetune)
 
     _add_generation(sub.add_parser("generate", help="write each input row back with a 'prediction' field"))
@@ -717,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shuffle documents within windows of this many, per process (1 = corpus order); "
                          "memory holds one window of text")
     pt.add_argument("--seed", type=int, default=42)
-    _add_max_time(pt)
+    _add_wall_times(pt)
     pt.set_defaults(func=cmd_pretrain)
 
     pl = sub.add_parser("plot", help="training-loss and dev-metric curves of runs, side by side, as an image")

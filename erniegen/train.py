@@ -26,7 +26,9 @@ Resume, as a caller wires it::
 ``extra_state``) from ``output_dir/checkpoint-last`` and skips the micro-batches already consumed,
 so the continued run is bit-identical to an uninterrupted one on the same hardware. With
 ``max_time`` a run that would outlast its wall-clock allowance saves and returns early instead of
-being killed (``summary["stopped"]``); the next resume carries on.
+being killed (``summary["stopped"]``); the next resume carries on. With ``time_budget`` the run is
+instead shaped to end in time: its length (and so its warm-up, decay and noise ramp) is fitted to the
+step and evaluation times it measures.
 
 Output directory layout::
 
@@ -43,6 +45,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -111,8 +114,17 @@ class TrainConfig:
     # run saves checkpoint-last and returns with summary["stopped"] = "max_time" (a later resume goes on).
     # For jobs with a wall-clock limit (batch schedulers, sessions): the work done is never lost.
     max_time: float | None = None
+    # Wall-time the run should take, counted like max_time: after FIT_AFTER optimizer steps, and again after
+    # each evaluation, the number of steps is fitted to it from the measured step and evaluation times, at
+    # most the planned epochs/max_steps, and the warm-up and decay follow the fitted length. For "the best
+    # model in 20 minutes" (a demo, a fixed slot): unlike max_time the schedule finishes. A resume keeps the
+    # length fitted before it.
+    time_budget: float | None = None
 
 
+# optimizer steps timed before time_budget first fits the run's length; the first SKIP_STEPS are not
+# counted (allocator and autotuning warm-up)
+FIT_AFTER, SKIP_STEPS = 10, 2
 # ---- distributed helpers ------------------------------------------------------------------------
 
 
@@ -195,8 +207,10 @@ def check_config(cfg: TrainConfig, has_evaluate: bool) -> None:
         raise ValueError("ema_decay with fsdp=True is not supported: each rank holds only a shard of the weights")
     if cfg.eval_raw_weights and cfg.ema_decay is None:
         raise ValueError("eval_raw_weights compares the raw weights with their moving average: set ema_decay")
-    if cfg.max_time is not None and not 0 <= cfg.max_time < math.inf:
-        raise ValueError(f"max_time={cfg.max_time} must be a number of seconds >= 0")
+    for name in ("max_time", "time_budget"):
+        value = getattr(cfg, name)
+        if value is not None and not 0 <= value < math.inf:
+            raise ValueError(f"{name}={value} must be a number of seconds >= 0")
 
 
 def parse_duration(text: str) -> float:
@@ -213,12 +227,12 @@ def parse_duration(text: str) -> float:
 
 
 def time_left(cfg: TrainConfig, since: float) -> TrainConfig:
-    """``cfg`` with ``max_time`` reduced by the wall time since ``since`` (a :func:`now` reading): recipes
-    that work before train() (loading, tokenizing, a head warm-up) pass their own start, so that the
-    budget counts the whole command."""
-    if cfg.max_time is None:
-        return cfg
-    return replace(cfg, max_time=max(0.0, cfg.max_time - (_clock() - since)))
+    """``cfg`` with ``max_time`` and ``time_budget`` reduced by the wall time since ``since`` (a :func:`now`
+    reading): recipes that work before train() (loading, tokenizing, a head warm-up) pass their own start,
+    so that both count the whole command."""
+    spent = _clock() - since
+    return replace(cfg, **{name: max(0.0, getattr(cfg, name) - spent) for name in ("max_time", "time_budget")
+                           if getattr(cfg, name) is not None})
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -695,12 +709,12 @@ class _Run:
                 raise ValueError(f"{len(train_data)} training examples cannot be shared by world_size={world} "
                                  "processes")
             self.micro_per_epoch = math.ceil(len(train_data) // world / cfg.batch_size)
-            steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
-        # rounded half up, not ceil: 0.1 * 30 is 3.0000000000000004 in floating point
-        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * self.total_steps + 0.5)
-        if warmup > self.total_steps:
-            raise ValueError(f"warmup_steps={warmup} exceeds the {self.total_steps} optimizer steps of the run")
+        self.steps_per_epoch = None if self.streaming else math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.steps_per_epoch
+        self.planned_steps = self.total_steps     # time_budget fits total_steps within it
+        self.warmup = self.warmup_for(self.total_steps)
+        if self.warmup > self.total_steps:
+            raise ValueError(f"warmup_steps={self.warmup} exceeds the {self.total_steps} optimizer steps of the run")
 
         # -- output directory: refuse to mix runs, then repair interrupted saves
         check_output_dir(self.out_dir, cfg.resume)
@@ -715,8 +729,9 @@ class _Run:
         np.random.seed(cfg.seed + rank)
         self.raw = objective.to(device).train()
         self.optimizer = make_optimizer(self.raw, cfg.lr, cfg.weight_decay)
-        total = self.total_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, total))
+        # reads the run's length when it is called: time_budget may fit it after the first steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor(s, self.warmup, self.total_steps))
         if cfg.fsdp:
             self.loaded_checksum = _param_checksum(self.raw)  # before sharding: the weights the caller loaded
             self.model = _wrap_fsdp(self.raw, self.optimizer, device, fsdp_units)
@@ -743,6 +758,18 @@ class _Run:
         # the moving average of every trained parameter (frozen ones never change), in fp32
         self.trained = [p for p in self.raw.parameters() if p.requires_grad]
         self.ema = [p.detach().float().clone() for p in self.trained] if cfg.ema_decay is not None else None
+        # time_budget: this call's step times (evaluations and saves left out), the last evaluation's time
+        # (with its save), whether total_steps is fitted, and whether it may be (again)
+        self.step_times: list[float] = []
+        self.eval_s = 0.0
+        self.fitted = False
+        self.refits = cfg.time_budget is not None
+
+    def warmup_for(self, total: int) -> int:
+        """Warm-up steps of a run of ``total`` steps: warmup_steps, else warmup_ratio of it."""
+        # rounded half up, not ceil: 0.1 * 30 is 3.0000000000000004 in floating point
+        cfg = self.cfg
+        return cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_ratio * total + 0.5)
 
     def resume(self) -> None:
         """Restore optimizer, schedule, scaler, position, best so far, RNGs and log window from checkpoint-last."""
@@ -762,6 +789,8 @@ class _Run:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("fitted"):  # the schedule goes on with the length fitted before the resume
+            self.total_steps, self.warmup, self.fitted, self.refits = state["total_steps"], state["warmup"], True, False
         self.scaler.load_state_dict(state["scaler"])
         if (state.get("ema") is None) != (self.ema is None):
             raise ValueError(f"cannot resume {ckpt} exactly: it was saved with ema_decay="
@@ -801,6 +830,7 @@ class _Run:
                          disable=not self.main)
         paused = 0.0                       # seconds spent evaluating and saving, excluded from tokens/s
         self.window_start = time.time()
+        self.t_mark = _clock() if self.refits else 0.0   # where the next step's time starts (time_budget)
         t_train = time.time()
         if self.streaming:
             micro_batches = _stream_micro_batches(self.data, self.collate, cfg.seed, self.rank, self.world,
@@ -817,6 +847,8 @@ class _Run:
             if not sync_now:
                 continue
             lr, grad_norm = self.optimizer_step()
+            if self.refits:
+                self.time_step()
             done = self.step >= self.total_steps
             if self.step % cfg.log_every == 0 or done:
                 epoch_pos = epoch if n_micro is None else round(epoch + (micro + 1) / n_micro, 4)
@@ -825,7 +857,7 @@ class _Run:
             do_eval = done or (epoch_end if cfg.eval_every is None else self.step % cfg.eval_every == 0)
             stop = not done and self.out_of_time()
             do_save = done or stop or (do_eval if cfg.save_every is None else self.step % cfg.save_every == 0)
-            t_pause = time.time()
+            t_pause, t_mark = time.time(), _clock() if self.refits else 0.0
             if do_eval and self.main and self.evaluate_fn is not None:
                 self.evaluate()
             # FSDP: rank 0 sees the full weights while it saves (every rank takes part in gathering them)
@@ -837,6 +869,12 @@ class _Run:
                 if do_save:
                     self.save(epoch, micro)
             paused += time.time() - t_pause
+            if self.refits and (do_eval or do_save):
+                self.t_mark = _clock()
+                if do_eval and self.evaluate_fn is not None:
+                    self.eval_s = self.t_mark - t_mark
+                    if len(self.step_times) >= FIT_AFTER and not (done or stop):
+                        self.fit_to_time(least=self.step + 1)  # this step's turn to end the run is past
             if stop:
                 self.stopped = "max_time"
                 if self.main:
@@ -848,6 +886,53 @@ class _Run:
         micro_batches.close()
         self.pbar.close()
         return self.summary(time.time() - t_train - paused)
+
+    def time_step(self) -> None:
+        """time_budget: note the step's wall time; once FIT_AFTER steps are timed, fit the run's length."""
+        t = _clock()
+        self.step_times.append(t - self.t_mark)
+        self.t_mark = t
+        if not self.fitted and len(self.step_times) >= FIT_AFTER:
+            self.fit_to_time(least=self.step)
+
+    def fit_to_time(self, least: int) -> None:
+        """Set total_steps (at most the planned length) so the run ends within time_budget at the median of the
+        recent step times, the evaluations still to come costing the last one's time each. Rank 0 decides."""
+        cfg = self.cfg
+        step_s = statistics.median(self.step_times[SKIP_STEPS:][-50:])
+        left = cfg.time_budget - (_clock() - self.t_start)
+        # the longest run whose steps and evaluations fit in what is left (the cost grows with the length)
+        lo, hi = self.step, self.step + max(0, math.floor(left / step_s))
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (mid - self.step) * step_s + self.evaluations_until(mid) * self.eval_s <= left:
+                lo = mid
+            else:
+                hi = mid - 1
+        total = min(self.planned_steps, max(least, lo))
+        fit = torch.tensor([total, min(total, self.warmup_for(total))], device=self.device)
+        if self.world > 1:
+            dist.broadcast(fit, src=0)
+        self.total_steps, self.warmup = (int(v) for v in fit)
+        self.fitted = True
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):  # the next step's lr
+            group["lr"] = base * lr_factor(self.step, self.warmup, self.total_steps)
+        self.pbar.total = self.total_steps
+        self.pbar.refresh()
+        if self.main:
+            _append_jsonl(self.out_dir / LOG_FILE, {"step": self.step, "fitted_steps": self.total_steps,
+                                                    "step_s": round(step_s, 4), "eval_s": round(self.eval_s, 2)})
+            tqdm.write(f"time budget: {self.total_steps} steps (of at most {self.planned_steps}) at {step_s:.2f} s "
+                       f"a step" + (f" and {self.eval_s:.0f} s an evaluation" if self.eval_s else ""))
+
+    def evaluations_until(self, total: int) -> int:
+        """How many evaluations a run of ``total`` steps still holds after this step (its last step's included)."""
+        if self.evaluate_fn is None or total <= self.step:
+            return 0
+        every = self.cfg.eval_every or self.steps_per_epoch
+        if every is None:
+            return 1
+        return total // every - self.step // every + (total % every != 0)
 
     def out_of_time(self) -> bool:
         """Past ``max_time``? Every rank takes rank 0's answer, so all stop after the same step."""
@@ -1009,7 +1094,7 @@ class _Run:
                 "extra_state": self.extra_state, "world_size": world, "num_examples": self.num_examples,
                 "streams": streams,
                 "param_checksum": _param_checksum(self.raw), "config": dataclass_to_dict(cfg),
-                "ema": self.ema}
+                "ema": self.ema, "total_steps": self.total_steps, "warmup": self.warmup, "fitted": self.fitted}
 
             def write_last(d: str) -> None:
                 self.save_model(d)

@@ -344,6 +344,21 @@ def test_max_time_saves_exits_75_and_resume_finishes(tiny_dir, rows, tmp_path):
     assert_refused(p, "finetune", "--max-time: '1h' is not a duration")
 
 
+def test_time_budget_fits_the_run_and_finishes_it(tiny_dir, rows, tmp_path):
+    """A budget spent before training still finishes the run, fitted to the ten timed steps (exit 0, best/
+    saved, the fit logged); a budget that is not a duration is refused before any work."""
+    out = tmp_path / "run"
+    p = run(*finetune_args(tiny_dir, rows, out, "--max-steps", "12", "--time-budget", "0"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout.splitlines()[-1])
+    assert (summary["global_step"], summary["total_steps"], summary["stopped"]) == (10, 10, None)
+    fits = [e for e in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "fitted_steps" in e]
+    assert [(e["step"], e["fitted_steps"]) for e in fits] == [(10, 10)] and (out / "best").is_dir()
+    assert "time budget: 10 steps (of at most 12)" in p.stdout + p.stderr
+    p = run(*finetune_args(tiny_dir, rows, tmp_path / "other", "--time-budget", "1h"))
+    assert_refused(p, "finetune", "--time-budget: '1h' is not a duration")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("file", ["trainer_state.pt", "rng_state_0.pt", "model.safetensors"])
 def test_damaged_checkpoint_file_is_named_on_resume(file, tiny_dir, rows, tmp_path):

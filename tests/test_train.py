@@ -467,6 +467,98 @@ def test_max_time_saves_and_stops_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert comparable(read_log(tmp_path / "a")) == comparable(log_b)
 
 
+class FakeClock:
+    """Train's clock, moved only by work: one second per micro-batch, ``eval_s`` per evaluation."""
+
+    def __init__(self, monkeypatch):
+        import erniegen.train as train_module
+        self.now = 0.0
+        monkeypatch.setattr(train_module, "_clock", lambda: self.now)
+
+    def objective(self) -> TinyObjective:
+        clock, model = self, make_model()
+        forward = model.forward
+
+        def ticking(**batch):
+            clock.now += 1.0
+            return forward(**batch)
+        model.forward = ticking
+        return model
+
+    def evaluator(self, model: nn.Module, eval_s: float):
+        inner = evaluator(model, make_data(12, seed=1))
+
+        def evaluate() -> dict[str, float]:
+            self.now += eval_s
+            return inner()
+        return evaluate
+
+
+def test_time_budget_fits_the_length_and_the_schedule_after_ten_steps(tmp_path, monkeypatch):
+    """1 s a step, 30 s: after step 10 (10 s spent) 20 more steps fit; the warm-up becomes 10% of 30 and
+    the decay ends at lr 0 on step 30 instead of 100."""
+    clock = FakeClock(monkeypatch)
+    model = clock.objective()
+    out = tmp_path / "run"
+    summary = train(model, make_data(), noisy_collate,
+                    cfg_for(out, max_steps=100, grad_accum=1, warmup_steps=None, warmup_ratio=0.1, time_budget=30),
+                    save_model=saver(model))
+    assert (summary["global_step"], summary["total_steps"], clock.now) == (30, 30, 30.0)
+    log = read_log(out)
+    assert [e for e in log if "fitted_steps" in e] == [{"step": 10, "fitted_steps": 30, "step_s": 1.0, "eval_s": 0.0}]
+    lrs = {e["step"]: e["lr"] for e in log if "lr" in e}
+    expected = {s: 1e-2 * (s / 10 if s <= 10 else (30 - s + 1) / 27) for s in range(1, 31)}
+    assert lrs.keys() == expected.keys()
+    for s, lr in lrs.items():
+        assert lr == pytest.approx(expected[s], rel=1e-9), s
+
+
+def test_time_budget_counts_the_evaluations_it_has_seen(tmp_path, monkeypatch):
+    """Evaluations every 8 steps cost 5 s each. At step 10 (15 s spent, one evaluation seen) the longest
+    run that fits 60 s is 35 steps: 25 steps + 4 evaluations (16, 24, 32, 35) = 45 s; each evaluation's
+    refit keeps it, and the run ends, its last evaluation included, at 60 s exactly."""
+    clock = FakeClock(monkeypatch)
+    model = clock.objective()
+    out = tmp_path / "run"
+    summary = train(model, make_data(), noisy_collate,
+                    cfg_for(out, max_steps=100, grad_accum=1, eval_every=8, time_budget=60),
+                    evaluate=clock.evaluator(model, eval_s=4),  # + its forward's 1 s
+                    save_model=saver(model))
+    assert (summary["global_step"], summary["total_steps"], clock.now) == (35, 35, 60.0)
+    fits = [(e["step"], e["fitted_steps"], e["eval_s"]) for e in read_log(out) if "fitted_steps" in e]
+    assert fits == [(10, 35, 5.0), (16, 35, 5.0), (24, 35, 5.0), (32, 35, 5.0)]
+
+
+def test_time_budget_never_outgrows_the_planned_length_nor_stops_before_the_fit(tmp_path, monkeypatch):
+    clock = FakeClock(monkeypatch)
+    model = clock.objective()
+    summary = train(model, make_data(), noisy_collate, cfg_for(tmp_path / "a", max_steps=40, grad_accum=1,
+                                                               time_budget=1000), save_model=saver(model))
+    assert (summary["global_step"], summary["total_steps"]) == (40, 40)
+    model = clock.objective()
+    summary = train(model, make_data(), noisy_collate, cfg_for(tmp_path / "b", max_steps=40, grad_accum=1,
+                                                               time_budget=0), save_model=saver(model))
+    assert (summary["global_step"], summary["total_steps"]) == (10, 10)   # the fit's ten steps, then done
+
+
+def test_a_resume_keeps_the_fitted_length_and_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    clock = FakeClock(monkeypatch)
+    kw = dict(max_steps=100, grad_accum=1, warmup_steps=None, time_budget=30)
+    model_a = clock.objective()
+    train(model_a, make_data(), noisy_collate, cfg_for(tmp_path / "a", **kw), save_model=saver(model_a))
+
+    clock.now = 0.0
+    model_b, out_b = clock.objective(), tmp_path / "b"
+    stopped = train(model_b, make_data(), noisy_collate, cfg_for(out_b, max_time=15, **kw), save_model=saver(model_b))
+    assert (stopped["stopped"], stopped["global_step"], stopped["total_steps"]) == ("max_time", 15, 30)
+    model_c = clock.objective()
+    model_c.load_state_dict(torch.load(out_b / "checkpoint-last" / "model.pt", weights_only=True))
+    done = train(model_c, make_data(), noisy_collate, cfg_for(out_b, resume=True, **kw), save_model=saver(model_c))
+    assert (done["global_step"], done["total_steps"]) == (30, 30)   # not refitted to a fresh 30 s
+    for (name, pa), pc in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(pa, pc), name
+
+
 @pytest.mark.parametrize("text, seconds", [("45", 45), ("2:30", 150), ("1:50:00", 6600), ("01:00:00:00", 86400),
                                            ("0", 0), ("1.5:00", 90)])
 def test_parse_duration(text, seconds):

@@ -212,7 +212,7 @@ def _add_wall_times(p: argparse.ArgumentParser) -> None:
                    help="wall-time limit for the whole command: after the first optimizer step that ends past "
                         f"it, save checkpoint-last and exit with status {EXIT_STOPPED}; --resume goes on")
     p.add_argument("--time-budget", metavar="[[DD:]HH:]MM:SS",
-                   help="wall time the whole command should take: after 10 steps, and after each evaluation, fit "
+                   help="wall time the whole command should take: every 10 steps, and after each evaluation, fit "
                         "the number of steps (at most the planned epochs/--max-steps) to the measured step and "
                         "evaluation times, the lr schedule with it, so the run ends finished by then")
 

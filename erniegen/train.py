@@ -114,8 +114,8 @@ class TrainConfig:
     # run saves checkpoint-last and returns with summary["stopped"] = "max_time" (a later resume goes on).
     # For jobs with a wall-clock limit (batch schedulers, sessions): the work done is never lost.
     max_time: float | None = None
-    # Wall-time the run should take, counted like max_time: after FIT_AFTER optimizer steps, and again after
-    # each evaluation, the number of steps is fitted to it from the measured step and evaluation times, at
+    # Wall-time the run should take, counted like max_time: every FIT_AFTER optimizer steps, and after each
+    # evaluation, the number of steps is fitted to it from the measured step and evaluation times, at
     # most the planned epochs/max_steps, and the warm-up and decay follow the fitted length. For "the best
     # model in 20 minutes" (a demo, a fixed slot): unlike max_time the schedule finishes. A resume keeps the
     # length fitted before it.
@@ -888,18 +888,19 @@ class _Run:
         return self.summary(time.time() - t_train - paused)
 
     def time_step(self) -> None:
-        """time_budget: note the step's wall time; once FIT_AFTER steps are timed, fit the run's length."""
+        """time_budget: note the step's wall time; every FIT_AFTER timed steps, fit the run's length again (a
+        batch's time varies with its length: ten steps alone were 20% off the run's mean in `make demo`)."""
         t = _clock()
         self.step_times.append(t - self.t_mark)
         self.t_mark = t
-        if not self.fitted and len(self.step_times) >= FIT_AFTER:
+        if len(self.step_times) % FIT_AFTER == 0:
             self.fit_to_time(least=self.step)
 
     def fit_to_time(self, least: int) -> None:
-        """Set total_steps (at most the planned length) so the run ends within time_budget at the median of the
-        recent step times, the evaluations still to come costing the last one's time each. Rank 0 decides."""
+        """Set total_steps (at most the planned length) so the run ends within time_budget at the mean time of
+        the last 100 steps, the evaluations still to come costing the last one's time each. Rank 0 decides."""
         cfg = self.cfg
-        step_s = statistics.median(self.step_times[SKIP_STEPS:][-50:])
+        step_s = statistics.fmean(self.step_times[SKIP_STEPS:][-100:])  # recent enough to follow a drift
         left = cfg.time_budget - (_clock() - self.t_start)
         # the longest run whose steps and evaluations fit in what is left (the cost grows with the length)
         lo, hi = self.step, self.step + max(0, math.floor(left / step_s))
@@ -913,6 +914,8 @@ class _Run:
         fit = torch.tensor([total, min(total, self.warmup_for(total))], device=self.device)
         if self.world > 1:
             dist.broadcast(fit, src=0)
+        if self.fitted and (int(fit[0]), int(fit[1])) == (self.total_steps, self.warmup):
+            return
         self.total_steps, self.warmup = (int(v) for v in fit)
         self.fitted = True
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):  # the next step's lr

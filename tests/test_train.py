@@ -475,12 +475,13 @@ class FakeClock:
         self.now = 0.0
         monkeypatch.setattr(train_module, "_clock", lambda: self.now)
 
-    def objective(self) -> TinyObjective:
-        clock, model = self, make_model()
+    def objective(self, seconds=lambda n: 1.0) -> TinyObjective:
+        """A model whose n-th forward takes ``seconds(n)``."""
+        clock, model, calls = self, make_model(), iter(range(1, 10**6))
         forward = model.forward
 
         def ticking(**batch):
-            clock.now += 1.0
+            clock.now += seconds(next(calls))
             return forward(**batch)
         model.forward = ticking
         return model
@@ -515,8 +516,8 @@ def test_time_budget_fits_the_length_and_the_schedule_after_ten_steps(tmp_path, 
 
 def test_time_budget_counts_the_evaluations_it_has_seen(tmp_path, monkeypatch):
     """Evaluations every 8 steps cost 5 s each. At step 10 (15 s spent, one evaluation seen) the longest
-    run that fits 60 s is 35 steps: 25 steps + 4 evaluations (16, 24, 32, 35) = 45 s; each evaluation's
-    refit keeps it, and the run ends, its last evaluation included, at 60 s exactly."""
+    run that fits 60 s is 35 steps: 25 steps + 4 evaluations (16, 24, 32, 35) = 45 s; the refits every ten
+    steps and after each evaluation keep it, and the run ends, its last evaluation included, at 60 s."""
     clock = FakeClock(monkeypatch)
     model = clock.objective()
     out = tmp_path / "run"
@@ -526,7 +527,20 @@ def test_time_budget_counts_the_evaluations_it_has_seen(tmp_path, monkeypatch):
                     save_model=saver(model))
     assert (summary["global_step"], summary["total_steps"], clock.now) == (35, 35, 60.0)
     fits = [(e["step"], e["fitted_steps"], e["eval_s"]) for e in read_log(out) if "fitted_steps" in e]
-    assert fits == [(10, 35, 5.0), (16, 35, 5.0), (24, 35, 5.0), (32, 35, 5.0)]
+    assert fits == [(10, 35, 5.0)]                     # the refits after each evaluation change nothing
+
+
+def test_time_budget_follows_steps_that_slow_down(tmp_path, monkeypatch):
+    """Steps 1-20 take 1 s, then 2 s: the fit at step 10 plans 60 steps for 60 s; the refits every ten steps
+    shrink it (step 30: mean 38/28 s a step, 20 s left: 44 steps) until the time is spent at step 40."""
+    clock = FakeClock(monkeypatch)
+    model = clock.objective(seconds=lambda n: 1.0 if n <= 20 else 2.0)
+    out = tmp_path / "run"
+    summary = train(model, make_data(), noisy_collate, cfg_for(out, max_steps=100, grad_accum=1, time_budget=60),
+                    save_model=saver(model))
+    assert (summary["global_step"], summary["total_steps"], clock.now) == (40, 40, 60.0)
+    assert [(e["step"], e["fitted_steps"]) for e in read_log(out) if "fitted_steps" in e] == [(10, 60), (30, 44),
+                                                                                             (40, 40)]
 
 
 def test_time_budget_never_outgrows_the_planned_length_nor_stops_before_the_fit(tmp_path, monkeypatch):

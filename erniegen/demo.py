@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     steps, budget = args.steps or DEMO_STEPS[precision], None
     if args.steps is None:
         budget = max(0.0, 60 * args.minutes - (time.time() - started) - AFTER_TRAINING_S - MARGIN_S)
-        length = (f"{budget:.0f} s, the steps (at most {steps}) fitted to it once ten are timed, of the "
-                  f"{args.minutes:g} minutes")
+        length = (f"{budget:.0f} s of the {args.minutes:g} minutes, the number of steps (at most {steps}) fitted to "
+                  "it every ten")
     else:
         length = f"{steps} steps"
     print(f"== fine-tuning all-MiniLM-L6-v2 with ERNIE-GEN on {train} for {length}, in {precision} "

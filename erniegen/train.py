@@ -122,9 +122,11 @@ class TrainConfig:
     time_budget: float | None = None
 
 
-# optimizer steps timed before time_budget first fits the run's length; the first SKIP_STEPS are not
+# time_budget fits the run's length every FIT_AFTER optimizer steps; the first SKIP_STEPS' times are not
 # counted (allocator and autotuning warm-up)
 FIT_AFTER, SKIP_STEPS = 10, 2
+
+
 # ---- distributed helpers ------------------------------------------------------------------------
 
 
@@ -764,6 +766,7 @@ class _Run:
         self.eval_s = 0.0
         self.fitted = False
         self.refits = cfg.time_budget is not None
+        self.shown_steps = self.total_steps   # the length last printed (a fit 5% away from it is printed)
 
     def warmup_for(self, total: int) -> int:
         """Warm-up steps of a run of ``total`` steps: warmup_steps, else warmup_ratio of it."""
@@ -925,8 +928,10 @@ class _Run:
         if self.main:
             _append_jsonl(self.out_dir / LOG_FILE, {"step": self.step, "fitted_steps": self.total_steps,
                                                     "step_s": round(step_s, 4), "eval_s": round(self.eval_s, 2)})
-            tqdm.write(f"time budget: {self.total_steps} steps (of at most {self.planned_steps}) at {step_s:.2f} s "
-                       f"a step" + (f" and {self.eval_s:.0f} s an evaluation" if self.eval_s else ""))
+            if abs(self.total_steps - self.shown_steps) >= 0.05 * self.shown_steps:  # the log holds every fit
+                self.shown_steps = self.total_steps
+                tqdm.write(f"time budget: {self.total_steps} steps (of at most {self.planned_steps}) at "
+                           f"{step_s:.2f} s a step" + (f" and {self.eval_s:.0f} s an evaluation" if self.eval_s else ""))
 
     def evaluations_until(self, total: int) -> int:
         """How many evaluations a run of ``total`` steps still holds after this step (its last step's included)."""

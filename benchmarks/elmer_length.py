@@ -68,6 +68,22 @@ def decode_both(model: Network, src: list[list[int]], ref_len: list[int], opts: 
     return own, oracle
 
 
+def read_dev(path: str, limit: int | None) -> tuple[list[str], list[str]]:
+    """The sources and references of a JSONL file's first ``limit`` rows (all if None)."""
+    rows = [json.loads(line) for line in open(path, encoding="utf-8")][:limit]
+    return [r["source"] for r in rows], [r["target"] for r in rows]
+
+
+def prepared(path: str, sources: list[str], references: list[str], **options
+             ) -> tuple[Network, list[list[int]], list[list[int]], DecodeOptions]:
+    """A model, the sources and references as its tokenizer makes them, and its decoding options (the
+    banned ids decoding bans; ``options`` over the model's settings)."""
+    model = load(path)
+    tgt = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in references]
+    return (model, encode_sources(model, sources), tgt,
+            options_from_settings(model, banned_ids=default_banned_ids(model), **options))
+
+
 def length_stats(own: list[list[int]], ref_len: list[int]) -> dict:
     diff = [len(o) - r for o, r in zip(own, ref_len)]
     return {"mean_len": round(statistics.mean(len(o) for o in own), 2),
@@ -87,14 +103,11 @@ def main() -> None:
     p.add_argument("--output", default="results/elmer_length.json")
     args = p.parse_args()
 
-    rows = [json.loads(line) for line in open(args.input, encoding="utf-8")][: args.limit]
-    sources, references = [r["source"] for r in rows], [r["target"] for r in rows]
+    sources, references = read_dev(args.input, args.limit)
     results = []
     for path in args.model:
-        model = load(path)
-        src = encode_sources(model, sources)
-        ref_len = [len(model.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in references]
-        opts = options_from_settings(model, dedup=False, banned_ids=default_banned_ids(model))
+        model, src, tgt, opts = prepared(path, sources, references, dedup=False)
+        ref_len = [len(t) for t in tgt]
         own, oracle = decode_both(model, src, ref_len, opts, args.batch_size)
         for lengths, out in (("own", own), ("oracle", oracle)):
             scores = qg_scores(ids_to_text(model, out), references, sources)
@@ -103,7 +116,7 @@ def main() -> None:
                 row |= length_stats(own, ref_len)
             print(json.dumps(row), flush=True)
             results.append(row)
-    write_results(args.output, results, input=args.input, examples=len(rows))
+    write_results(args.output, results, input=args.input, examples=len(sources))
     print(f"wrote {args.output}")
 
 

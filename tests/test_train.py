@@ -410,6 +410,46 @@ def test_two_process_torchrun(tmp_path):
     assert [e["step"] for e in log if "eval" in e] == [2, 4]
 
 
+DDP_BUDGET_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+import erniegen.train as train_module
+from test_train import TinyObjective, make_data, noisy_collate, saver
+from erniegen.train import TrainConfig, train
+
+out, rank, now = sys.argv[1], int(os.environ["RANK"]), [0.0]
+train_module._clock = lambda: now[0]
+model = TinyObjective()
+forward = model.forward
+def ticking(**batch):                  # rank 1's steps look three times slower than rank 0's
+    now[0] += 1.0 if rank == 0 else 3.0
+    return forward(**batch)
+model.forward = ticking
+cfg = TrainConfig(output_dir=out, max_steps=100, batch_size=4, lr=1e-2, log_every=5, precision="fp32", seed=3,
+                  time_budget=30)
+summary = train(model, make_data(33), noisy_collate, cfg, save_model=saver(model))
+torch.save(summary, os.path.join(out, f"summary_{{rank}}.pt"))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_time_budget_follows_rank_0(tmp_path):
+    """Each rank times its own steps, but all take rank 0's fit: 10 steps at 1 s, 20 more fit in 30 s (rank 1,
+    at 3 s a step, would stop at once), and both end at step 30 together."""
+    script = tmp_path / "ddp_budget.py"
+    script.write_text(textwrap.dedent(DDP_BUDGET_SCRIPT.format(tests=str(Path(__file__).parent))))
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        summary = torch.load(out / f"summary_{rank}.pt", weights_only=False)
+        assert (summary["global_step"], summary["total_steps"]) == (30, 30), rank
+    assert [(e["step"], e["fitted_steps"]) for e in read_log(out) if "fitted_steps" in e] == [(10, 30)]
+
+
 def test_length_grouped_batches_cover_every_example_once_and_group_lengths():
     from erniegen.train import epoch_batches
     lengths = [(i * 37) % 101 for i in range(1000)]

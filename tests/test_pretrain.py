@@ -139,6 +139,16 @@ class Killed(Exception):
     pass
 
 
+def test_a_spent_time_budget_fits_a_pretraining_stream_to_its_ten_timed_steps(tiny_dir, tmp_path):
+    """A stream has no epochs: the fit bounds max_steps alone, and a budget spent before the first step ends the run
+    at the fit (pre-training counts its span vocabulary and loading against the budget)."""
+    summary = pt.pretrain(config(tiny_dir, write_corpus(tmp_path / "c.jsonl", 9), tmp_path / "o", max_steps=14,
+                                 time_budget=0))
+    assert (summary["global_step"], summary["total_steps"]) == (10, 10)
+    log = [json.loads(line) for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["fitted_steps"]) for e in log if "fitted_steps" in e] == [(10, 10)]
+
+
 def test_resume_equals_uninterrupted_run(tiny_dir, tmp_path, monkeypatch):
     """9 one-sequence documents, 2 per micro-batch, 2 micro-batches per step: a pass is 5 micro-batches
     (the last holds 1), so step 3 ends one micro-batch into the second pass."""

@@ -381,16 +381,22 @@ torch.save({{"init": init, "final": model.state_dict(), "seen": seen, "summary":
 """
 
 
-@pytest.mark.slow
-def test_two_process_torchrun(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
+def run_two_ranks(tmp_path: Path, script_text: str) -> Path:
+    """Run ``script_text`` (formatted with this folder as ``tests``) on two torchrun ranks; returns its output folder."""
+    script = tmp_path / "ddp_script.py"
+    script.write_text(textwrap.dedent(script_text.format(tests=str(Path(__file__).parent))))
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_torchrun(tmp_path):
+    out = run_two_ranks(tmp_path, DDP_SCRIPT)
     r0, r1 = (torch.load(out / f"params_{r}.pt", weights_only=False) for r in range(2))
     for k in r0["final"]:
         assert torch.equal(r0["final"][k], r1["final"][k]), k
@@ -436,14 +442,7 @@ torch.save(summary, os.path.join(out, f"summary_{{rank}}.pt"))
 def test_two_process_time_budget_follows_rank_0(tmp_path):
     """Each rank times its own steps, but all take rank 0's fit: 10 steps at 1 s, 20 more fit in 30 s (rank 1,
     at 3 s a step, would stop at once), and both end at step 30 together."""
-    script = tmp_path / "ddp_budget.py"
-    script.write_text(textwrap.dedent(DDP_BUDGET_SCRIPT.format(tests=str(Path(__file__).parent))))
-    out = tmp_path / "out"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run_two_ranks(tmp_path, DDP_BUDGET_SCRIPT)
     for rank in range(2):
         summary = torch.load(out / f"summary_{rank}.pt", weights_only=False)
         assert (summary["global_step"], summary["total_steps"]) == (30, 30), rank

@@ -903,7 +903,8 @@ class _Run:
         """Set total_steps (at most the planned length) so the run ends within time_budget at the mean time of
         the last 100 steps, the evaluations still to come costing the last one's time each. Rank 0 decides."""
         cfg = self.cfg
-        step_s = statistics.fmean(self.step_times[SKIP_STEPS:][-100:])  # recent enough to follow a drift
+        # recent enough to follow a drift; never 0, which a coarse clock could read for a tiny model's step
+        step_s = max(statistics.fmean(self.step_times[SKIP_STEPS:][-100:]), 1e-6)
         left = cfg.time_budget - (_clock() - self.t_start)
         # the longest run whose steps and evaluations fit in what is left (the cost grows with the length)
         lo, hi = self.step, self.step + max(0, math.floor(left / step_s))

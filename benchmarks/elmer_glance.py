@@ -34,7 +34,7 @@ from elmer_length import prepared, read_dev  # noqa: E402
 from erniegen.batch import pad  # noqa: E402
 from erniegen.bench import write_results  # noqa: E402
 from erniegen.decoding import ids_to_text  # noqa: E402
-from erniegen.elmer import (IGNORE, attach, layer_logits, make_slots, outputs, pick, slot_count,  # noqa: E402
+from erniegen.elmer import (IGNORE, attach, full_pass, layer_logits, outputs, pick, slot_count,  # noqa: E402
                              slot_labels)
 from erniegen.metrics import qg_scores  # noqa: E402
 from erniegen.nar import random_slots  # noqa: E402
@@ -47,11 +47,8 @@ from erniegen.search import DecodeOptions  # noqa: E402
 def last_layer_logp(model: Network, source: EncodedSource, width: int, ids: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """(N,T,V) last-layer log-probs, the slots' input ids [MASK] unless given."""
-    slots = make_slots(model, source, width, ids)
-    x = slots.x
-    for layer in range(len(model.layers)):
-        x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
-    return torch.log_softmax(layer_logits(model, len(model.layers) - 1, x).float(), -1)
+    states = full_pass(model, source, width, ids)
+    return torch.log_softmax(layer_logits(model, len(model.layers) - 1, states).float(), -1)
 
 
 def choose(logp: torch.Tensor, eos: int, opts: DecodeOptions) -> torch.Tensor:

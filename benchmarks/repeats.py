@@ -45,7 +45,8 @@ def words(text: str) -> list[str]:
 
 def unknown_words(rows: list[dict], field: str, known: set[str]) -> list[list[str]]:
     """Per row, the words of ``row[field]`` that neither ``known`` nor the row's source holds."""
-    return [[w for w in words(r[field]) if w not in known and w not in set(words(r["source"]))] for r in rows]
+    return [[w for w in words(r[field]) if w not in known and w not in source]
+            for r, source in ((r, set(words(r["source"]))) for r in rows)]
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
               f"with a repeated word piece{changed}")
         for p in broken[: args.examples]:
             print(f"    {p}")
-        fields = (["target"] if first is None else []) + ["prediction"] if args.train else []
+        fields = ((["target"] if first is None else []) + ["prediction"]) if args.train else []
         for field in fields:
             unknown = unknown_words(rows, field, known)
             n_words = sum(len(words(r[field])) for r in rows)

@@ -265,6 +265,15 @@ def make_slots(model: Network, source: EncodedSource, width: int, ids: torch.Ten
     return Slots(x, roles, attention_mask(roles, source.roles.cat(roles)))
 
 
+def full_pass(model: Network, source: EncodedSource, width: int, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,T,H) the slots' last-layer states, every slot through every layer (no exit); ``ids`` as make_slots."""
+    slots = make_slots(model, source, width, ids)
+    x = slots.x
+    for layer in range(len(model.layers)):
+        x, _ = model.run_layer(layer, x, slots.mask, source.kv[layer])
+    return x
+
+
 def pick(scores: torch.Tensor, slot: torch.Tensor, eos: int, opts: DecodeOptions) -> torch.Tensor:
     """Argmax ids of scores (M,V), logits or log-probs alike, at slot indices ``slot`` (M,): banned ids never,
     the end token not before ``opts.min_length`` (which counts the end token, as the autoregressive decoders do).
@@ -660,11 +669,8 @@ class ElmerObjective(nn.Module):
         if self.soft:
             *_, logits = soft_exit_layers(self.model, source, self.width)
             return logits.argmax(-1)
-        slots = make_slots(self.model, source, self.width)
-        x = slots.x
-        for layer in range(len(self.model.layers)):
-            x, _ = self.model.run_layer(layer, x, slots.mask, source.kv[layer])
-        return layer_logits(self.model, len(self.model.layers) - 1, x).argmax(-1)
+        last = len(self.model.layers) - 1
+        return layer_logits(self.model, last, full_pass(self.model, source, self.width)).argmax(-1)
 
     def _layer_logits(self, source: EncodedSource, where: torch.Tensor,
                       slot_ids: torch.Tensor | None = None) -> Iterator[torch.Tensor]:

@@ -860,7 +860,7 @@ class _Run:
             do_eval = done or (epoch_end if cfg.eval_every is None else self.step % cfg.eval_every == 0)
             stop = not done and self.out_of_time()
             do_save = done or stop or (do_eval if cfg.save_every is None else self.step % cfg.save_every == 0)
-            t_pause, t_mark = time.time(), _clock() if self.refits else 0.0
+            t_pause, t_paused = time.time(), _clock() if self.refits else 0.0
             if do_eval and self.main and self.evaluate_fn is not None:
                 self.evaluate()
             # FSDP: rank 0 sees the full weights while it saves (every rank takes part in gathering them)
@@ -875,7 +875,7 @@ class _Run:
             if self.refits and (do_eval or do_save):
                 self.t_mark = _clock()
                 if do_eval and self.evaluate_fn is not None:
-                    self.eval_s = self.t_mark - t_mark
+                    self.eval_s = self.t_mark - t_paused
                     if len(self.step_times) >= FIT_AFTER and not (done or stop):
                         self.fit_to_time(least=self.step + 1)  # this step's turn to end the run is past
             if stop:
@@ -931,8 +931,9 @@ class _Run:
                                                     "step_s": round(step_s, 4), "eval_s": round(self.eval_s, 2)})
             if abs(self.total_steps - self.shown_steps) >= 0.05 * self.shown_steps:  # the log holds every fit
                 self.shown_steps = self.total_steps
+                evaluations = f" and {self.eval_s:.0f} s an evaluation" if self.eval_s else ""
                 tqdm.write(f"time budget: {self.total_steps} steps (of at most {self.planned_steps}) at "
-                           f"{step_s:.2f} s a step" + (f" and {self.eval_s:.0f} s an evaluation" if self.eval_s else ""))
+                           f"{step_s:.2f} s a step{evaluations}")
 
     def evaluations_until(self, total: int) -> int:
         """How many evaluations a run of ``total`` steps still holds after this step (its last step's included)."""

@@ -1,11 +1,12 @@
-"""Where an fp32 fine-tuning step's time goes on this CPU: torch.profiler over real batches.
+"""Where a fine-tuning step's time goes on this CPU: torch.profiler over real batches.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_profile.py [--data ../shared/data] [--profiled 3]
-        [--method ernie-gen] [--keep-freed-memory] [--json]
+        [--method ernie-gen] [--precision fp32|bf16] [--keep-freed-memory] [--json]
 
 Length-bucketed batches of 32 from the first 3,200 squad_qg_sent training pairs (as `erniegen finetune` draws
 them), all-MiniLM-L6-v2, the squad_qg preset (its frozen word table and copying included, as `erniegen finetune
---method METHOD` with no other flag builds them), fp32, fused AdamW. Prints the mean seconds per step over 6 steps
+--method METHOD` with no other flag builds them), fused AdamW; ``--precision bf16`` runs the forward under bf16
+autocast as the trainer does (``--precision auto`` on a CPU with native bf16). Prints the mean seconds per step over 6 steps
 after 2 warm-up steps with the page faults and kernel CPU time they took, then the profiler's table (self CPU
 time by operator) over ``--profiled`` more steps (none: no table). ``--keep-freed-memory``: glibc keeps freed
 memory (erniegen.allocator, as the command line does); ``--json``: the timing as one JSON line.
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--profiled", type=int, default=3)
     p.add_argument("--method", default="ernie-gen", choices=list(registry.METHODS))
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--keep-freed-memory", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -61,8 +63,12 @@ def main() -> None:
     objective = registry.family(args.method).build_objective(args.method, model, preset, options).train()
     optimizer = torch.optim.AdamW([q for q in objective.parameters() if q.requires_grad], lr=1e-6, fused=True)
 
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+
     def step(batch: dict) -> None:
-        objective(**batch)["loss"].backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = objective(**batch)["loss"]
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -72,7 +78,7 @@ def main() -> None:
     for b in batches[2:8]:
         step(b)
     t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    timing = {"keep_freed_memory": args.keep_freed_memory, "s_per_step": (t1 - t0) / 6,
+    timing = {"precision": args.precision, "keep_freed_memory": args.keep_freed_memory, "s_per_step": (t1 - t0) / 6,
               "page_faults_per_step": (r1.ru_minflt - r0.ru_minflt) / 6,
               "kernel_cpu_share": (r1.ru_stime - r0.ru_stime) / (r1.ru_stime - r0.ru_stime + r1.ru_utime - r0.ru_utime),
               "peak_rss_gb": r1.ru_maxrss / 2**20}

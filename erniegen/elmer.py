@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TaskPreset
+from .losses import smoothed_cross_entropy
 from .masks import NAR, PAD, Roles, attention_mask
 from .nar import checked_f_ratio, finish_row, glancing_reveal, position_limit
 from .network import ModelConfig, Network, _ACTIVATIONS
@@ -610,7 +611,7 @@ def drawn_exit_loss(model: Network, source: EncodedSource, labels: torch.Tensor,
         here = (exits == layer + 1) & (labels != IGNORE)
         logits.append(layer_logits(model, layer, x[here]))
         gold.append(labels[here])
-    return F.cross_entropy(torch.cat(logits).float(), torch.cat(gold), label_smoothing=label_smoothing)
+    return smoothed_cross_entropy(torch.cat(logits), torch.cat(gold), label_smoothing)
 
 
 class ElmerObjective(nn.Module):
@@ -651,8 +652,7 @@ class ElmerObjective(nn.Module):
             logits = list(soft_exit_layers(self.model, source, self.width, gold, gold_rate, slot_ids, where))
         else:
             logits = list(self._layer_logits(source, where, slot_ids))
-        losses = torch.stack([F.cross_entropy(lg.float(), labels[where], label_smoothing=self.cfg.label_smoothing)
-                              for lg in logits])
+        losses = torch.stack([smoothed_cross_entropy(lg, labels[where], self.cfg.label_smoothing) for lg in logits])
         return {"loss": self.weighted(losses), "loss_first": losses[0].detach(),
                 "loss_last": losses[-1].detach(), "num_tokens": n_tokens}
 

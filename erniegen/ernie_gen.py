@@ -21,9 +21,9 @@ Copying (``method_options: copy: true``, not in the paper): a pointer-generator 
 the source. The predicting state h attends with one extra query, W_q h, over the source tokens' keys of
 the last layer (already computed by the contextual flow and held in the decoding cache), and a gate
 g = σ(w·h + b) mixes the vocabulary distribution with that attention scattered onto the source's ids:
-p(w) = g·softmax(logits)_w + (1 - g)·Σ_{i: x_i = w} a_i. Training and both decoders read
-:func:`copy_mixture` (training the target's log-probability and the vocabulary mean, the decoders the whole
-distribution through :func:`next_token_log_probs`), so they compute one distribution.
+p(w) = g·softmax(logits)_w + (1 - g)·Σ_{i: x_i = w} a_i. Training (:func:`copy_loss_terms`: the target's
+log-probability and the vocabulary mean) and both decoders (:func:`copy_mixture`, the whole distribution through
+:func:`next_token_log_probs`) build it from the same parts, so they compute one distribution.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TaskPreset
+from .losses import log_softmax_at, smoothed_cross_entropy
 from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
 from .network import KV, Network, PastSlot
 from .passes import KVCache, encode_context, placeholder_pass, target_positions
@@ -178,20 +179,25 @@ class Mixture:
         """The (..., V) log-probabilities."""
         return (self.logp + self.shift).scatter_add_(-1, self.ids, self.lift)
 
-    def at(self, target: torch.Tensor) -> torch.Tensor:
-        """log p(target), (...)."""
-        lift = torch.where(self.ids == target[..., None], self.lift, 0.0).sum(-1)
-        return self.logp.gather(-1, target[..., None])[..., 0] + self.shift[..., 0] + lift
 
-    def mean(self) -> torch.Tensor:
-        """The mean of log p over the vocabulary, (...): what label smoothing spreads its ε over."""
-        return self.logp.mean(-1) + self.shift[..., 0] + self.lift.sum(-1) / self.logp.shape[-1]
+@dataclass
+class _CopyParts:
+    """What the mixture adds to the vocabulary's log-softmax, before that log-softmax is read."""
+
+    logits: torch.Tensor  # (N, V) the vocabulary logits, in the model's product precision
+    ids: torch.Tensor     # (N, S) the source's ids
+    log_g: torch.Tensor   # (N, 1) fp32 log of the gate
+    shift: torch.Tensor   # (N, 1) log g; 0 for a row with no word to copy
+    log_copy: torch.Tensor  # (N, S) log((1-g)·p_copy) of each position's word
+    share: torch.Tensor   # (N, S) 1 / occurrences of the position's word; 0 where never copied
+
+    def lift(self, logp_at_ids: torch.Tensor) -> torch.Tensor:
+        """Each position's share of log(1 + (1-g)·p_copy(w) / (g·p_vocab(w))), given log p_vocab at ``ids``."""
+        vocab = self.log_g + logp_at_ids
+        return (torch.logaddexp(vocab, self.log_copy) - vocab) * self.share
 
 
-def copy_mixture(model: Network, h: torch.Tensor, source: CopySource,
-                 select: torch.Tensor | None = None) -> Mixture:
-    """The pointer-generator at the (B, T, H) predicting states ``h`` (with ``select`` (B, T) bool, at the
-    selected ones only): p(w) = g·softmax(logits)_w + (1-g)·Σ_{i: x_i = w} a_i."""
+def _copy_parts(model: Network, h: torch.Tensor, source: CopySource, select: torch.Tensor | None) -> _CopyParts:
     head = copy_head(model)
     query, gate = head.query(h), head.gate(h)          # in the precision of the model's own products
     logits = model.logits(h if select is None else h[select])
@@ -212,12 +218,33 @@ def copy_mixture(model: Network, h: torch.Tensor, source: CopySource,
         gate, copies = gate.float(), copies[:, None, None].expand(-1, t, 1)
         if select is not None:
             p_word, ids, share, gate, copies = (x[select] for x in (p_word, ids, share, gate, copies))
-        logp = torch.log_softmax(logits.float(), -1)
         log_g = F.logsigmoid(gate)
-        vocab = log_g + logp.gather(-1, ids)
         # log p_copy clamped: a word whose attention underflows would give log 0, NaN gradients
-        lift = torch.logaddexp(vocab, F.logsigmoid(-gate) + p_word.clamp_min(1e-30).log()) - vocab
-        return Mixture(logp, torch.where(copies, log_g, 0.0), ids, lift * share)
+        log_copy = F.logsigmoid(-gate) + p_word.clamp_min(1e-30).log()
+        return _CopyParts(logits, ids, log_g, torch.where(copies, log_g, 0.0), log_copy, share)
+
+
+def copy_mixture(model: Network, h: torch.Tensor, source: CopySource,
+                 select: torch.Tensor | None = None) -> Mixture:
+    """The pointer-generator at the (B, T, H) predicting states ``h`` (with ``select`` (B, T) bool, at the
+    selected ones only): p(w) = g·softmax(logits)_w + (1-g)·Σ_{i: x_i = w} a_i."""
+    parts = _copy_parts(model, h, source, select)
+    with torch.autocast(h.device.type, enabled=False):
+        logp = torch.log_softmax(parts.logits.float(), -1)
+        return Mixture(logp, parts.shift, parts.ids, parts.lift(logp.gather(-1, parts.ids)))
+
+
+def copy_loss_terms(model: Network, h: torch.Tensor, source: CopySource, select: torch.Tensor,
+                    target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(target) and the mean of log p over the vocabulary, (N,) each, of :func:`copy_mixture`'s
+    distribution at the selected states: what the label-smoothed loss reads, without the (N, V) distribution
+    (:func:`erniegen.losses.log_softmax_at`)."""
+    parts = _copy_parts(model, h, source, select)
+    with torch.autocast(h.device.type, enabled=False):
+        picked, mean = log_softmax_at(parts.logits, torch.cat([target[:, None], parts.ids], -1))
+        lift = parts.lift(picked[:, 1:])
+        at = picked[:, 0] + parts.shift[:, 0] + torch.where(parts.ids == target[:, None], lift, 0.0).sum(-1)
+        return at, mean + parts.shift[:, 0] + lift.sum(-1) / parts.logits.shape[-1]
 
 
 def next_token_log_probs(model: Network, h: torch.Tensor, source: CopySource | None,
@@ -289,11 +316,10 @@ class ErnieGenObjective(nn.Module):
               source: CopySource | None) -> torch.Tensor:
         """Label-smoothed cross-entropy at the (B, T, H) predicting states ``h`` where ``valid``."""
         if source is None:
-            logits = self.model.logits(h[valid]).float()
-            return F.cross_entropy(logits, tgt_ids[valid], label_smoothing=self.cfg.label_smoothing)
-        mixture = copy_mixture(self.model, h, source, valid)
+            return smoothed_cross_entropy(self.model.logits(h[valid]), tgt_ids[valid], self.cfg.label_smoothing)
+        at, mean = copy_loss_terms(self.model, h, source, valid, tgt_ids[valid])
         eps = self.cfg.label_smoothing  # as cross_entropy smooths: ε spread evenly over the vocabulary
-        return ((1 - eps) * -mixture.at(tgt_ids[valid]) - eps * mixture.mean()).mean()
+        return ((1 - eps) * -at - eps * mean).mean()
 
 
 def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ErnieGenObjective:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import smoothed_cross_entropy
 from .masks import SOURCE
 from .network import Network
 from .passes import EncodedSource, encode_source, slot_pass
@@ -257,8 +258,7 @@ class NarObjective(nn.Module):
         return random_slots(valid, (torch.rand(n.shape, device=n.device) * n).long() + 1)
 
     def _loss(self, hidden: torch.Tensor, where: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model.logits(hidden[where]).float()
-        return F.cross_entropy(logits, labels[where], label_smoothing=self.cfg.label_smoothing)
+        return smoothed_cross_entropy(self.model.logits(hidden[where]), labels[where], self.cfg.label_smoothing)
 
 
 # ---- decoding ----------------------------------------------------------------------------------

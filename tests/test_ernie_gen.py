@@ -131,9 +131,10 @@ def test_copy_mixture_by_hand(tiny_model):
 
 
 def test_the_sparse_mixture_loss_equals_the_dense_one_in_value_and_gradient(tiny_model):
-    """Training reads the target's log-probability and the vocabulary mean off the sparse mixture; both, and
-    their gradients, equal those of the whole (N, V) distribution, a repeated source word counted once."""
-    from erniegen.ernie_gen import copy_mixture, copy_source
+    """Training reads the target's log-probability and the vocabulary mean off the mixture's parts
+    (copy_loss_terms); both, and their gradients, equal those of the whole (N, V) distribution the decoders
+    read, a repeated source word counted once."""
+    from erniegen.ernie_gen import copy_loss_terms, copy_mixture, copy_source
     copying(tiny_model)
     src_ids, src_len = torch.tensor([[4, 10, 11, 10, 10, 5], [4, 30, 5, 0, 0, 0], [4, 5, 0, 0, 0, 0]]), \
         torch.tensor([6, 3, 2])
@@ -147,14 +148,14 @@ def test_the_sparse_mixture_loss_equals_the_dense_one_in_value_and_gradient(tiny
     for sparse in (True, False):
         x = h.clone().requires_grad_(True)
         tiny_model.zero_grad()
-        mixture = copy_mixture(tiny_model, x, source, select)
         if sparse:
-            at, mean = mixture.at(target), mixture.mean()
+            at, mean = copy_loss_terms(tiny_model, x, source, select, target)
         else:
-            full = mixture.full()
+            full = copy_mixture(tiny_model, x, source, select).full()
             at, mean = full.gather(-1, target[:, None])[:, 0], full.mean(-1)
         (0.9 * -at - 0.1 * mean).mean().backward()
-        grads.append((at.detach(), mean.detach(), x.grad, tiny_model.extras["copy"].query.weight.grad.clone()))
+        grads.append((at.detach(), mean.detach(), x.grad, tiny_model.extras["copy"].query.weight.grad.clone(),
+                      tiny_model.embeddings.word.weight.grad.clone()))
     for sparse, dense in zip(*grads):
         assert torch.allclose(sparse, dense, atol=1e-5)
     assert grads[0][0][0] > grads[0][0][2]  # the copied word gains over a word the source lacks

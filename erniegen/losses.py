@@ -4,8 +4,8 @@ A label-smoothed cross-entropy reads log_softmax(logits) at a few ids per row (t
 source's words too) and its mean over the vocabulary. Autograd's path (``log_softmax`` of the logits cast to
 fp32, ``gather``, ``mean``) made about ten passes over (N, V) fp32 tensors forward and back: the zeros under each
 gather's gradient, the expanded mean's division, the log-softmax's own backward, the casts. On a CPU with AMX,
-where the model's bf16 products are cheap, those passes took ~40% of an ERNIE-GEN training step (BENCHMARKS.md
-section 2). :func:`log_softmax_at` computes the same values and gradient in row blocks that stay in cache: one
+where the model's bf16 products are cheap, those passes took a quarter of the operators' CPU time in an ERNIE-GEN
+training step (BENCHMARKS.md section 2). :func:`log_softmax_at` computes the same values and gradient in row blocks that stay in cache: one
 log-sum-exp forward, and one softmax, scaled and scattered, back.
 """
 from __future__ import annotations

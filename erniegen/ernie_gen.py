@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import TaskPreset
-from .losses import log_softmax_at, smoothed_cross_entropy
+from .losses import log_softmax_at, smoothed_cross_entropy, smoothed_nll
 from .masks import CONTEXT, SPAN, WORD, Roles, attention_mask, target_roles
 from .network import KV, Network, PastSlot
 from .passes import KVCache, encode_context, placeholder_pass, target_positions
@@ -198,6 +198,7 @@ class _CopyParts:
 
 
 def _copy_parts(model: Network, h: torch.Tensor, source: CopySource, select: torch.Tensor | None) -> _CopyParts:
+    """Everything of the mixture but the vocabulary's log-softmax, which decoding and the loss read differently."""
     head = copy_head(model)
     query, gate = head.query(h), head.gate(h)          # in the precision of the model's own products
     logits = model.logits(h if select is None else h[select])
@@ -317,9 +318,7 @@ class ErnieGenObjective(nn.Module):
         """Label-smoothed cross-entropy at the (B, T, H) predicting states ``h`` where ``valid``."""
         if source is None:
             return smoothed_cross_entropy(self.model.logits(h[valid]), tgt_ids[valid], self.cfg.label_smoothing)
-        at, mean = copy_loss_terms(self.model, h, source, valid, tgt_ids[valid])
-        eps = self.cfg.label_smoothing  # as cross_entropy smooths: ε spread evenly over the vocabulary
-        return ((1 - eps) * -at - eps * mean).mean()
+        return smoothed_nll(*copy_loss_terms(self.model, h, source, valid, tgt_ids[valid]), self.cfg.label_smoothing)
 
 
 def build_objective(method: str, model: Network, preset: TaskPreset, options: dict) -> ErnieGenObjective:

@@ -5,8 +5,8 @@ source's words too) and its mean over the vocabulary. Autograd's path (``log_sof
 fp32, ``gather``, ``mean``) made about ten passes over (N, V) fp32 tensors forward and back: the zeros under each
 gather's gradient, the expanded mean's division, the log-softmax's own backward, the casts. On a CPU with AMX,
 where the model's bf16 products are cheap, those passes took a quarter of the operators' CPU time in an ERNIE-GEN
-training step (BENCHMARKS.md section 2). :func:`log_softmax_at` computes the same values and gradient in row blocks that stay in cache: one
-log-sum-exp forward, and one softmax, scaled and scattered, back.
+training step (BENCHMARKS.md section 2). :func:`log_softmax_at` computes the same values and gradient in row
+blocks that stay in cache: one log-sum-exp forward, and one softmax, scaled and scattered, back.
 """
 from __future__ import annotations
 
@@ -59,8 +59,13 @@ def log_softmax_at(logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tenso
     return _LogSoftmaxAt.apply(logits.contiguous(), ids)
 
 
+def smoothed_nll(at: torch.Tensor, mean: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """The label-smoothed loss, mean over rows, from log p(target) ``at`` and the mean of log p over the
+    vocabulary ``mean``: (1 - ε)·NLL plus ε times the mean of -log p, as ``F.cross_entropy`` smooths."""
+    return ((1 - smoothing) * -at - smoothing * mean).mean()
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """``F.cross_entropy(logits.float(), target, label_smoothing=smoothing)`` (mean over rows), by
-    :func:`log_softmax_at`: (1 - ε)·NLL plus ε times the mean of -log p over the vocabulary."""
+    """``F.cross_entropy(logits.float(), target, label_smoothing=smoothing)`` by :func:`log_softmax_at`."""
     at, mean = log_softmax_at(logits, target[:, None])
-    return ((1 - smoothing) * -at[:, 0] - smoothing * mean).mean()
+    return smoothed_nll(at[:, 0], mean, smoothing)

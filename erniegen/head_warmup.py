@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .batch import pad
+from .losses import log_softmax_at
 from .network import Network
 from .passes import encode_context
 from .train import epoch_batches, last_checkpoint, load_checkpoint_file, lr_factor, now, resolve_precision
@@ -291,7 +291,7 @@ def masked_lm_steps(model: Network, texts: Sequence[Sequence[int]], steps: int, 
                 with torch.autocast(model.device.type, dtype=dtype, enabled=dtype != torch.float32):
                     # a frozen encoder builds no graph: none of its parameters asks for a gradient
                     hidden, _, _ = encode_context(model, ids.masked_fill(where, mask_id), lengths)
-                    token_losses = F.cross_entropy(model.logits(hidden[where]).float(), ids[where], reduction="none")
+                    token_losses = -log_softmax_at(model.logits(hidden[where]), ids[where][:, None])[0][:, 0]
                 optimizer.zero_grad(set_to_none=True)
                 (token_losses.sum() / per_batch).backward()
                 optimizer.step()

@@ -12,7 +12,8 @@ so a head restored after loading runs in the model's precision too.
   ``torch.compile`` freezing emits on CPU): MKL's plain product of 2 rows ran at half a vector's bandwidth
   here, which made a decode step 2.5x its bandwidth floor. The packed copy is derived, cached beside the
   module (never saved) and rebuilt when the weights change; training never takes this path. bf16 weights
-  take it too on a CPU with native bf16 (:data:`PACKED_DTYPES`).
+  take it too on a CPU with native bf16; fp32 does not on a CPU with AMX, where the plain product is faster
+  (:func:`packed_dtypes`).
 * ``bf16``: every weight (embeddings and LayerNorms too) cast to bfloat16. Decoders already take
   ``log_softmax`` of ``logits.float()``, so scores, argmax and beam comparisons are in fp32.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
@@ -172,8 +173,15 @@ def native_bf16(device: torch.device | None = None) -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-# what :func:`packs` multiplies through oneDNN: fp32, and bf16 where the CPU multiplies it natively
-PACKED_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16) if native_bf16() else (torch.float32,)
+def packed_dtypes(bf16: bool, amx: bool) -> tuple[torch.dtype, ...]:
+    """What :func:`packs` multiplies through oneDNN on a CPU with native ``bf16`` and ``amx`` tiles: bf16 where
+    native; fp32 except with AMX, where MKL's plain fp32 product of 2 rows beat oneDNN's packed one 2.5-3.6x
+    (the whole model sits in such a CPU's cache) and the packed fp32 decode step was 1.3x the plain one, while
+    bf16 packed stayed 1.2x faster (BENCHMARKS.md section 3, session 42)."""
+    return ((torch.bfloat16,) if bf16 else ()) + (() if amx else (torch.float32,))
+
+
+PACKED_DTYPES: tuple[torch.dtype, ...] = packed_dtypes(native_bf16(), torch.cpu._is_amx_tile_supported())
 
 
 def stays_wide(name: str) -> bool:

@@ -177,8 +177,22 @@ def test_int8_activations_in_8_bits_are_closer_to_fp32():
 needs_onednn = pytest.mark.skipif(not precision.ONEDNN_LINEAR, reason="this PyTorch has no oneDNN linear")
 
 
+@pytest.fixture
+def packing_fp32(monkeypatch):
+    """fp32 packs on every CPU while a test runs (by default it does not where AMX makes the plain product the
+    faster one), so that the packed path is tested everywhere."""
+    monkeypatch.setattr(precision, "PACKED_DTYPES", (torch.float32, *precision.packed_dtypes(native_bf16(), True)))
+
+
+def test_fp32_packs_except_with_amx_and_bf16_where_native():
+    assert precision.packed_dtypes(bf16=False, amx=False) == (torch.float32,)
+    assert set(precision.packed_dtypes(bf16=True, amx=False)) == {torch.float32, torch.bfloat16}
+    assert precision.packed_dtypes(bf16=True, amx=True) == (torch.bfloat16,)
+    assert precision.PACKED_DTYPES == precision.packed_dtypes(native_bf16(), torch.cpu._is_amx_tile_supported())
+
+
 @needs_onednn
-def test_packed_linear_equals_the_plain_product_and_follows_weight_updates():
+def test_packed_linear_equals_the_plain_product_and_follows_weight_updates(packing_fp32):
     torch.manual_seed(0)
     lin = Linear(24, 40).eval()
     for shape in [(1, 24), (2, 24), (3, 7, 24)]:
@@ -208,7 +222,8 @@ PACKED_CASES = [("ar", "infilling", {"num_beams": 1}), ("ar", "infilling", {"num
 
 @needs_onednn
 @pytest.mark.parametrize("kind,decoder,options", PACKED_CASES, ids=[f"{d}{o}" for _, d, o in PACKED_CASES])
-def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monkeypatch, kind, decoder, options):
+def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monkeypatch, packing_fp32, kind, decoder,
+                                                            options):
     """The packed products differ from MKL's only in summation order: the same text, logits within 1e-4; the
     checkpoint is untouched and the model still copies (the packed weights live outside it)."""
     opts = DecodeOptions(max_length=8, min_length=3 if kind == "ar" else 1, banned_ids=BANNED, **options)

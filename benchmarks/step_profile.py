@@ -6,9 +6,9 @@
 Length-bucketed batches of 32 from the first 3,200 squad_qg_sent training pairs (as `erniegen finetune` draws
 them), all-MiniLM-L6-v2, the squad_qg preset (its frozen word table and copying included, as `erniegen finetune
 --method METHOD` with no other flag builds them), fused AdamW; ``--precision bf16`` runs the forward under bf16
-autocast as the trainer does (``--precision auto`` on a CPU with native bf16). Prints the mean seconds per step over 6 steps
-after 2 warm-up steps with the page faults and kernel CPU time they took, then the profiler's table (self CPU
-time by operator) over ``--profiled`` more steps (none: no table). ``--keep-freed-memory``: glibc keeps freed
+autocast as the trainer does (``--precision auto`` on a CPU with native bf16). Prints the mean seconds per step
+over 6 steps after 2 warm-up steps with the page faults and kernel CPU time they took, then the profiler's table
+(self CPU time by operator) over ``--profiled`` more steps (none: no table). ``--keep-freed-memory``: glibc keeps freed
 memory (erniegen.allocator, as the command line does); ``--json``: the timing as one JSON line.
 Run it on an idle machine.
 """

@@ -382,7 +382,8 @@ torch.save({{"init": init, "final": model.state_dict(), "seen": seen, "summary":
 
 
 def run_two_ranks(tmp_path: Path, script_text: str) -> Path:
-    """Run ``script_text`` (formatted with this folder as ``tests``) on two torchrun ranks; returns its output folder."""
+    """Run ``script_text`` (formatted with this folder as ``tests``) on two torchrun ranks; returns its output
+    folder."""
     script = tmp_path / "ddp_script.py"
     script.write_text(textwrap.dedent(script_text.format(tests=str(Path(__file__).parent))))
     out = tmp_path / "out"

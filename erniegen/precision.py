@@ -175,7 +175,7 @@ def native_bf16(device: torch.device | None = None) -> bool:
 
 def packed_dtypes(bf16: bool, amx: bool) -> tuple[torch.dtype, ...]:
     """What :func:`packs` multiplies through oneDNN on a CPU with native ``bf16`` and ``amx`` tiles: bf16 where
-    native; fp32 except with AMX, where MKL's plain fp32 product of 2 rows beat oneDNN's packed one 2.5-3.6x
+    native; fp32 except with AMX, where MKL's plain fp32 product of 2 rows beat oneDNN's packed one 2.4-3.9x
     (the whole model sits in such a CPU's cache) and the packed fp32 decode step was 1.3x the plain one, while
     bf16 packed stayed 1.2x faster (BENCHMARKS.md section 3, session 42)."""
     return ((torch.bfloat16,) if bf16 else ()) + (() if amx else (torch.float32,))

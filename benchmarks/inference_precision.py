@@ -17,7 +17,7 @@ What it measures, every figure a median after warm-up:
    ``generate()`` for ``--length`` tokens and for 1 token, the difference divided by ``--length`` - 1;
 4. end to end, ms/sample at batch 1 and samples/s at ``--large-batch`` (32), for every decoder of the
    models given, in every precision, and the Hugging Face ``generate()`` baseline;
-5. with ``--compile``: fp32 and bf16 also with ``runtime="compile"`` (erniegen.runtimes: the step compiled by
+5. with ``--compile``: every precision also with ``runtime="compile"`` (erniegen.runtimes: the step compiled by
    ``torch.compile``), in the step rows (with the seconds its first two steps spend compiling, and the compiled
    step over the eager one of the same precision, timed alternately ``--ab-rounds`` times) and the infilling
    rows of 4;
@@ -193,7 +193,7 @@ def main() -> None:
     p.add_argument("--batches-large", type=int, default=3)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--compile", action="store_true",
-                   help="also time fp32 and bf16 with runtime compile (torch.compile): the step and infilling")
+                   help="also time every precision with runtime compile (torch.compile): the step and infilling")
     p.add_argument("--unpacked", action="store_true",
                    help="also time each precision's step with the oneDNN-packed weights off")
     p.add_argument("--ab-rounds", type=int, default=0,
@@ -207,7 +207,7 @@ def main() -> None:
     # (precision, runtime) pairs, labelled "fp32", ..., "fp32 onnx"; runtimes onnx and compile run the infilling
     # decoder only
     variants = ([(precision, "torch") for precision in precisions] + ([("fp32", "onnx")] if args.onnx else [])
-                + [(precision, "compile") for precision in precisions if args.compile and precision != "int8"])
+                + [(precision, "compile") for precision in precisions if args.compile])
     torch.manual_seed(0)
     meta = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "length": args.length}
     print(f"# {meta['cpu']}, {meta['threads']} threads, {time.strftime('%Y-%m-%d')}", flush=True)
@@ -321,9 +321,11 @@ def main() -> None:
             emit({"label": "HF GPT-2 generate greedy, fp32", "precision": "fp32"}
                  | bench_hf_baseline(baseline, sources[:n + 2 * batch], opts, batch, warmup=2))
     if args.ab_rounds and baseline is not None:
-        result = interleaved_ratio(load(args.ar_model, precision="int8"), baseline, sources[:args.samples_b1 + 2],
-                                   args.length, args.ab_rounds)
-        emit({"label": "int8 infilling greedy / HF generate, batch 1, interleaved", "precision": "int8"} | result)
+        for runtime in ("torch", "compile") if args.compile and "int8" in precisions else ("torch",):
+            result = interleaved_ratio(load(args.ar_model, precision="int8", runtime=runtime), baseline,
+                                       sources[:args.samples_b1 + 2], args.length, args.ab_rounds)
+            emit({"label": f"{variant_name('int8', runtime)} infilling greedy / HF generate, batch 1, interleaved",
+                  "precision": "int8", "runtime": runtime} | result)
     write_results(args.output, rows, **meta, ar_model=args.ar_model, nar_model=args.nar_model,
                   elmer_model=args.elmer_model, elmer_soft_model=args.elmer_soft_model)
 

@@ -153,7 +153,7 @@ def _add_decoding(p: argparse.ArgumentParser) -> None:
     g.add_argument("--runtime", default="torch", choices=RUNTIMES,
                    help="what runs the infilling decode step: torch (eager), onnx (ONNX Runtime, exported on load; "
                         "fp32 only; needs pip install \"erniegen[onnx]\"), or compile (torch.compile on first use, "
-                        "~0.5-1.5 min; fp32 and bf16; about half the eager step's time); onnx and compile run the "
+                        "~0.5-1.5 min; every precision; about half the eager step's time); onnx and compile run the "
                         "infilling decoder only, greedy or beam")
 
 

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the quantized_decomposed operators)
 import torch.nn.functional as F
 from torch import nn
 
@@ -143,8 +144,38 @@ class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
+        if torch.compiler.is_compiling():
+            return self._decomposed(x)
         y = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, reduce_range=self.reduce_range)
         return y.to(x.dtype)
+
+    def keep_plain_weight(self) -> None:
+        """Keep the int8 weight, its scales and the bias as plain tensors (not saved) beside fbgemm's packed copy,
+        which ``torch.compile`` cannot trace through: :meth:`_decomposed` multiplies from them."""
+        if hasattr(self, "int8_weight"):
+            return
+        weight, bias = self._packed_params._weight_bias()
+        if weight.qscheme() != torch.per_channel_affine:
+            raise ValueError(f"a compiled int8 product takes per-channel weights, got {weight.qscheme()}")
+        self.register_buffer("int8_weight", weight.int_repr(), persistent=False)
+        self.register_buffer("weight_scales", weight.q_per_channel_scales().float(), persistent=False)
+        self.register_buffer("weight_zero_points", weight.q_per_channel_zero_points(), persistent=False)
+        self.register_buffer("float_bias", bias, persistent=False)
+
+    def _decomposed(self, x: torch.Tensor) -> torch.Tensor:
+        """The same dynamic product as quantize/dequantize operators over plain tensors, the form PyTorch's
+        export quantization (PT2E) produces: Inductor's freezing passes turn it into one oneDNN int8 product
+        (``onednn.qlinear_pointwise``, VNNI or AMX) over a weight it packs once, and fuse the activation's
+        quantization into the operators before it. Same activation parameters as fbgemm's (min/max over the
+        batch, 8 or 7 bits), so it differs from eager only by the kernels' rounding."""
+        qd = torch.ops.quantized_decomposed
+        top = 127 if self.reduce_range else 255
+        scale, zero = qd.choose_qparams.tensor(x, 0, top, torch.finfo(torch.float32).eps, torch.uint8)
+        xq = qd.dequantize_per_tensor.tensor(qd.quantize_per_tensor.tensor(x, scale, zero, 0, top, torch.uint8),
+                                             scale, zero, 0, top, torch.uint8)
+        w = qd.dequantize_per_channel(self.int8_weight, self.weight_scales, self.weight_zero_points, 0, -128, 127,
+                                      torch.int8)
+        return F.linear(xq, w, self.float_bias).to(x.dtype)
 
 
 class Bf16Linear(nn.Module):

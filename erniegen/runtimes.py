@@ -12,8 +12,10 @@ small ones (residual adds into LayerNorms, GELUs, the attention's masking and so
 ``max_autotune`` over its own C++ GEMM template (``INDUCTOR_CONFIG``) it writes the products for the step's
 few rows itself, over weights it packs once at compile time. Both are needed: compiled with Inductor's default
 products (MKL's packed product, slow at two rows), the fp32 step was 1.24x eager's time and bf16 0.74x; with
-the template fp32 took 0.49x (1.17x the fp32 floor) and bf16 0.45x (BENCHMARKS.md section 3). int8's quantized
-products break the graph in every layer: refused. Compiling, products autotuned, takes ~1.5 min on first use
+the template fp32 took 0.49x (1.17x the fp32 floor) and bf16 0.45x (BENCHMARKS.md section 3). int8 compiles
+through the quantize/dequantize form of its products (``precision.Int8Linear``), which Inductor turns into
+oneDNN's int8 products (``INT8_INDUCTOR_CONFIG``): fbgemm's packed products, which eager int8 calls, are opaque
+to it and broke the graph in every layer. Compiling, products autotuned, takes ~1.5 min on first use
 (~30 s once Inductor's on-disk cache holds the autotuned choices), once per batch-size class (1 or more), step
 length (the first step has one token, the others two) and grad mode (no_grad or inference_mode); source length
 and batch size are symbolic, so a run over many batches does not compile again.
@@ -27,6 +29,7 @@ from torch import nn
 
 from .ernie_gen import CopySource, copy_head, step_log_probs
 from .network import Network, PastSlot
+from .precision import Int8Linear
 from .registry import default_decoder
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnx", "compile")
@@ -36,6 +39,10 @@ STEP_DECODERS: tuple[str, ...] = ("infilling",)
 # code, which the template packs; it is set around the call, where the compile happens: torch.compile's own
 # options={"freezing": True} did not take effect here
 INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+# int8: the template's int8 product corrupted the heap while being autotuned (torch 2.13, an AVX512-VNNI EPYC; known
+# fragile upstream, pytorch/pytorch#134449), so int8 products are oneDNN's (onednn.qlinear_pointwise) and the rest
+# of the step is fused without autotuning
+INT8_INDUCTOR_CONFIG = {"freezing": True}
 
 
 def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:
@@ -45,11 +52,6 @@ def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = N
     if runtime == "onnx" and precision != "fp32":
         raise ValueError(f"runtime 'onnx' runs fp32 weights only, got precision {precision!r}; use precision fp32, "
                          "or runtime torch")
-    if runtime == "compile" and precision == "int8":
-        # its dynamically quantized products break the graph in every layer, and each layer then compiles apart
-        # until torch.compile's recompile limit sends the rest back to eager: slower than eager (BENCHMARKS.md)
-        raise ValueError("runtime 'compile' runs fp32 and bf16 weights, got precision 'int8'; use runtime torch "
-                         "for int8")
     if runtime in STEP_RUNTIMES and decoder is not None and decoder not in STEP_DECODERS:
         raise ValueError(f"runtime {runtime!r} runs the {' and '.join(STEP_DECODERS)} decoder only (greedy and "
                          f"beam search), got decoder {decoder!r}; use runtime torch for it")
@@ -112,6 +114,10 @@ class CompiledInfillingStep:
     def __init__(self, model: Network):
         CompiledInfillingStep.compiled_models += 1
         self.copies = copy_head(model) is not None
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.keep_plain_weight()
+        self.inductor_config = INT8_INDUCTOR_CONFIG if model.precision == "int8" else INDUCTOR_CONFIG
         self._step: Callable[..., tuple[torch.Tensor, ...]] = torch.compile(FlatStep(model).eval(), dynamic=False)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, types: torch.Tensor, mask: torch.Tensor,
@@ -128,7 +134,7 @@ class CompiledInfillingStep:
         # every model compiles its own graphs (its weights are their constants), all of them cached on the one
         # FlatStep.forward: under dynamo's default limit of 8 the third model compiled in a process ran eager
         limit = self.GRAPHS_PER_MODEL * CompiledInfillingStep.compiled_models
-        with torch._inductor.config.patch(INDUCTOR_CONFIG), torch._dynamo.config.patch(recompile_limit=limit):
+        with torch._inductor.config.patch(self.inductor_config), torch._dynamo.config.patch(recompile_limit=limit):
             logp, *kv = self._step(*inputs)
         for slot, k, v in zip(past, kv[0::2], kv[1::2]):
             slot.extend(k, v)

@@ -140,7 +140,9 @@ def _int8_by_hand(q, x: torch.Tensor, levels: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("reduce_range, levels", [(True, 127), (False, 255)])
-def test_int8_linear_quantizes_activations_to_7_or_8_bits(reduce_range, levels):
+def test_int8_linear_quantizes_activations_to_7_or_8_bits_in_both_its_forms(reduce_range, levels):
+    """fbgemm's packed product (eager) and the quantize/dequantize form that torch.compile takes
+    (``Int8Linear._decomposed``, here run eagerly) both match the product by hand."""
     from erniegen.precision import Int8Linear, _quantize_linears, full_range_activations
     assert Int8Linear.reduce_range is not full_range_activations()  # 8 bits only where VNNI cannot overflow
     if not reduce_range and not full_range_activations():
@@ -151,11 +153,14 @@ def test_int8_linear_quantizes_activations_to_7_or_8_bits(reduce_range, levels):
     x = torch.randn(3, 64) * 2 + 0.5
     q = _quantize_linears(copy.deepcopy(lin), reduce_range=reduce_range)
     assert isinstance(q, Int8Linear) and q.reduce_range is reduce_range
+    q.keep_plain_weight()
     with torch.no_grad():
         got, want, exact = q(x), _int8_by_hand(q, x, levels), lin(x)
+        decomposed = q._decomposed(x)
     step = (x.max() - min(x.min(), 0)).item() / levels
     # equal up to an activation rounded the other way at a tie-break (one step times one weight)
-    assert (got - want).abs().max().item() <= step * lin.weight.abs().max().item() * 1.01
+    for form in (got, decomposed):
+        assert (form - want).abs().max().item() <= step * lin.weight.abs().max().item() * 1.01
     err = (got - exact).abs().mean().item()
     assert err <= 1.2 * (want - exact).abs().mean().item()
 

@@ -12,12 +12,14 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import erniegen
 from conftest import copying, step_side_by_side, tiny_config
 from erniegen.cli import main
 from erniegen.decoding import DecodeOptions, generate_ids
 from erniegen.model import Transformer
+from erniegen.precision import Int8Linear, apply_precision, calibrate
 from erniegen.runtimes import runtime_of, use_runtime
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 30, 31, 32, 33, 34, 35, 5], [4, 20, 21, 5]]  # three lengths, one padded batch
@@ -81,8 +83,47 @@ def test_load_and_command_line_take_the_runtime(pair, tmp_path, capsys):
               str(tmp_path / "nar.jsonl"), "--runtime", "compile", "--decoder", "nar"])
     assert stop.value.code == 2 and "runtime 'compile' runs the infilling decoder only" in capsys.readouterr().err
     assert not (tmp_path / "nar.jsonl").exists()
-    with pytest.raises(ValueError, match="runtime 'compile' runs fp32 and bf16 weights, got precision 'int8'"):
-        erniegen.load(str(tmp_path / "model"), precision="int8", runtime="compile")
+
+
+@pytest.fixture(scope="module")
+def int8_pair(pair):
+    """The eager model in int8, smoothed (its activation statistics from its own decoding), and a compiled copy."""
+    model = copy.deepcopy(pair[0])
+    model.int8_calibration = calibrate(model, ["the city river", "who was the king of the old city"])
+    apply_precision(model, "int8")
+    compiled = use_runtime(copy.deepcopy(model), "compile")
+    counters.clear()
+    for rows in (SOURCES[:1], SOURCES):
+        generate_ids(compiled, rows, "infilling", batch_size=3, opts=DecodeOptions(max_length=3))
+    return model, compiled, copy.deepcopy(counters)
+
+
+@torch.inference_mode()
+def test_int8_step_compiles_to_onednn_products_with_eager_int8_log_probs(int8_pair):
+    """int8 compiles through its quantize/dequantize form (Int8Linear._decomposed): the same activation scales as
+    fbgemm's, so the step differs from eager int8 by the kernels' float rounding only, and not by a
+    quantization step (log-probabilities here span ~40)."""
+    model, compiled, compiling = int8_pair
+    assert model.precision == compiled.precision == "int8"
+    # whole graphs (first step or later x one row or several), every int8 product in them oneDNN's: at least the
+    # fused query/key/value, attention output and ffn_in of each of 2 layers and the head's dense and vocabulary
+    assert not compiling["graph_break"] and compiling["stats"]["unique_graphs"] == 4
+    assert compiling["inductor"]["qlinear_weight_prepack_matcher_count"] >= 4 * 8
+    # smoothed: query, key, value, their fused product and ffn_in in each of the 2 layers, and the head's dense
+    assert sum(m.input_scale is not None for m in compiled.modules() if isinstance(m, Int8Linear)) == 11
+    for steppers, expected, got in step_side_by_side(model, compiled, SOURCES):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-3)
+        for a, b in zip(steppers[0].cache.k + steppers[0].cache.v, steppers[1].cache.k + steppers[1].cache.v):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_int8_compiled_decodes_eager_int8_ids(int8_pair, num_beams):
+    model, compiled, _ = int8_pair
+    opts = DecodeOptions(num_beams=num_beams, max_length=8, min_length=3, banned_ids=BANNED)
+    expected = generate_ids(model, SOURCES, "infilling", batch_size=3, opts=opts)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert generate_ids(compiled, SOURCES, "infilling", batch_size=3, opts=opts) == expected
 
 
 @torch.no_grad()

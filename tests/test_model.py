@@ -274,3 +274,44 @@ def test_the_fused_projection_is_never_saved(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     transformers.BertForMaskedLM.from_pretrained(tmp_path)  # still a plain BERT checkpoint
     assert list(Transformer.from_pretrained(str(tmp_path)).state_dict()) == keys
+
+
+# ---- dropout: four elements to a random 64-bit word ----------------------------------------------------------
+
+def test_dropout_drops_its_rate_at_every_position_of_a_word_and_keeps_the_expectation():
+    """15 bits per element: the rate is round(p * 2^15) / 2^15 at each of a word's four quarters (the word's top
+    bit is always 0: reading 16 bits would drop the fourth quarter at another rate), the kept values scaled by
+    the inverse of the kept share."""
+    from erniegen.network import DROPOUT_LEVELS, dropout
+    torch.manual_seed(0)
+    x = torch.rand(400, 1000) + 0.5
+    y = dropout(x, 0.1)
+    dropped = round(0.1 * DROPOUT_LEVELS) / DROPOUT_LEVELS
+    kept = y != 0
+    for quarter in range(4):
+        share = kept.flatten()[quarter::4].float().mean().item()
+        assert abs(share - (1 - dropped)) < 4 * (dropped * (1 - dropped) / 100_000) ** 0.5  # 4 sigma of 100k draws
+    torch.testing.assert_close(y[kept], x[kept] / (1 - dropped), rtol=1e-6, atol=0)
+    assert abs(y.mean().item() / x.mean().item() - 1) < 0.005
+    rows_differ = (kept[0] != kept[1]).any() and (kept[:, 0] != kept[:, 1]).any()
+    assert rows_differ
+
+
+def test_dropout_is_seeded_passes_its_gradient_through_the_mask_and_is_off_in_eval():
+    from erniegen.network import Dropout, dropout
+    x = torch.randn(7, 13, 5, requires_grad=True)
+    torch.manual_seed(3)
+    a = dropout(x, 0.3)
+    torch.manual_seed(3)
+    b = dropout(x, 0.3)
+    assert torch.equal(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    scale = (a / x).detach()  # the mask times the scale, element by element
+    torch.testing.assert_close(x.grad, g * scale)
+    assert dropout(x, 0.0) is x and torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    module = Dropout(0.5)
+    assert isinstance(module, torch.nn.Dropout) and module.eval()(x) is x
+    assert (module.train()(x) == 0).any()
+    low = dropout(torch.ones(64, 64, dtype=torch.bfloat16), 0.1)
+    assert low.dtype == torch.bfloat16 and set(low.unique().tolist()) <= {0.0, 1.109375}  # 1 / 0.9, in bf16

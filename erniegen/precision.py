@@ -19,7 +19,9 @@ so a head restored after loading runs in the model's precision too.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
   every ``nn.Linear`` are int8 with a scale per output channel, activations are quantized batch by batch
   at run time, to 8 bits on CPUs with VNNI and to 7 elsewhere (:class:`Int8Linear`); each layer's
-  ``ffn_out`` stays out of int8, in bf16 or fp32 (:func:`stays_wide`). The tied vocabulary
+  ``ffn_out`` stays out of int8, in bf16 or fp32 (:func:`stays_wide`). Under ``torch.compile`` (``--runtime
+  compile``) the same products are traced as quantize/dequantize operators, which Inductor lowers to oneDNN's int8
+  product (:meth:`Int8Linear._decomposed`). The tied vocabulary
   projection gets a quantized *copy* of the word-embedding matrix (``LMHead.quantized``, shared by ELMER's
   off-ramps); the input embedding stays fp32. torchao 0.18 installs beside torch 2.13 here, but its eager
   int8 linear on CPU took 91 ms for the 384 x 30,522 projection at batch 1 against fp32's 7.5 ms and

@@ -1,7 +1,8 @@
 """Where the infilling decode step's time goes at batch 1: torch.profiler over 50 steps on a trained model.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/decode_profile.py --model runs/qg-bf16-s42/best \
-        [--input ../shared/data/squad_qg_sent/dev.jsonl] [--precision fp32|bf16|int8] [--steps 50]
+        [--input ../shared/data/squad_qg_sent/dev.jsonl] [--precision fp32|bf16|int8] [--runtime torch|compile]
+        [--steps 50]
 
 The step of ``benchmarks/inference_precision.py`` (one ``InfillingStepper.step`` on the cache of the first dev
 source, after 30 warm-up steps); prints the profiler's table by operator and input shape, self CPU time first.
@@ -30,9 +31,10 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--input", default="../shared/data/squad_qg_sent/dev.jsonl")
     p.add_argument("--precision", default="fp32")
+    p.add_argument("--runtime", default="torch", help="torch (eager) or compile (compiled in the warm-up steps)")
     p.add_argument("--steps", type=int, default=50)
     args = p.parse_args()
-    model = load(args.model, precision=args.precision)
+    model = load(args.model, precision=args.precision, runtime=args.runtime)
     source = encode_sources(model, [next(iter(read_examples(args.input, require_target=False))).source])[0]
     with torch.inference_mode():
         stepper = InfillingStepper(model, torch.tensor([source]), torch.tensor([len(source)]), args.steps + 40)

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 import erniegen
@@ -128,9 +129,10 @@ def test_int8_compiled_decodes_eager_int8_ids(int8_pair, num_beams):
 
 @torch.no_grad()
 def test_each_model_compiled_in_the_process_steps_with_its_own_weights(pair):
-    """Every compiled model has graphs of its own (its weights are their constants), all cached on one function:
-    a third model must still compile rather than hit dynamo's recompile limit (it then ran eager), and each
-    must read its own weights."""
+    """Every compiled model has graphs of its own (its weights are their constants), cached on a code object of its
+    own (runtimes.own_forward): the graphs check their inputs' guards only, not which model they belong to, so a
+    model must never find another's graphs (without own_forward the third model here ran the first's weights),
+    and a third model must still compile rather than hit dynamo's recompile limit (it then ran eager)."""
     model, compiled = pair
     models = [(model, compiled)]
     for seed in (1, 2):
@@ -144,3 +146,7 @@ def test_each_model_compiled_in_the_process_steps_with_its_own_weights(pair):
             for eager, fast in reversed(models):
                 for _, expected, got in step_side_by_side(eager, fast, rows, order=None, steps=3):
                     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    codes = [fast.step_runner.flat.forward.__code__ for _, fast in models]
+    assert len(set(map(id, codes))) == 3
+    # the new models' graphs: first step or later x one row or several, under no_grad
+    assert [len(_debug_get_cache_entry_list(code)) for code in codes[1:]] == [4, 4]

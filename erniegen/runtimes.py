@@ -14,10 +14,11 @@ few rows itself, over weights it packs once at compile time. Both are needed: co
 products (MKL's packed product, slow at two rows), the fp32 step was 1.24x eager's time and bf16 0.74x; with
 the template fp32 took 0.49x (1.17x the fp32 floor) and bf16 0.45x (BENCHMARKS.md section 3). int8 compiles
 through the quantize/dequantize form of its products (``precision.Int8Linear``), which Inductor turns into
-oneDNN's int8 products (``INT8_INDUCTOR_CONFIG``): fbgemm's packed products, which eager int8 calls, are opaque
-to it and broke the graph in every layer. Compiling, products autotuned, takes ~1.5 min on first use
-(~30 s once Inductor's on-disk cache holds the autotuned choices), once per batch-size class (1 or more), step
-length (the first step has one token, the others two) and grad mode (no_grad or inference_mode); source length
+oneDNN's int8 products (``INT8_INDUCTOR_CONFIG``, called from Inductor's C++ wrapper): fbgemm's packed products,
+which eager int8 calls, are opaque to it and broke the graph in every layer. Each call checks only the guards on
+the step's inputs and the global state, each model's graphs cached on a code object of its own (``own_forward``).
+Compiling, products autotuned, takes ~1.5 min on first use (~30 s once Inductor's on-disk cache holds the
+autotuned choices; int8 ~40 s), once per batch-size class (1 or more), step length (the first step has one token, the others two) and grad mode (no_grad or inference_mode); source length
 and batch size are symbolic, so a run over many batches does not compile again.
 """
 from __future__ import annotations
@@ -42,8 +43,10 @@ STEP_DECODERS: tuple[str, ...] = ("infilling",)
 INDUCTOR_CONFIG = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 # int8: the template's int8 product corrupted the heap while being autotuned (torch 2.13, an AVX512-VNNI EPYC; known
 # fragile upstream, pytorch/pytorch#134449), so int8 products are oneDNN's (onednn.qlinear_pointwise) and the rest
-# of the step is fused without autotuning
-INT8_INDUCTOR_CONFIG = {"freezing": True}
+# of the step is fused without autotuning. Inductor's C++ wrapper calls those ~20 products a step directly instead of
+# through Python's operator dispatch: the int8 step 0.82x the Python wrapper's (fp32 and bf16, whose products the
+# template writes, gained nothing from it; BENCHMARKS.md section 3)
+INT8_INDUCTOR_CONFIG = {"freezing": True, "cpp_wrapper": True}
 
 
 def check_runtime(runtime: str, precision: str = "fp32", decoder: str | None = None) -> str:

@@ -1,0 +1,124 @@
+"""The compiled infilling step (``--runtime compile``) against variants of its runner, in one process.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compiled_step_ab.py --model runs/qg-ad1/best \
+        [--input ../shared/data/squad_qg_sent/dev.jsonl] [--precisions fp32,bf16,int8] \
+        [--variants all-guards,cpp-wrapper,python-wrapper] [--rounds 10] [--output results/compiled_step_ab.json]
+
+For each precision, the model is compiled once as erniegen compiles it (``runtimes.CompiledInfillingStep``) and
+once per variant, and the steps at batch 1 (on the first dev source's cache, a new one each round, after its first
+step and 10 warm-up steps) are timed in alternated rounds of 40 (median of each round): the ratio variant /
+erniegen's step per round, and their median.
+Processes on these VMs differ by 10-20% in step time for the same code, so the comparison stays inside one.
+
+- ``all-guards``: dynamo's default guards (every module, parameter and global the step reads; erniegen's runner
+  before session 44 checked these on every call), the graphs cached on the one shared ``FlatStep.forward``.
+- ``cpp-wrapper`` / ``python-wrapper``: Inductor's C++ wrapper (``cpp_wrapper``) or its Python one around the
+  kernels (erniegen's int8 step uses the C++ one since session 44, fp32 and bf16 the Python one; a variant equal to
+  erniegen's runner gives a null comparison: how far two identical runners differ in this run).
+
+Also checks that each variant's log-probabilities equal erniegen's (the largest difference is printed).
+Run it on an idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from erniegen import load, runtimes  # noqa: E402
+from erniegen.bench import write_results  # noqa: E402
+from erniegen.data import read_examples  # noqa: E402
+from erniegen.decoding import encode_sources  # noqa: E402
+from erniegen.ernie_gen import InfillingStepper  # noqa: E402
+
+
+class AllGuards(runtimes.CompiledInfillingStep):
+    """The runner with dynamo's default guards, its graphs on the class's shared forward (as before session 44)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.flat = runtimes.FlatStep(model).eval()
+        self._step = torch.compile(self.flat, dynamic=False)
+
+
+def wrapper(cpp: bool) -> type[runtimes.CompiledInfillingStep]:
+    class Wrapper(runtimes.CompiledInfillingStep):
+        def __init__(self, model):
+            super().__init__(model)
+            self.inductor_config = {**self.inductor_config, "cpp_wrapper": cpp}
+    return Wrapper
+
+
+VARIANTS = {"all-guards": AllGuards, "cpp-wrapper": wrapper(True), "python-wrapper": wrapper(False)}
+STEPS = 40  # timed in a round, as in inference_precision.py
+
+
+def stepper(model, source: list[int], warmup: int = 10) -> InfillingStepper:
+    """A stepper on ``source``'s cache after its first step and ``warmup`` more: each round starts a new one, so
+    that positions stay within the model's and the cache is as long as in a decode."""
+    out = InfillingStepper(model, torch.tensor([source]), torch.tensor([len(source)]), 2 * STEPS + 4)
+    out.step(None)
+    prev = torch.tensor([source[1]])  # any word: a step costs the same whatever it feeds
+    for _ in range(warmup):
+        out.step(prev)
+    return out
+
+
+def round_ms(stepper: InfillingStepper, prev: torch.Tensor, steps: int = STEPS) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        stepper.step(prev)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--input", default="../shared/data/squad_qg_sent/dev.jsonl")
+    p.add_argument("--precisions", default="fp32,bf16,int8")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--output", default="results/compiled_step_ab.json")
+    args = p.parse_args()
+    rows = []
+    for precision in args.precisions.split(","):
+        base = load(args.model, precision=precision)
+        source = encode_sources(base, [next(iter(read_examples(args.input, require_target=False))).source])[0]
+        prev = torch.tensor([source[1]])
+        for name in args.variants.split(","):
+            runners = {"erniegen": runtimes.use_runtime(copy.deepcopy(base), "compile"),
+                       name: runtimes.use_runtime(copy.deepcopy(base), "compile", VARIANTS[name])}
+            compile_s, times = {}, {k: [] for k in runners}
+            with torch.inference_mode():
+                for key, model in runners.items():
+                    start = time.perf_counter()
+                    stepper(model, source).step(prev)
+                    compile_s[key] = time.perf_counter() - start
+                last = [stepper(model, source, warmup=1).step(prev) for model in runners.values()]
+                diff = (last[0] - last[1]).abs().max().item()
+                for r in range(args.rounds):
+                    for key in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
+                        times[key].append(round_ms(stepper(runners[key], source), prev))
+            ratios = [v / e for v, e in zip(times[name], times["erniegen"])]
+            row = {"precision": precision, "variant": name,
+                   "erniegen_step_ms": round(statistics.median(times["erniegen"]), 3),
+                   "variant_step_ms": round(statistics.median(times[name]), 3),
+                   "variant_over_erniegen": round(statistics.median(ratios), 3),
+                   "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                   "compile_s": {k: round(v, 1) for k, v in compile_s.items()}, "max_logp_diff": diff}
+            print(row, flush=True)
+            rows.append(row)
+    write_results(args.output, rows, model=args.model, rounds=args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,8 +18,9 @@ oneDNN's int8 products (``INT8_INDUCTOR_CONFIG``, called from Inductor's C++ wra
 which eager int8 calls, are opaque to it and broke the graph in every layer. Each call checks only the guards on
 the step's inputs and the global state, each model's graphs cached on a code object of its own (``own_forward``).
 Compiling, products autotuned, takes ~1.5 min on first use (~30 s once Inductor's on-disk cache holds the
-autotuned choices; int8 ~40 s), once per batch-size class (1 or more), step length (the first step has one token, the others two) and grad mode (no_grad or inference_mode); source length
-and batch size are symbolic, so a run over many batches does not compile again.
+autotuned choices; int8 ~40 s), once per batch-size class (1 or more), step length (the first step has one
+token, the others two) and grad mode (no_grad or inference_mode); source length and batch size are symbolic, so
+a run over many batches does not compile again.
 """
 from __future__ import annotations
 

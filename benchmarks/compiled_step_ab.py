@@ -2,12 +2,13 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compiled_step_ab.py --model runs/qg-ad1/best \
         [--input ../shared/data/squad_qg_sent/dev.jsonl] [--precisions fp32,bf16,int8] \
-        [--variants all-guards,cpp-wrapper,python-wrapper] [--rounds 10] [--output results/compiled_step_ab.json]
+        [--variants all-guards,cpp-wrapper,python-wrapper] [--rounds 10] [--batch-size 1] \
+        [--output results/compiled_step_ab.json]
 
 For each precision, the model is compiled once as erniegen compiles it (``runtimes.CompiledInfillingStep``) and
-once per variant, and the steps at batch 1 (on the first dev source's cache, a new one each round, after its first
-step and 10 warm-up steps) are timed in alternated rounds of 40 (median of each round): the ratio variant /
-erniegen's step per round, and their median.
+once per variant, and its steps at batch 1 (``--batch-size``: rows, the first dev sources; on their cache, a new
+one each round, after its first step and 10 warm-up steps) are timed in alternated rounds of 40 (median of each
+round): the ratio variant / erniegen's step per round, and their median.
 Processes on these VMs differ by 10-20% in step time for the same code, so the comparison stays inside one.
 
 - ``all-guards``: dynamo's default guards (every module, parameter and global the step reads; erniegen's runner
@@ -60,12 +61,14 @@ VARIANTS = {"all-guards": AllGuards, "cpp-wrapper": wrapper(True), "python-wrapp
 STEPS = 40  # timed in a round, as in inference_precision.py
 
 
-def stepper(model, source: list[int], warmup: int = 10) -> InfillingStepper:
-    """A stepper on ``source``'s cache after its first step and ``warmup`` more: each round starts a new one, so
-    that positions stay within the model's and the cache is as long as in a decode."""
-    out = InfillingStepper(model, torch.tensor([source]), torch.tensor([len(source)]), 2 * STEPS + 4)
+def stepper(model, sources: list[list[int]], warmup: int = 10) -> InfillingStepper:
+    """A stepper on the cache of ``sources`` (one row each, padded) after its first step and ``warmup`` more: each
+    round starts a new one, so that positions stay within the model's and the cache is as long as in a decode."""
+    width = max(map(len, sources))
+    ids = torch.tensor([s + [model.config.pad_token_id] * (width - len(s)) for s in sources])
+    out = InfillingStepper(model, ids, torch.tensor([len(s) for s in sources]), 2 * STEPS + 4)
     out.step(None)
-    prev = torch.tensor([source[1]])  # any word: a step costs the same whatever it feeds
+    prev = ids[:, 1]  # any words: a step costs the same whatever it feeds
     for _ in range(warmup):
         out.step(prev)
     return out
@@ -87,13 +90,15 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16,int8")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=1, help="rows of a step: the first dev sources")
     p.add_argument("--output", default="results/compiled_step_ab.json")
     args = p.parse_args()
     rows = []
     for precision in args.precisions.split(","):
         base = load(args.model, precision=precision)
-        source = encode_sources(base, [next(iter(read_examples(args.input, require_target=False))).source])[0]
-        prev = torch.tensor([source[1]])
+        examples = iter(read_examples(args.input, require_target=False))
+        sources = encode_sources(base, [next(examples).source for _ in range(args.batch_size)])
+        prev = torch.tensor([s[1] for s in sources])
         for name in args.variants.split(","):
             runners = {"erniegen": runtimes.use_runtime(copy.deepcopy(base), "compile"),
                        name: runtimes.use_runtime(copy.deepcopy(base), "compile", VARIANTS[name])}
@@ -101,15 +106,15 @@ def main() -> None:
             with torch.inference_mode():
                 for key, model in runners.items():
                     start = time.perf_counter()
-                    stepper(model, source).step(prev)
+                    stepper(model, sources).step(prev)
                     compile_s[key] = time.perf_counter() - start
-                last = [stepper(model, source, warmup=1).step(prev) for model in runners.values()]
+                last = [stepper(model, sources, warmup=1).step(prev) for model in runners.values()]
                 diff = (last[0] - last[1]).abs().max().item()
                 for r in range(args.rounds):
                     for key in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-                        times[key].append(round_ms(stepper(runners[key], source), prev))
+                        times[key].append(round_ms(stepper(runners[key], sources), prev))
             ratios = [v / e for v, e in zip(times[name], times["erniegen"])]
-            row = {"precision": precision, "variant": name,
+            row = {"precision": precision, "variant": name, "batch_size": args.batch_size,
                    "erniegen_step_ms": round(statistics.median(times["erniegen"]), 3),
                    "variant_step_ms": round(statistics.median(times[name]), 3),
                    "variant_over_erniegen": round(statistics.median(ratios), 3),

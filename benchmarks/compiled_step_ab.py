@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erniegen import load, runtimes  # noqa: E402
+from erniegen.batch import pad  # noqa: E402
 from erniegen.bench import write_results  # noqa: E402
 from erniegen.data import read_examples  # noqa: E402
 from erniegen.decoding import encode_sources  # noqa: E402
@@ -64,9 +65,8 @@ STEPS = 40  # timed in a round, as in inference_precision.py
 def stepper(model, sources: list[list[int]], warmup: int = 10) -> InfillingStepper:
     """A stepper on the cache of ``sources`` (one row each, padded) after its first step and ``warmup`` more: each
     round starts a new one, so that positions stay within the model's and the cache is as long as in a decode."""
-    width = max(map(len, sources))
-    ids = torch.tensor([s + [model.config.pad_token_id] * (width - len(s)) for s in sources])
-    out = InfillingStepper(model, ids, torch.tensor([len(s) for s in sources]), 2 * STEPS + 4)
+    ids, lengths = pad(sources, model.config.pad_token_id)
+    out = InfillingStepper(model, ids, lengths, 2 * STEPS + 4)
     out.step(None)
     prev = ids[:, 1]  # any words: a step costs the same whatever it feeds
     for _ in range(warmup):

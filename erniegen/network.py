@@ -307,7 +307,7 @@ def _probs(scores: torch.Tensor, mask: torch.Tensor, p: float, scale: float) -> 
     if scale != 1.0:
         scores = scores * scale
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return dropout(probs, p) if p > 0 else probs
+    return dropout(probs, p)
 
 
 def _unchanged(x: torch.Tensor) -> torch.Tensor:

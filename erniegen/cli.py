@@ -466,9 +466,10 @@ def cmd_exit_gate(args) -> None:
 
 
 def cmd_span_vocab(args) -> None:
+    from .data import split_specs
     from .outputs import check_output_path
     from .spans import span_vocab_main
-    check_output_path(args.output, args.corpus.split(","))
+    check_output_path(args.output, split_specs(args.corpus))
     span_vocab_main(**{k: v for k, v in vars(args).items() if k not in ("func", "command")})
 
 
@@ -503,8 +504,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune a BERT-family checkpoint as a generator")
     f.add_argument("--model", default="minilm", help="local folder, alias (minilm) or Hub name")
-    f.add_argument("--train", required=True)
-    f.add_argument("--dev")
+    f.add_argument("--train", required=True,
+                   help="training pairs: a JSONL/CSV/TSV file or datasets name, or several comma-separated, "
+                        "read in turn and mixed into every epoch (e.g. a related task's pairs beside the task's)")
+    f.add_argument("--dev", help="dev pairs for evaluations and checkpoint choice (comma-separated: several)")
     f.add_argument("--task", default="squad_qg")
     f.add_argument("--output", required=True)
     f.add_argument("--method", default="ernie-gen", choices=list(registry.METHODS), help=registry.method_help())

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from erniegen.data import DataError, parse_json_line
+from erniegen.data import DataError, parse_json_line, split_specs
 
 T = TypeVar("T")
 
@@ -43,7 +43,7 @@ class CorpusSpec:
     @classmethod
     def from_arg(cls, corpus: str, **kw: Any) -> CorpusSpec:
         """A comma-separated list of files, or a datasets ``name[:config]`` or local dataset directory."""
-        parts = [p for p in corpus.split(",") if p]
+        parts = split_specs(corpus)
         if all(os.path.isfile(os.path.expanduser(p)) for p in parts):
             return cls(paths=tuple(parts), **kw)
         if len(parts) == 1 and (os.path.isdir(os.path.expanduser(corpus)) or not _looks_like_path(corpus)):

@@ -61,6 +61,11 @@ def evenly_spaced(items: Sequence[T], n: int) -> list[T]:
     return [items[i * len(items) // n] for i in range(n)] if n < len(items) else list(items)
 
 
+def split_specs(specs: str) -> list[str]:
+    """The parts of a comma-separated list of files or dataset specs (the form every data flag takes)."""
+    return [p for p in specs.split(",") if p]
+
+
 def read_examples(
     spec: str,
     source_field: Fields = "source",

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from . import registry
 from .batch import collate_pairs
-from .data import DataError, TaskPreset, encode_examples, evenly_spaced, get_task, marker_id, read_examples
+from .data import (DataError, TaskPreset, encode_examples, evenly_spaced, get_task, marker_id, read_examples,
+                   split_specs)
 from .decoding import generate_ids, ids_to_text
 from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint, resumes_preparation
 from .metrics import compute_metrics, qg_scores
@@ -122,12 +123,14 @@ def fit_target_len(preset: TaskPreset, feats: Sequence) -> TaskPreset:
 
 def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = None, spread: bool = False,
                skip_empty: bool = False):
-    """Read and encode ``path``; with ``limit``, its first ``limit`` rows, or with ``spread`` ``limit`` rows
-    evenly spaced over the file: dev files are often grouped by article (squad_qg_sent's first 300 dev pairs
-    come from 2 of its 4 articles), and a checkpoint chosen on a subset should be chosen on the whole mix.
-    ``skip_empty`` leaves out rows with an empty source or target, named in a note."""
+    """Read and encode ``path``, one file or dataset spec or several comma-separated (read in turn and
+    concatenated, as ``pretrain --corpus`` reads its parts: a related task's pairs beside the task's own);
+    with ``limit``, the first ``limit`` rows, or with ``spread`` ``limit`` rows evenly spaced over them: dev
+    files are often grouped by article (squad_qg_sent's first 300 dev pairs come from 2 of its 4 articles),
+    and a checkpoint chosen on a subset should be chosen on the whole mix. ``skip_empty`` leaves out rows
+    with an empty source or target, named in a note."""
     skipped: list[DataError] | None = [] if skip_empty else None
-    examples = read_examples(path, *preset.fields(), skipped=skipped)
+    examples = [e for part in split_specs(path) for e in read_examples(part, *preset.fields(), skipped=skipped)]
     if skipped and is_main_process():
         shown = "; ".join(str(e) for e in skipped[:3]) + ("; …" if len(skipped) > 3 else "")
         print(f"note: {path}: skipped {len(skipped)} row(s) with an empty field ({shown})", file=sys.stderr)

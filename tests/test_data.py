@@ -434,3 +434,18 @@ def test_dev_subset_is_evenly_spaced_over_the_file(tmp_path, tiny_tokenizer):
     assert pick() == ["q0", "q1", "q2", "q3"]
     assert pick(spread=True) == ["q0", "q2", "q5", "q7"]  # rows i * 10 // 4: every part of the file
     assert len(load_pairs(path, preset, tiny_tokenizer, 20, spread=True)[0]) == 10
+
+
+def test_several_comma_separated_files_are_read_in_turn(tmp_path, tiny_tokenizer):
+    from erniegen.finetune import load_pairs
+    first = write_jsonl(tmp_path / "a.jsonl", [json.dumps({"source": "a", "target": f"a{i}"}) for i in range(3)])
+    second = write_jsonl(tmp_path / "b.jsonl", [json.dumps({"source": "b", "target": f"b{i}"}) for i in range(2)])
+    preset = get_task("squad_qg")
+    examples, feats = load_pairs(f"{first},{second}", preset, tiny_tokenizer)
+    assert [e.target for e in examples] == ["a0", "a1", "a2", "b0", "b1"]
+    assert len(feats) == 5
+    # a limit and an even spread count over the whole list, not per file
+    assert [e.target for e in load_pairs(f"{first},{second}", preset, tiny_tokenizer, 4)[0]] == ["a0", "a1", "a2", "b0"]
+    assert [e.target for e in load_pairs(f"{second},{first}", preset, tiny_tokenizer, 2, spread=True)[0]] == ["b0", "a0"]
+    with pytest.raises(DataError, match="missing.jsonl.*file not found"):
+        load_pairs(f"{first},{tmp_path}/missing.jsonl", preset, tiny_tokenizer)

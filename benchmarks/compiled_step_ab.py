@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compiled_step_ab.py --model runs/qg-ad1/best \
         [--input ../shared/data/squad_qg_sent/dev.jsonl] [--precisions fp32,bf16,int8] \
-        [--variants all-guards,cpp-wrapper,python-wrapper] [--rounds 10] [--batch-size 1] \
+        [--variants eager,all-guards,cpp-wrapper,python-wrapper] [--rounds 10] [--batch-size 1] \
         [--output results/compiled_step_ab.json]
 
 For each precision, the model is compiled once as erniegen compiles it (``runtimes.CompiledInfillingStep``) and
@@ -11,6 +11,8 @@ one each round, after its first step and 10 warm-up steps) are timed in alternat
 round): the ratio variant / erniegen's step per round, and their median.
 Processes on these VMs differ by 10-20% in step time for the same code, so the comparison stays inside one.
 
+- ``eager``: the step as ``--runtime torch`` runs it (no step runner): what compiling buys at this batch size,
+  which end-to-end runs of few batches on a drifting VM could not settle at 32 rows (session 44).
 - ``all-guards``: dynamo's default guards (every module, parameter and global the step reads; erniegen's runner
   before session 44 checked these on every call), the graphs cached on the one shared ``FlatStep.forward``.
 - ``cpp-wrapper`` / ``python-wrapper``: Inductor's C++ wrapper (``cpp_wrapper``) or its Python one around the
@@ -58,7 +60,7 @@ def wrapper(cpp: bool) -> type[runtimes.CompiledInfillingStep]:
     return Wrapper
 
 
-VARIANTS = {"all-guards": AllGuards, "cpp-wrapper": wrapper(True), "python-wrapper": wrapper(False)}
+VARIANTS = {"eager": None, "all-guards": AllGuards, "cpp-wrapper": wrapper(True), "python-wrapper": wrapper(False)}
 STEPS = 40  # timed in a round, as in inference_precision.py
 
 
@@ -100,8 +102,9 @@ def main() -> None:
         sources = encode_sources(base, [next(examples).source for _ in range(args.batch_size)])
         prev = torch.tensor([s[1] for s in sources])
         for name in args.variants.split(","):
-            runners = {"erniegen": runtimes.use_runtime(copy.deepcopy(base), "compile"),
-                       name: runtimes.use_runtime(copy.deepcopy(base), "compile", VARIANTS[name])}
+            variant = (runtimes.use_runtime(copy.deepcopy(base), "torch") if VARIANTS[name] is None
+                       else runtimes.use_runtime(copy.deepcopy(base), "compile", VARIANTS[name]))
+            runners = {"erniegen": runtimes.use_runtime(copy.deepcopy(base), "compile"), name: variant}
             compile_s, times = {}, {k: [] for k in runners}
             with torch.inference_mode():
                 for key, model in runners.items():

@@ -445,7 +445,8 @@ def test_several_comma_separated_files_are_read_in_turn(tmp_path, tiny_tokenizer
     assert [e.target for e in examples] == ["a0", "a1", "a2", "b0", "b1"]
     assert len(feats) == 5
     # a limit and an even spread count over the whole list, not per file
-    assert [e.target for e in load_pairs(f"{first},{second}", preset, tiny_tokenizer, 4)[0]] == ["a0", "a1", "a2", "b0"]
-    assert [e.target for e in load_pairs(f"{second},{first}", preset, tiny_tokenizer, 2, spread=True)[0]] == ["b0", "a0"]
+    pick = lambda spec, n, **kw: [e.target for e in load_pairs(spec, preset, tiny_tokenizer, n, **kw)[0]]  # noqa: E731
+    assert pick(f"{first},{second}", 4) == ["a0", "a1", "a2", "b0"]
+    assert pick(f"{second},{first}", 2, spread=True) == ["b0", "a0"]
     with pytest.raises(DataError, match="missing.jsonl.*file not found"):
         load_pairs(f"{first},{tmp_path}/missing.jsonl", preset, tiny_tokenizer)

@@ -60,7 +60,9 @@ def wrapper(cpp: bool) -> type[runtimes.CompiledInfillingStep]:
     return Wrapper
 
 
-VARIANTS = {"eager": None, "all-guards": AllGuards, "cpp-wrapper": wrapper(True), "python-wrapper": wrapper(False)}
+# a variant is use_runtime's (runtime, runner)
+VARIANTS = {"eager": ("torch", None), "all-guards": ("compile", AllGuards), "cpp-wrapper": ("compile", wrapper(True)),
+            "python-wrapper": ("compile", wrapper(False))}
 STEPS = 40  # timed in a round, as in inference_precision.py
 
 
@@ -102,9 +104,8 @@ def main() -> None:
         sources = encode_sources(base, [next(examples).source for _ in range(args.batch_size)])
         prev = torch.tensor([s[1] for s in sources])
         for name in args.variants.split(","):
-            variant = (runtimes.use_runtime(copy.deepcopy(base), "torch") if VARIANTS[name] is None
-                       else runtimes.use_runtime(copy.deepcopy(base), "compile", VARIANTS[name]))
-            runners = {"erniegen": runtimes.use_runtime(copy.deepcopy(base), "compile"), name: variant}
+            runners = {"erniegen": runtimes.use_runtime(copy.deepcopy(base), "compile"),
+                       name: runtimes.use_runtime(copy.deepcopy(base), *VARIANTS[name])}
             compile_s, times = {}, {k: [] for k in runners}
             with torch.inference_mode():
                 for key, model in runners.items():

@@ -8,7 +8,8 @@ left (``--resume``), then starts the next queued run, and stops every training a
 A finished fine-tuning run is scored at once on the full dev set with its default decoding, into the
 results file with ``"label": "NAME default decoding"`` (as ``qg_recipe.sh score`` labels, so
 ``tables.py --seeds results/campaign.jsonl "default=qg-s42,qg-s1,qg-s2"`` reads it); a run already scored
-there is skipped.
+there is skipped, unless a queued run reads its model and this runs folder lacks it: then it is trained again
+(not scored again).
 
     .venv/bin/python benchmarks/campaign.py --budget 2:20:00          # spend 2 h 20 min, then stop cleanly
     .venv/bin/python benchmarks/campaign.py --status                  # where every queued run stands
@@ -116,6 +117,14 @@ def waits_for(e: Entry, runs: Path) -> list[str]:
     return [n for n in needs(e) if not (runs / f"{n}.done").exists()]
 
 
+def to_retrain(entries: list[Entry], runs: Path, results: dict[str, dict]) -> set[str]:
+    """Scored trainings whose model an unscored entry still reads but this runs folder lacks (run folders do not
+    outlive a machine): trained again, not scored again."""
+    unfinished = [e for e in entries if e.name not in results and not (runs / f"{e.name}.done").exists()]
+    trainings = {e.name for e in entries if e.command not in READS_A_RUN}
+    return {n for e in unfinished for n in waits_for(e, runs) if n in results and n in trainings}
+
+
 def last_value(flags: list[str], flag: str, default: str | None = None) -> str | None:
     """The value of ``flag``'s last occurrence (later flags win in argparse), else ``default``."""
     return next((flags[i + 1] for i in range(len(flags) - 2, -1, -1) if flags[i] == flag), default)
@@ -154,11 +163,14 @@ def resumable(run: Path) -> bool:
 def status(entries: list[Entry], runs: Path, results: dict[str, dict], machine: str | None = None) -> None:
     """Where every entry stands; a queued training with the minutes :func:`expected_minutes` gives it on
     ``machine``, to plan a session by."""
+    retrain = to_retrain(entries, runs, results)
     for e in entries:
         run = runs / e.name
         if e.name in results:
             r = results[e.name]
             state = f"scored: BLEU-4 {r.get('bleu4', float('nan')):.2f}  ROUGE-L {r.get('rougeL', float('nan')):.2f}"
+            if e.name in retrain:
+                state += "; its model is gone, trained again for the runs that read it"
         elif e.command in READS_A_RUN and not (runs / f"{e.name}.done").exists():
             state = f"waits for {e.flags[0]}" if waits_for(e, runs) else f"to {e.command}"
         elif (runs / f"{e.name}.done").exists():
@@ -315,8 +327,9 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     by_name = {e.name: e for e in entries}
     machine = cpu()
+    retrain = to_retrain(entries, args.runs, scored(args.results))
     for e in entries:
-        if e.name in scored(args.results):
+        if e.name in scored(args.results) and e.name not in retrain:
             continue
         if e.command in READS_A_RUN:
             if (args.runs / f"{e.name}.done").exists():
@@ -357,7 +370,7 @@ def main() -> None:
                                  f"{args.runs / (e.name + '.out')}")
             done.write_text(json.dumps({"finished": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": machine,
                                         "train_minutes": round(train_minutes(args.runs / e.name), 1)}) + "\n")
-        if e.command == "finetune":
+        if e.command == "finetune" and e.name not in retrain:
             score(e, e, args.runs, args.data, args.results)
     status(entries, args.runs, scored(args.results), machine)
 

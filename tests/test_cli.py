@@ -453,3 +453,20 @@ def test_evaluate_against_a_baseline_prints_both_scores_and_refuses_other_rows(t
     with pytest.raises(SystemExit):
         main(["evaluate", "--task", "squad_qg", "--predictions", str(pred), "--baseline", str(baseline)])
     assert f"{baseline}:8: field 'target' differs from {pred}:8's" in capsys.readouterr().err
+
+
+def test_campaign_trains_a_scored_run_again_when_a_queued_run_reads_its_lost_model(tmp_path):
+    """Run folders do not outlive a machine: a scored first stage is trained again for a second stage still queued,
+    and left alone once the second stage is scored or the model is in the runs folder."""
+    campaign = import_campaign()
+    queue = tmp_path / "q.txt"
+    queue.write_text("a finetune --seed 1\nb finetune --model {runs}/a/best\nc decode a --decoder nar\n"
+                     "d finetune --seed 2\n")
+    entries, runs = campaign.read_queue(queue), tmp_path / "runs"
+    runs.mkdir()
+    results = {"a": {}, "d": {}}
+    assert campaign.to_retrain(entries, runs, results) == {"a"}
+    assert campaign.to_retrain(entries, runs, {"a": {}, "b": {}}) == {"a"}  # c still decodes a's model
+    assert campaign.to_retrain(entries, runs, {"a": {}, "b": {}, "c": {}}) == set()
+    (runs / "a.done").write_text("{}\n")
+    assert campaign.to_retrain(entries, runs, results) == set()

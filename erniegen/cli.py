@@ -78,7 +78,9 @@ def check_options(args: argparse.Namespace, json_fields: bool = False) -> None:
 def _add_generation(p: argparse.ArgumentParser) -> None:
     """What ``generate`` and ``distill`` share: both decode every row of INPUT into OUTPUT, resumably."""
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True)
+    p.add_argument("--input", required=True,
+                   help="rows to decode: a jsonl, csv or tsv file or a datasets name, or several comma-separated "
+                        "(read in turn; OUTPUT keeps their order)")
     p.add_argument("--output", required=True)
     _add_fields(p)
     p.add_argument("--resume", action="store_true",
@@ -265,18 +267,18 @@ def cmd_generate(args) -> None:
     """``generate`` and ``distill``: check options, output, input and resume state first; then decode, saving
     every batch to OUTPUT.partial; the two differ only in the rows written at the end."""
     _check_runtime(args)
-    from .data import read_examples
+    from .data import read_examples, split_specs
     from .decoding import iter_generate_text
     from .model import resolve_model_path
     from .outputs import PartialPredictions, check_output_path, distilled_row, file_digests, output_format
     from . import load
     fmt = output_format(args.output)
-    check_output_path(args.output, [args.input])
+    check_output_path(args.output, split_specs(args.input))
     source_field, target_field = _fields(args, [args.model])
     examples = read_examples(args.input, source_field, target_field, require_target=False)
     model_dir = resolve_model_path(args.model).resolve()
     # what fixes the predictions: a resume with anything else would mix two runs in one file
-    settings = {"input": file_digests([args.input]), "rows": len(examples), "source_field": args.source_field,
+    settings = {"input": file_digests(split_specs(args.input)), "rows": len(examples), "source_field": args.source_field,
                 "model_files": file_digests(sorted(model_dir.iterdir())),
                 "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args),
                 "precision": args.precision, "runtime": args.runtime}
@@ -395,13 +397,14 @@ def _choice_options(ns: argparse.Namespace) -> dict:
 
 
 def cmd_tradeoff(args) -> None:
+    from .data import split_specs
     from .outputs import check_output_path
     from .tradeoff import parse_choice, run_tradeoff
     choices = [parse_choice(text, _add_decoding, _choice_options) for text in args.choice]
-    check_output_path(args.output, [args.input])
+    check_output_path(args.output, split_specs(args.input))
     if args.plot:
         from .plots import check_image_path
-        check_output_path(args.plot, [args.input, args.output], "--plot")
+        check_output_path(args.plot, [*split_specs(args.input), args.output], "--plot")
         check_image_path(args.plot)
     source_field, target_field = _fields(args, [c.model for c in choices])
     run_tradeoff(choices, args.input, args.output, args.plot, args.latency_samples, args.limit, source_field,

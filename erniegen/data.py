@@ -74,7 +74,8 @@ def read_examples(
     split: str = "train",
     skipped: list[DataError] | None = None,
 ) -> list[Example]:
-    """Read examples from a JSONL/JSON-lines, CSV or TSV file, or a ``datasets`` name.
+    """Read examples from a JSONL/JSON-lines, CSV or TSV file, or a ``datasets`` name, or several of them
+    comma-separated (read in turn into one list: every data flag takes that form).
 
     With a ``skipped`` list, a row whose source or required target is empty or null is left out and its
     error appended there instead of raised: real corpora have a few (XSum has empty documents), and a
@@ -86,6 +87,12 @@ def read_examples(
     is loaded. With ``require_target=False`` a missing or blank target becomes
     ``None`` (inference input). A source without rows is an error.
     """
+    return [e for part in split_specs(spec)
+            for e in _read_one(part, source_field, target_field, require_target, split, skipped)]
+
+
+def _read_one(spec: str, source_field: Fields, target_field: Fields, require_target: bool, split: str,
+              skipped: list[DataError] | None) -> list[Example]:
     path = os.path.expanduser(spec)
     if os.path.isfile(path):
         rows = _read_file_rows(spec, path)

@@ -20,8 +20,7 @@ import torch.distributed as dist
 
 from . import registry
 from .batch import collate_pairs
-from .data import (DataError, TaskPreset, encode_examples, evenly_spaced, get_task, marker_id, read_examples,
-                   split_specs)
+from .data import DataError, TaskPreset, encode_examples, evenly_spaced, get_task, marker_id, read_examples
 from .decoding import generate_ids, ids_to_text
 from .head_warmup import PREPARATION, PreparationStopped, Resumable, prepare_checkpoint, resumes_preparation
 from .metrics import compute_metrics, qg_scores
@@ -130,7 +129,7 @@ def load_pairs(path: str, preset: TaskPreset, tokenizer, limit: int | None = Non
     and a checkpoint chosen on a subset should be chosen on the whole mix. ``skip_empty`` leaves out rows
     with an empty source or target, named in a note."""
     skipped: list[DataError] | None = [] if skip_empty else None
-    examples = [e for part in split_specs(path) for e in read_examples(part, *preset.fields(), skipped=skipped)]
+    examples = read_examples(path, *preset.fields(), skipped=skipped)
     if skipped and is_main_process():
         shown = "; ".join(str(e) for e in skipped[:3]) + ("; …" if len(skipped) > 3 else "")
         print(f"note: {path}: skipped {len(skipped)} row(s) with an empty field ({shown})", file=sys.stderr)

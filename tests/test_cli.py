@@ -66,6 +66,17 @@ def test_finetune_generate_evaluate_bench(finetuned, tmp_path):
     out = [json.loads(x) for x in pred.read_text().splitlines()]
     assert [o["id"] for o in out] == [r["id"] for r in rows]  # rows written back, in order
     assert all(isinstance(o["prediction"], str) for o in out)
+    # several comma-separated inputs are decoded in turn into one output, and none of them may be the output
+    parts = [tmp_path / "in-a.jsonl", tmp_path / "in-b.jsonl"]
+    parts[0].write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    parts[1].write_text("".join(json.dumps(r) + "\n" for r in rows[3:]))
+    both = tmp_path / "pred-both.jsonl"
+    run("generate", "--model", str(best), "--input", f"{parts[0]},{parts[1]}", "--output", str(both),
+        "--num-beams", "2", "--max-length", "8", "--batch-size", "2")
+    assert both.read_text() == pred.read_text()
+    p = run("generate", "--model", str(best), "--input", f"{parts[0]},{parts[1]}", "--output", str(parts[1]),
+            check=False)
+    assert p.returncode == 2 and f"is the input file {parts[1]}" in p.stderr, p.stderr
     scores = json.loads(run("evaluate", "--task", "squad_qg", "--predictions", str(pred)).stdout)
     assert set(scores) >= {"bleu4", "meteor", "rougeL"} and scores["n"] == 5
     bench = json.loads(run("bench", "--model", str(best), "--input", str(inp), "--num-samples", "2",

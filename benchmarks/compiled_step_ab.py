@@ -7,8 +7,9 @@
 
 For each precision, the model is compiled once as erniegen compiles it (``runtimes.CompiledInfillingStep``) and
 once per variant, and its steps at batch 1 (``--batch-size``: rows, the first dev sources; on their cache, a new
-one each round, after its first step and 10 warm-up steps) are timed in alternated rounds of 40 (median of each
-round): the ratio variant / erniegen's step per round, and their median.
+one each round, holding as many target slots as generate's, after its first step and 6 warm-up steps) are timed in
+alternated rounds of 40 (median of each round): the ratio variant / erniegen's step per round, and their median.
+Until session 46 the cache held 84 target slots and rounds began after 10 warm-up steps (results of sessions 44-45).
 Processes on these VMs differ by 10-20% in step time for the same code, so the comparison stays inside one.
 
 - ``eager``: the step as ``--runtime torch`` runs it (no step runner): what compiling buys at this batch size,
@@ -64,13 +65,19 @@ def wrapper(cpp: bool) -> type[runtimes.CompiledInfillingStep]:
 VARIANTS = {"eager": ("torch", None), "all-guards": ("compile", AllGuards), "cpp-wrapper": ("compile", wrapper(True)),
             "python-wrapper": ("compile", wrapper(False))}
 STEPS = 40  # timed in a round, as in inference_precision.py
+WARMUP = 6  # steps before a round's: 1 + WARMUP + STEPS fit the 48 target slots of squad_qg's decoding
 
 
-def stepper(model, sources: list[list[int]], warmup: int = 10) -> InfillingStepper:
+def stepper(model, sources: list[list[int]], warmup: int = WARMUP) -> InfillingStepper:
     """A stepper on the cache of ``sources`` (one row each, padded) after its first step and ``warmup`` more: each
-    round starts a new one, so that positions stay within the model's and the cache is as long as in a decode."""
+    round starts a new one, so that positions stay within the model's, and its cache holds as many target slots as
+    generate's (the model's ``max_decode_len``: the compiled step attends over the whole buffer, eager over the
+    filled part)."""
+    slots = model.settings.max_decode_len
+    if 1 + warmup + STEPS > slots:
+        raise SystemExit(f"{1 + warmup + STEPS} steps do not fit the model's {slots} target slots (max_decode_len)")
     ids, lengths = pad(sources, model.config.pad_token_id)
-    out = InfillingStepper(model, ids, lengths, 2 * STEPS + 4)
+    out = InfillingStepper(model, ids, lengths, slots)
     out.step(None)
     prev = ids[:, 1]  # any words: a step costs the same whatever it feeds
     for _ in range(warmup):

@@ -270,7 +270,8 @@ def cmd_generate(args) -> None:
     from .data import read_examples, split_specs
     from .decoding import iter_generate_text
     from .model import resolve_model_path
-    from .outputs import PartialPredictions, check_output_path, distilled_row, file_digests, output_format
+    from .outputs import (PartialPredictions, check_output_path, distilled_row, file_digests, input_digests,
+                          output_format)
     from . import load
     fmt = output_format(args.output)
     check_output_path(args.output, split_specs(args.input))
@@ -278,7 +279,8 @@ def cmd_generate(args) -> None:
     examples = read_examples(args.input, source_field, target_field, require_target=False)
     model_dir = resolve_model_path(args.model).resolve()
     # what fixes the predictions: a resume with anything else would mix two runs in one file
-    settings = {"input": file_digests(split_specs(args.input)), "rows": len(examples), "source_field": args.source_field,
+    settings = {"input": input_digests(split_specs(args.input)), "rows": len(examples),
+                "source_field": args.source_field,
                 "model_files": file_digests(sorted(model_dir.iterdir())),
                 "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args),
                 "precision": args.precision, "runtime": args.runtime}

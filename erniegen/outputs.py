@@ -84,6 +84,12 @@ def file_digests(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
     return {path.name: file_digest(path) for path in map(Path, paths) if path.is_file()}
 
 
+def input_digests(parts: Iterable[str | os.PathLike]) -> list[dict[str, str]]:
+    """The digests of an input's parts in order, one entry each: two parts may share a file name
+    (``a/dev.jsonl,b/dev.jsonl``), and reading them in another order is another input."""
+    return [file_digests([part]) for part in parts]
+
+
 class PartialPredictions:
     """``OUTPUT.partial`` of one ``generate`` run: read what a killed run finished, append batches."""
 

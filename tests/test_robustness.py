@@ -298,6 +298,22 @@ def test_resume_follows_file_contents_not_their_modification_times(tmp_path):
         PartialPredictions(out, {"input": file_digests([inp])}, 2).start(resume=True)
 
 
+def test_an_input_of_several_parts_is_fixed_by_each_part_in_order(tmp_path):
+    """Parts may share a file name (``a/dev.jsonl,b/dev.jsonl``): a change to either, or another order, is another
+    input to a resume."""
+    from erniegen.outputs import input_digests
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "dev.jsonl", tmp_path / "b" / "dev.jsonl"
+    a.write_text('{"source": "a"}\n')
+    b.write_text('{"source": "b"}\n')
+    both = input_digests([a, b])
+    assert len(both) == 2 and both[0] != both[1] and list(both[0]) == list(both[1]) == ["dev.jsonl"]
+    assert input_digests([b, a]) == both[::-1]
+    a.write_text('{"source": "x"}\n')
+    assert input_digests([a, b])[1] == both[1] and input_digests([a, b])[0] != both[0]
+
+
 # ---- training output folders, damaged checkpoints, seeds --------------------------------------------
 
 

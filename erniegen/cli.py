@@ -274,12 +274,13 @@ def cmd_generate(args) -> None:
                           output_format)
     from . import load
     fmt = output_format(args.output)
-    check_output_path(args.output, split_specs(args.input))
+    parts = split_specs(args.input)
+    check_output_path(args.output, parts)
     source_field, target_field = _fields(args, [args.model])
     examples = read_examples(args.input, source_field, target_field, require_target=False)
     model_dir = resolve_model_path(args.model).resolve()
     # what fixes the predictions: a resume with anything else would mix two runs in one file
-    settings = {"input": input_digests(split_specs(args.input)), "rows": len(examples),
+    settings = {"input": input_digests(parts), "rows": len(examples),
                 "source_field": args.source_field,
                 "model_files": file_digests(sorted(model_dir.iterdir())),
                 "decoder": args.decoder, "batch_size": args.batch_size, "options": _decode_options(args),
@@ -403,10 +404,11 @@ def cmd_tradeoff(args) -> None:
     from .outputs import check_output_path
     from .tradeoff import parse_choice, run_tradeoff
     choices = [parse_choice(text, _add_decoding, _choice_options) for text in args.choice]
-    check_output_path(args.output, split_specs(args.input))
+    parts = split_specs(args.input)
+    check_output_path(args.output, parts)
     if args.plot:
         from .plots import check_image_path
-        check_output_path(args.plot, [*split_specs(args.input), args.output], "--plot")
+        check_output_path(args.plot, [*parts, args.output], "--plot")
         check_image_path(args.plot)
     source_field, target_field = _fields(args, [c.model for c in choices])
     run_tradeoff(choices, args.input, args.output, args.plot, args.latency_samples, args.limit, source_field,

@@ -24,6 +24,7 @@ a run over many batches does not compile again.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from types import FunctionType, MethodType
 
@@ -32,7 +33,7 @@ from torch import nn
 
 from .ernie_gen import CopySource, copy_head, step_log_probs
 from .network import Network, PastSlot
-from .precision import Int8Linear
+from .precision import Int8Linear, full_range_activations
 from .registry import default_decoder
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnx", "compile")
@@ -125,6 +126,10 @@ class CompiledInfillingStep:
 
     def __init__(self, model: Network):
         self.copies = copy_head(model) is not None
+        if model.precision == "int8" and not full_range_activations():
+            warnings.warn("int8 under runtime 'compile' on a CPU without VNNI runs oneDNN's int8 products, which are "
+                          "slow here: the compiled step took 1.2-2.0x eager int8's time on an AVX2-only EPYC "
+                          "(BENCHMARKS.md section 3); runtime torch is faster on this CPU", stacklevel=3)
         for m in model.modules():
             if isinstance(m, Int8Linear):
                 m.keep_plain_weight()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -125,6 +126,24 @@ def test_int8_compiled_decodes_eager_int8_ids(int8_pair, num_beams):
     expected = generate_ids(model, SOURCES, "infilling", batch_size=3, opts=opts)
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert generate_ids(compiled, SOURCES, "infilling", batch_size=3, opts=opts) == expected
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_compiling_int8_warns_on_a_cpu_without_vnni(tiny_tokenizer, monkeypatch, vnni):
+    """Without VNNI Inductor's int8 products are slower than eager int8's (BENCHMARKS.md section 3), so choosing
+    them there says so; with VNNI nothing is said. Building the runner compiles nothing yet."""
+    model = Transformer(tiny_config()).eval()
+    model.tokenizer = tiny_tokenizer
+    model.int8_calibration = calibrate(model, ["the city river"])
+    apply_precision(model, "int8")
+    monkeypatch.setattr("erniegen.runtimes.full_range_activations", lambda: vnni)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        use_runtime(model, "compile")
+    said = [str(w.message) for w in caught if "under runtime 'compile'" in str(w.message)]
+    assert runtime_of(model) == "compile"
+    assert len(said) == (0 if vnni else 1)
+    assert vnni or "runtime torch is faster" in said[0]
 
 
 @torch.no_grad()

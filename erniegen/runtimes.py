@@ -15,7 +15,9 @@ products (MKL's packed product, slow at two rows), the fp32 step was 1.24x eager
 the template fp32 took 0.49x (1.17x the fp32 floor) and bf16 0.45x (BENCHMARKS.md section 3). int8 compiles
 through the quantize/dequantize form of its products (``precision.Int8Linear``), which Inductor turns into
 oneDNN's int8 products (``INT8_INDUCTOR_CONFIG``, called from Inductor's C++ wrapper): fbgemm's packed products,
-which eager int8 calls, are opaque to it and broke the graph in every layer. Each call checks only the guards on
+which eager int8 calls, are opaque to it and broke the graph in every layer. Without VNNI (7-bit activations)
+oneDNN's int8 products are the slower ones: the compiled int8 step took 1.56x eager int8's on an AVX2-only EPYC,
+so compiling int8 there warns. Each call checks only the guards on
 the step's inputs and the global state, each model's graphs cached on a code object of its own (``own_forward``).
 Compiling, products autotuned, takes ~1.5 min on first use (~30 s once Inductor's on-disk cache holds the
 autotuned choices; int8 ~40 s), once per batch-size class (1 or more), step length (the first step has one

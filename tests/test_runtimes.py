@@ -44,7 +44,7 @@ def pair(tiny_tokenizer):
     return model, compiled
 
 
-@torch.inference_mode()
+@torch.no_grad()  # generate's grad mode: the graphs the fixture compiled (inference_mode would compile its own)
 def test_step_log_probs_equal_eager(pair):
     model, compiled = pair
     assert runtime_of(compiled) == "compile" and runtime_of(model) == "torch"
@@ -75,8 +75,7 @@ def test_load_and_command_line_take_the_runtime(pair, tmp_path, capsys):
     texts = ["the city river", "who was the king of the old city"]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"source": t}) + "\n" for t in texts))
     expected = erniegen.load(str(tmp_path / "model")).generate(texts, num_beams=2, max_length=5)
-    assert erniegen.load(str(tmp_path / "model"), runtime="compile").generate(
-        texts, num_beams=2, max_length=5) == expected
+    assert runtime_of(erniegen.load(str(tmp_path / "model"), runtime="compile")) == "compile"
     main(["generate", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "in.jsonl"), "--output",
           str(tmp_path / "out.jsonl"), "--runtime", "compile", "--num-beams", "2", "--max-length", "5"])
     assert [json.loads(x)["prediction"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == expected
@@ -100,7 +99,7 @@ def int8_pair(pair):
     return model, compiled, copy.deepcopy(counters)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def test_int8_step_compiles_to_onednn_products_with_eager_int8_log_probs(int8_pair):
     """int8 compiles through its quantize/dequantize form (Int8Linear._decomposed): the same activation scales as
     fbgemm's, so the step differs from eager int8 by the kernels' float rounding only, and not by a
@@ -151,7 +150,8 @@ def test_each_model_compiled_in_the_process_steps_with_its_own_weights(pair):
     """Every compiled model has graphs of its own (its weights are their constants), cached on a code object of its
     own (runtimes.own_forward): the graphs check their inputs' guards only, not which model they belong to, so a
     model must never find another's graphs (without own_forward the third model here ran the first's weights),
-    and a third model must still compile rather than hit dynamo's recompile limit (it then ran eager)."""
+    and a third model must still compile rather than hit dynamo's recompile limit (it then ran eager). The limit
+    is lowered to the 4 graphs the first model holds, so that two one-row graphs for each new model show it."""
     model, compiled = pair
     models = [(model, compiled)]
     for seed in (1, 2):
@@ -160,12 +160,11 @@ def test_each_model_compiled_in_the_process_steps_with_its_own_weights(pair):
         for p in other.parameters():
             p.add_(torch.randn_like(p) * 0.5)
         models.append((other, use_runtime(copy.deepcopy(other), "compile")))
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        for rows in (SOURCES[1:2], SOURCES):  # one row and several: each model's own graphs
-            for eager, fast in reversed(models):
-                for _, expected, got in step_side_by_side(eager, fast, rows, order=None, steps=3):
-                    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=4):
+        for eager, fast in reversed(models):
+            for _, expected, got in step_side_by_side(eager, fast, SOURCES[1:2], order=None, steps=3):
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
     codes = [fast.step_runner.flat.forward.__code__ for _, fast in models]
     assert len(set(map(id, codes))) == 3
-    # the new models' graphs: first step or later x one row or several, under no_grad
-    assert [len(_debug_get_cache_entry_list(code)) for code in codes[1:]] == [4, 4]
+    # the new models' graphs: first step and later, one row, under no_grad
+    assert [len(_debug_get_cache_entry_list(code)) for code in codes[1:]] == [2, 2]

@@ -19,7 +19,7 @@ so a head restored after loading runs in the model's precision too.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
   every ``nn.Linear`` are int8 with a scale per output channel, activations are quantized batch by batch
   at run time, to 8 bits on CPUs with VNNI and to 7 elsewhere (:class:`Int8Linear`); each layer's
-  ``ffn_out`` stays out of int8, in bf16 or fp32 (:func:`stays_wide`). Under ``torch.compile`` (``--runtime
+  ``ffn_out`` stays out of int8, in bf16 where native, else with float16 weights (:class:`Fp16Linear`) (:func:`stays_wide`). Under ``torch.compile`` (``--runtime
   compile``) the same products are traced as quantize/dequantize operators, which Inductor lowers to oneDNN's int8
   product (:meth:`Int8Linear._decomposed`). The tied vocabulary
   projection gets a quantized *copy* of the word-embedding matrix (``LMHead.quantized``, shared by ELMER's
@@ -128,6 +128,16 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def _plain_linear(mod: nn.Module) -> nn.Module:
+    """``mod`` as PyTorch's own ``nn.Linear`` (same parameters and qconfig): its quantized modules take only their
+    own float classes."""
+    if type(mod) is not Linear:
+        return mod
+    plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=mod.weight.device)
+    plain.weight, plain.bias, plain.qconfig = mod.weight, mod.bias, mod.qconfig
+    return plain
+
+
 class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
     """PyTorch's dynamic int8 linear, with the activations' range a setting instead of always 7 bits, and an
     optional channel-wise scale of its input (the smoothing's other half, :func:`smooth_and_quantize`)."""
@@ -137,11 +147,7 @@ class Int8Linear(torch.ao.nn.quantized.dynamic.Linear):
 
     @classmethod
     def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> Int8Linear:
-        if type(mod) is Linear:  # PyTorch takes only its own float classes; erniegen's has the same parameters
-            plain = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device=mod.weight.device)
-            plain.weight, plain.bias, plain.qconfig = mod.weight, mod.bias, mod.qconfig
-            mod = plain
-        return super().from_float(mod, use_precomputed_fake_quant)
+        return super().from_float(_plain_linear(mod), use_precomputed_fake_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
@@ -197,6 +203,35 @@ class Bf16Linear(nn.Module):
         return F.linear(low, self.weight, self.bias).to(x.dtype)
 
 
+class Fp16Linear(torch.ao.nn.quantized.dynamic.Linear):
+    """fbgemm's product over float16 weights (activations and sums stay fp32: each weight rounded to 11 significant
+    bits, nothing else): the dtype int8 keeps its wide layers in (:func:`stays_wide`) where bf16 is not native.
+    They stream half fp32's bytes: an int8 decode step at batch 1 took 0.89x the time with them in fp16 rather
+    than fp32 on an AVX2-only EPYC (BENCHMARKS.md section 3, session 48). Under ``torch.compile`` the weight is
+    cast up and multiplied as fp32 (fbgemm's packed copy is opaque to it)."""
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, use_precomputed_fake_quant: bool = False) -> Fp16Linear:
+        return super().from_float(_plain_linear(mod), use_precomputed_fake_quant)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            weight, bias = self.plain_weight_bias
+            return F.linear(x, weight.float(), bias)
+        return torch.ops.quantized.linear_dynamic_fp16(x, self._packed_params._packed_params).to(x.dtype)
+
+    def keep_plain_weight(self) -> None:
+        """Keep the float16 weight and the bias as plain tensors (not saved), which ``torch.compile`` can read."""
+        if not hasattr(self, "plain_weight_bias"):
+            weight, bias = self._packed_params._weight_bias()
+            self.plain_weight_bias = (weight.to(torch.float16), bias)
+
+
+def fp16_products() -> bool:
+    """Whether fbgemm's float16 product runs here (x86 CPUs; not qnnpack's ARM ones)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
 def native_bf16(device: torch.device | None = None) -> bool:
     """Whether ``device`` (default: the CPU) multiplies bfloat16 in hardware: CUDA with bf16, or a CPU with
     AVX512-BF16 or AMX. Elsewhere bf16 is emulated and slower than fp32 (an AVX2-only EPYC: 2.9 s an fp32
@@ -222,16 +257,16 @@ def stays_wide(name: str) -> bool:
     output) has a few large values that make one activation scale per batch coarse for the rest. On
     qg-n02's model: greedy dev questions identical to fp32's 71/150 -> 87/150, full-dev BLEU-4 loss 0.64 ->
     0.27 (BENCHMARKS.md section 3). They run in bf16 where the CPU has it natively (in fp32 they took a
-    third of an int8 decode step), else in fp32."""
+    third of an int8 decode step), else with float16 weights (:class:`Fp16Linear`), else in fp32."""
     return name.endswith("ffn_out")
 
 
 def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[str], bool] = stays_wide,
                       reduce_range: bool | None = None, kept_dtype: torch.dtype | None = None) -> nn.Module:
     """``module`` with every ``nn.Linear`` (itself included) replaced by a dynamic int8 one, except those
-    whose name ``keep`` picks (default :func:`stays_wide`), which become ``kept_dtype`` (default bf16 where
-    :func:`native_bf16`, else fp32); activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the
-    CPU has VNNI). benchmarks/int8_agreement.py compares such variants."""
+    whose name ``keep`` picks (default :func:`stays_wide`), which become ``kept_dtype`` (default
+    :func:`default_kept_dtype`); activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the CPU has VNNI).
+    benchmarks/int8_agreement.py compares such variants."""
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
     linears = {n: x for n, x in module.named_modules() if isinstance(x, nn.Linear)}
     kept = [n for n in linears if keep(n)]
@@ -248,11 +283,23 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
         for m in holder.modules():
             if isinstance(m, Int8Linear):
                 m.reduce_range = reduce_range
-    if (kept_dtype or (torch.bfloat16 if native_bf16() else torch.float32)) == torch.bfloat16:
+    kept_dtype = kept_dtype or default_kept_dtype()
+    if kept and kept_dtype == torch.float16:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(
+                holder, {in_holder(n): torch.ao.quantization.float16_dynamic_qconfig for n in kept},
+                dtype=torch.float16, inplace=True, mapping={nn.Linear: Fp16Linear, Linear: Fp16Linear})
+    elif kept and kept_dtype == torch.bfloat16:
         for name in kept:
             parent, _, child = in_holder(name).rpartition(".")
             setattr(holder.get_submodule(parent), child, Bf16Linear(linears[name]))
     return holder["m"]
+
+
+def default_kept_dtype() -> torch.dtype:
+    """The dtype of the layers int8 leaves out (:func:`stays_wide`) on this CPU."""
+    return torch.bfloat16 if native_bf16() else torch.float16 if fp16_products() else torch.float32
 
 
 # ---- smoothing statistics ------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import nn
 
 from .ernie_gen import CopySource, copy_head, step_log_probs
 from .network import Network, PastSlot
-from .precision import Int8Linear, full_range_activations
+from .precision import Fp16Linear, Int8Linear, full_range_activations
 from .registry import default_decoder
 
 RUNTIMES: tuple[str, ...] = ("torch", "onnx", "compile")
@@ -133,7 +133,7 @@ class CompiledInfillingStep:
                           "slow here: the compiled step took 1.2-2.0x eager int8's time on an AVX2-only EPYC "
                           "(BENCHMARKS.md section 3); runtime torch is faster on this CPU", stacklevel=3)
         for m in model.modules():
-            if isinstance(m, Int8Linear):
+            if isinstance(m, (Int8Linear, Fp16Linear)):
                 m.keep_plain_weight()
         self.inductor_config = INT8_INDUCTOR_CONFIG if model.precision == "int8" else INDUCTOR_CONFIG
         self.flat = own_forward(FlatStep(model).eval())

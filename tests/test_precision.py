@@ -26,9 +26,11 @@ import os
 import subprocess
 import sys
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from conftest import tiny_config
 from safetensors.torch import load_file
@@ -37,7 +39,8 @@ import erniegen
 from erniegen import elmer, mist, nar, precision, registry
 from erniegen.decoding import DecodeOptions, generate_ids
 from erniegen.model import Transformer
-from erniegen.precision import PRECISIONS, Bf16Linear, Linear, apply_precision, native_bf16
+from erniegen.precision import (PRECISIONS, Bf16Linear, Fp16Linear, Linear, apply_precision, default_kept_dtype,
+                                native_bf16)
 from erniegen.search import Constraints, gnmt_penalty
 
 SOURCES = [[4, 10, 11, 12, 5], [4, 20, 21, 5], [4, 30, 31, 32, 33, 34, 5], [4, 40, 41, 42, 43, 5],
@@ -94,7 +97,8 @@ def test_weights_are_converted_and_logits_stay_close(tiny_tokenizer):
             quantized = torch.ao.nn.quantized.dynamic.Linear
             assert isinstance(low.layers[0].attn.query, quantized) and isinstance(low.head.quantized, quantized)
             assert isinstance(low.layers[0].ffn_in, quantized)
-            wide = Bf16Linear if native_bf16() else Linear  # kept out of int8 (precision.stays_wide)
+            # kept out of int8 (precision.stays_wide)
+            wide = {torch.bfloat16: Bf16Linear, torch.float16: Fp16Linear, torch.float32: Linear}[default_kept_dtype()]
             assert all(type(layer.ffn_out) is wide for layer in low.layers)
             assert isinstance(low.extras[elmer.HEADS][0].dense, quantized)
             assert low.embeddings.word.weight.dtype == torch.float32  # the input embedding stays fp32
@@ -106,6 +110,36 @@ def test_weights_are_converted_and_logits_stay_close(tiny_tokenizer):
         for g, w in zip(got, want):
             err = (g - w).abs().max().item()
             assert 0 < err < 0.5, (precision, err)  # changed, but only by rounding
+
+
+@pytest.mark.parametrize("native, fbgemm, kept", [(True, True, torch.bfloat16), (False, True, torch.float16),
+                                                   (False, False, torch.float32)])
+def test_int8_keeps_its_wide_layers_in_the_narrowest_dtype_this_cpu_multiplies(monkeypatch, native, fbgemm, kept):
+    monkeypatch.setattr(erniegen.precision, "native_bf16", lambda device=None: native)
+    monkeypatch.setattr(erniegen.precision, "fp16_products", lambda: fbgemm)
+    assert default_kept_dtype() == kept
+    wide = {torch.bfloat16: Bf16Linear, torch.float16: Fp16Linear, torch.float32: Linear}[kept]
+    model = erniegen.precision._quantize_linears(nn.Sequential(OrderedDict(ffn_in=Linear(8, 16), ffn_out=Linear(16, 8))))
+    assert type(model.ffn_out) is wide and type(model.ffn_in) is erniegen.precision.Int8Linear
+
+
+@pytest.mark.skipif(not erniegen.precision.fp16_products(), reason="fbgemm's float16 product is x86 only")
+def test_fp16_linear_multiplies_float16_weights_in_fp32_eager_and_traced():
+    """Only the weights are rounded (to float16); the input and the sums stay fp32. Traced by torch.compile (its
+    eager backend: the graph, not Inductor's kernels), it multiplies the same weights as fp32."""
+    torch.manual_seed(0)
+    lin = Linear(64, 48).eval()
+    x = torch.randn(3, 64)
+    want = F.linear(x, lin.weight.detach().half().float(), lin.bias.detach())
+    lin.qconfig = torch.ao.quantization.float16_dynamic_qconfig
+    fp16 = Fp16Linear.from_float(lin)
+    fp16.keep_plain_weight()
+    exact = F.linear(x, lin.weight.detach(), lin.bias.detach())
+    with torch.no_grad():
+        eager, traced = fp16(x), torch.compile(fp16, backend="eager")(x)
+    torch.testing.assert_close(eager, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(traced, want, rtol=0, atol=1e-5)
+    assert 0 < (eager - exact).abs().max() < 1e-2  # rounded, by float16's 11 bits
 
 
 def test_a_model_is_converted_once(tiny_model):
@@ -249,12 +283,12 @@ def test_packed_fp32_decodes_what_the_plain_products_decode(tiny_tokenizer, monk
 @pytest.mark.parametrize("low", LOWER)
 def test_bf16_products_pack_where_native_and_quantized_ones_never(tiny_tokenizer, low):
     """Where the CPU multiplies bf16 natively, bf16 weights pack (a bf16 model's, and the bf16 ``ffn_out`` that
-    int8 keeps out of int8); elsewhere int8 keeps ``ffn_out`` in fp32, which packs as fp32 does (an AVX2-only
-    CPU). int8's quantized products stay PyTorch's. Packed, they decode what they decode plain."""
+    int8 keeps out of int8); elsewhere int8 keeps ``ffn_out`` in fbgemm's float16 product, which never packs, as
+    its quantized products never do. Packed, they decode what they decode plain."""
     model = build(tiny_tokenizer, "ar", low)
     got = generate_ids(model, SOURCES, "infilling", opts=FIXED)
     packed = set(model.modules()) & set(precision._PACKED)
-    kept = torch.bfloat16 if native_bf16() else torch.float32  # the dtype of int8's ffn_out
+    kept = default_kept_dtype()  # the dtype of int8's ffn_out
     assert bool(packed) == ((torch.bfloat16 if low == "bf16" else kept) in precision.PACKED_DTYPES)
     if low == "int8":
         assert all(isinstance(m, (Bf16Linear, Linear)) and m.weight.dtype == kept for m in packed)

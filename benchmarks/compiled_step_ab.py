@@ -2,7 +2,8 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compiled_step_ab.py --model runs/qg-ad1/best \
         [--input ../shared/data/squad_qg_sent/dev.jsonl] [--precisions fp32,bf16,int8] \
-        [--variants eager,all-guards,cpp-wrapper,python-wrapper,fbgemm-op,fbgemm-op-autotune] [--rounds 10] [--batch-size 1] \
+        [--variants eager,all-guards,cpp-wrapper,python-wrapper,fbgemm-op,fbgemm-op-autotune] \
+        [--rounds 10] [--batch-size 1] \
         [--output results/compiled_step_ab.json]
 
 For each precision, the model is compiled once as erniegen compiles it (``runtimes.CompiledInfillingStep``) and
@@ -172,7 +173,8 @@ def main() -> None:
                    "variant_step_ms": round(statistics.median(times[name]), 3),
                    "variant_over_erniegen": round(statistics.median(ratios), 3),
                    "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
-                   "compile_s": {k: round(v, 1) for k, v in compile_s.items()}, "max_logp_diff": diff, "nan_log_probs": nan}
+                   "compile_s": {k: round(v, 1) for k, v in compile_s.items()}, "max_logp_diff": diff,
+                   "nan_log_probs": nan}
             print(row, flush=True)
             rows.append(row)
     write_results(args.output, rows, model=args.model, rounds=args.rounds)

@@ -19,9 +19,10 @@ so a head restored after loading runs in the model's precision too.
 * ``int8``: PyTorch's dynamic quantization (``torch.ao.quantization.quantize_dynamic``): the weights of
   every ``nn.Linear`` are int8 with a scale per output channel, activations are quantized batch by batch
   at run time, to 8 bits on CPUs with VNNI and to 7 elsewhere (:class:`Int8Linear`); each layer's
-  ``ffn_out`` stays out of int8, in bf16 where native, else with float16 weights (:class:`Fp16Linear`) (:func:`stays_wide`). Under ``torch.compile`` (``--runtime
-  compile``) the same products are traced as quantize/dequantize operators, which Inductor lowers to oneDNN's int8
-  product (:meth:`Int8Linear._decomposed`). The tied vocabulary
+  ``ffn_out`` stays out of int8 (:func:`stays_wide`), in bf16 where native, else with float16 weights
+  (:class:`Fp16Linear`). Under ``torch.compile`` (``--runtime compile``) the same products are traced as
+  quantize/dequantize operators, which Inductor lowers to oneDNN's int8 product (:meth:`Int8Linear._decomposed`).
+  The tied vocabulary
   projection gets a quantized *copy* of the word-embedding matrix (``LMHead.quantized``, shared by ELMER's
   off-ramps); the input embedding stays fp32. torchao 0.18 installs beside torch 2.13 here, but its eager
   int8 linear on CPU took 91 ms for the 384 x 30,522 projection at batch 1 against fp32's 7.5 ms and
@@ -206,8 +207,8 @@ class Bf16Linear(nn.Module):
 class Fp16Linear(torch.ao.nn.quantized.dynamic.Linear):
     """fbgemm's product over float16 weights (activations and sums stay fp32: each weight rounded to 11 significant
     bits, nothing else): the dtype int8 keeps its wide layers in (:func:`stays_wide`) where bf16 is not native.
-    They stream half fp32's bytes: an int8 decode step at batch 1 took 0.89x the time with them in fp16 rather
-    than fp32 on an AVX2-only EPYC (BENCHMARKS.md section 3, session 48). Under ``torch.compile`` the weight is
+    They stream half fp32's bytes: an int8 decode step at batch 1 took 0.78-0.89x the time with them in fp16
+    rather than fp32 on an AVX2-only EPYC (BENCHMARKS.md section 3, session 48). Under ``torch.compile`` the weight is
     cast up and multiplied as fp32 (fbgemm's packed copy is opaque to it)."""
 
     @classmethod
@@ -265,8 +266,8 @@ def _quantize_linears(module: nn.Module, qconfig=INT8_QCONFIG, keep: Callable[[s
                       reduce_range: bool | None = None, kept_dtype: torch.dtype | None = None) -> nn.Module:
     """``module`` with every ``nn.Linear`` (itself included) replaced by a dynamic int8 one, except those
     whose name ``keep`` picks (default :func:`stays_wide`), which become ``kept_dtype`` (default
-    :func:`default_kept_dtype`); activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the CPU has VNNI).
-    benchmarks/int8_agreement.py compares such variants."""
+    :func:`default_kept_dtype`); activations in 7 bits if ``reduce_range``, else 8 (default: 8 where the CPU has
+    VNNI). benchmarks/int8_agreement.py compares such variants."""
     holder = nn.ModuleDict({"m": module})  # quantize_dynamic swaps children, never the root it is given
     linears = {n: x for n, x in module.named_modules() if isinstance(x, nn.Linear)}
     kept = [n for n in linears if keep(n)]

@@ -119,7 +119,8 @@ def test_int8_keeps_its_wide_layers_in_the_narrowest_dtype_this_cpu_multiplies(m
     monkeypatch.setattr(erniegen.precision, "fp16_products", lambda: fbgemm)
     assert default_kept_dtype() == kept
     wide = {torch.bfloat16: Bf16Linear, torch.float16: Fp16Linear, torch.float32: Linear}[kept]
-    model = erniegen.precision._quantize_linears(nn.Sequential(OrderedDict(ffn_in=Linear(8, 16), ffn_out=Linear(16, 8))))
+    layers = OrderedDict(ffn_in=Linear(8, 16), ffn_out=Linear(16, 8))
+    model = erniegen.precision._quantize_linears(nn.Sequential(layers))
     assert type(model.ffn_out) is wide and type(model.ffn_in) is erniegen.precision.Int8Linear
 
 
